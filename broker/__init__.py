@@ -1,0 +1,54 @@
+"""clawq broker: a Redis-native queue for boards of AI-agent tasks.
+
+Every queue rule lives in one atomic Lua script per operation (``lua/``); this package is the typed API
+over them, shared by the CLI, the workers, the simulator and the HTTP layer.
+"""
+
+from .broker import SCHEMA_VERSION, Broker, redact_url
+from .config import DEFAULT_CONFIG, Config, load_config_file, parse_config
+from .errors import (
+    ClawqError,
+    ConfigError,
+    ConfigInUse,
+    DuplicateTask,
+    InputError,
+    InvalidState,
+    NothingToClaim,
+    RedisUnavailable,
+    RunFenced,
+    SchemaMismatch,
+    ScriptError,
+    TaskNotFound,
+    UnknownChain,
+)
+from .keys import Keys
+from .models import Claim, Completion, Outcome, Task, TaskStatus
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "SCHEMA_VERSION",
+    "Broker",
+    "Claim",
+    "ClawqError",
+    "Completion",
+    "Config",
+    "ConfigError",
+    "ConfigInUse",
+    "DuplicateTask",
+    "InputError",
+    "InvalidState",
+    "Keys",
+    "NothingToClaim",
+    "Outcome",
+    "RedisUnavailable",
+    "RunFenced",
+    "SchemaMismatch",
+    "ScriptError",
+    "Task",
+    "TaskNotFound",
+    "TaskStatus",
+    "UnknownChain",
+    "load_config_file",
+    "parse_config",
+    "redact_url",
+]

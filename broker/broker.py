@@ -1,0 +1,489 @@
+"""The typed broker API: every queue operation is one Lua script call.
+
+The CLI, the workers, the simulator and the HTTP layer all go through :class:`Broker`; it holds no queue
+rule of its own (those live in ``lua/``), only argument checks, time, and the mapping of replies to values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+
+from .config import DEFAULT_CONFIG, Config, parse_config
+from .errors import (
+    ClawqError,
+    ConfigError,
+    InputError,
+    InvalidState,
+    NothingToClaim,
+    RedisUnavailable,
+    SchemaMismatch,
+    ScriptError,
+    Status,
+    TaskNotFound,
+    UnknownChain,
+    error_for,
+)
+from .keys import BOARD_RE, NAMESPACE_RE, Keys, chain_key, model_key
+from .models import MAX_TEXT_BYTES, Claim, Completion, Outcome, Task, TaskStatus
+from .scripts import Scripts
+from .signals import MAX_RESET_SECONDS, SignalClass, parse_signal
+
+__all__ = ["SCHEMA_VERSION", "Broker", "redact_url"]
+
+#: Layout version of a namespace's keys; written to the meta hash on first use, checked on connect.
+SCHEMA_VERSION = 1
+#: Leases the reaper handles per script call (it loops until none is left).
+REAP_BATCH = 500
+_MAX_TITLE = 1024
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for logs and errors)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _opt_float_s(value: str | None) -> float | None:
+    return int(value) / 1000 if value and value != "0" else None
+
+
+@contextmanager
+def _redis_errors(where: str) -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        raise RedisUnavailable(f"cannot reach Redis at {where}: {' '.join(str(err).split())}") from None
+    except redis.ResponseError as err:
+        raise ScriptError(f"Redis refused a clawq command: {' '.join(str(err).split())}") from None
+
+
+class Broker:
+    """One namespace of one Redis: add tasks, claim them, report on runs."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str = "default",
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not NAMESPACE_RE.match(namespace):
+            raise InputError(f"bad namespace {namespace!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        self.client = client
+        self.namespace = namespace
+        self.keys = Keys(namespace)
+        self.clock = clock
+        self._where = redact_url(_client_url(client))
+        self._scripts = Scripts(client, self.keys)
+        self._config: Config | None = None
+        self._config_version = ""
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "default", **kwargs: Any) -> Broker:
+        """Connect to ``url`` (redis://, rediss://, unix://) and check the namespace's schema."""
+        try:
+            client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+        except ValueError as err:
+            raise InputError(f"bad Redis URL {redact_url(url)}: {err}") from None
+        broker = cls(client, namespace, **kwargs)
+        broker.connect()
+        return broker
+
+    # -- setup -----------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Write or check the schema version, and store the seed config if none is loaded."""
+        with _redis_errors(self._where):
+            self.client.hsetnx(self.keys.meta, "schema_version", SCHEMA_VERSION)
+            found = self.client.hget(self.keys.meta, "schema_version")
+        if str(_text(found)) != str(SCHEMA_VERSION):
+            raise SchemaMismatch(
+                f"namespace {self.namespace!r} has schema version {_text(found)}, this clawq speaks "
+                f"{SCHEMA_VERSION}: upgrade clawq or use another namespace"
+            )
+        self._store_config(DEFAULT_CONFIG, only_if_absent=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def now(self) -> float:
+        return self.clock()
+
+    def _call(self, name: str, args: list[str | int | float], **kw: Any) -> list[Any]:
+        with _redis_errors(self._where):
+            return self._scripts.call(name, [self.keys.prefix, *args], **kw)
+
+    # -- config ----------------------------------------------------------------------------------
+    def config(self) -> Config:
+        """The effective config (read from Redis; cached until a claim sees a newer version)."""
+        if self._config is None:
+            self._reload_config()
+        assert self._config is not None
+        return self._config
+
+    def _reload_config(self) -> None:
+        with _redis_errors(self._where):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.get(self.keys.config)
+            pipe.hget(self.keys.cfg_settings, "version")
+            raw, version = pipe.execute()
+        if raw is None:
+            self._store_config(DEFAULT_CONFIG, only_if_absent=True)
+            return self._reload_config()
+        try:
+            self._config = parse_config(json.loads(_text(raw)))
+        except (ValueError, ConfigError) as err:
+            raise ScriptError(f"the config stored in Redis is unreadable: {err}") from None
+        self._config_version = str(_text(version))
+
+    def load_config(self, config: Config) -> int:
+        """Make ``config`` the effective config of the namespace; returns its version."""
+        return self._store_config(config, only_if_absent=False)
+
+    def _store_config(self, config: Config, *, only_if_absent: bool) -> int:
+        args: list[str | int | float] = [
+            _ms(self.now()),
+            config.to_json(),
+            json.dumps(config.script_settings()),
+            json.dumps(config.limits.model_max_inflight),
+            json.dumps(config.limits.provider_max_inflight),
+            json.dumps(config.models),
+            json.dumps(config.chains),
+            int(only_if_absent),
+        ]
+        with _redis_errors(self._where):
+            reply = self._scripts.call("load_config", args)
+        status = Status(reply[0])
+        if status is not Status.OK:
+            raise error_for(status, 0, "", str(reply[1]))
+        self._config = None
+        return int(reply[1])
+
+    # -- tasks -----------------------------------------------------------------------------------
+    def add(
+        self,
+        board: str,
+        title: str,
+        *,
+        chain: str | None = None,
+        model: str | None = None,
+        prompt: str = "",
+        task_id: int | None = None,
+    ) -> int:
+        """Queue a task on ``board`` (its place is its id); returns the task id."""
+        _check_board(board)
+        _check_text("title", title, _MAX_TITLE, required=True)
+        _check_text("prompt", prompt, MAX_TEXT_BYTES)
+        if (chain is None) == (model is None):
+            raise InputError("give exactly one of --chain or --model")
+        if task_id is not None and (isinstance(task_id, bool) or task_id < 1 or task_id >= 2**53):
+            raise InputError(f"bad task id {task_id}: a positive integer below 2**53")
+        args: list[str | int | float] = [
+            _ms(self.now()), "" if task_id is None else task_id, board, title, prompt, chain or "", model or ""
+        ]
+        reply = self._call("add_task", args)
+        status = Status(reply[0])
+        if status is not Status.OK:
+            raise error_for(status, int(task_id or 0), "", str(reply[1]))
+        return int(reply[1])
+
+    def claim(self) -> Claim:
+        """Claim the next task that may run now; raises NothingToClaim with the skip reasons."""
+        for _ in range(3):
+            now = self.now()
+            cap, night = self.config().global_cap_at(now)
+            run_id = str(uuid.uuid4())
+            args: list[str | int | float] = [_ms(now), run_id, cap, int(night), self._config_version]
+            reply = self._call("claim_task", args)
+            status = Status(reply[0])
+            if status is Status.CONFIG_STALE:
+                self._config = None
+                continue
+            if status is Status.NOTHING:
+                pairs = reply[1:]
+                raise NothingToClaim({str(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)})
+            return Claim(
+                task_id=int(reply[1]), board=reply[2], model=reply[3], provider=reply[4], run_id=reply[5],
+                run_count=int(reply[6]), attempt=int(reply[7]), lease_deadline=int(reply[8]) / 1000,
+            )
+        raise ScriptError("the config kept changing during the claim; try again")
+
+    def _run_call(self, name: str, task_id: int, run_id: str, args: list[str | int | float]) -> list[Any]:
+        _check_run_id(run_id)
+        reply = self._call(name, [_ms(self.now()), task_id, run_id, *args], task_id=task_id)
+        status = Status(reply[0])
+        if status not in (Status.OK, Status.REPEATED):
+            raise error_for(status, task_id, run_id, str(reply[1]))
+        return reply
+
+    def heartbeat(self, task_id: int, run_id: str) -> float:
+        """Extend the run's lease; returns the new deadline (epoch seconds). Raises RunFenced."""
+        _check_run_id(run_id)
+        reply = self._call("heartbeat", [_ms(self.now()), task_id, run_id], task_id=task_id)
+        status = Status(reply[0])
+        if status is not Status.OK:
+            raise error_for(status, task_id, run_id, str(reply[1]))
+        return int(reply[1]) / 1000
+
+    def complete(self, task_id: int, run_id: str, outcome: Outcome) -> Completion:
+        """Record the run's outcome: follow-up back to the board head, else in_review."""
+        args: list[str | int | float] = [
+            int(outcome.needs_follow_up),
+            outcome.next_prompt or "",
+            outcome.summary,
+            json.dumps(outcome.extras()) if outcome.extras() else "{}",
+            outcome.digest(),
+        ]
+        reply = self._run_call("complete_run", task_id, run_id, args)
+        repeated = Status(reply[0]) is Status.REPEATED
+        note = "" if repeated else str(reply[3])
+        return Completion(
+            task_id=task_id, status=TaskStatus(reply[1]), run_count=int(reply[2]), repeated=repeated, note=note
+        )
+
+    def fail(self, task_id: int, run_id: str, reason: str, *, retry: bool = True) -> tuple[TaskStatus, int]:
+        """Record a failed run; returns the task's status and attempts afterwards."""
+        _check_text("reason", reason, MAX_TEXT_BYTES, required=True)
+        cause = root_cause(reason, self.now())
+        reply = self._run_call("fail_run", task_id, run_id, [cause, reason, int(retry)])
+        return TaskStatus(reply[1]), int(reply[2])
+
+    def rate_limited(
+        self,
+        task_id: int,
+        run_id: str,
+        *,
+        retry_after: float | None = None,
+        message: str = "",
+    ) -> tuple[str, float]:
+        """The run hit a rate/usage limit: cool its model, return the task to its head.
+
+        Returns the model and the end of its cooldown (epoch seconds).
+        """
+        now = self.now()
+        _check_text("message", message, MAX_TEXT_BYTES)
+        signal = parse_signal(message, now) if message else None
+        if retry_after is not None:
+            if not math.isfinite(retry_after) or retry_after <= 0 or retry_after > MAX_RESET_SECONDS:
+                raise InputError(f"bad retry-after {retry_after}: seconds in (0, {MAX_RESET_SECONDS}]")
+            until = now + retry_after
+        elif signal is not None and signal.reset_at is not None:
+            until = signal.reset_at
+        else:
+            until = now + self.config().watchdog.rate_limit_cooldown_minutes * 60
+        klass = "quota_reached" if signal and signal.klass is SignalClass.QUOTA_REACHED else "rate_limit"
+        text = message or f"rate limited for {until - now:.0f}s"
+        reply = self._run_call("rate_limited_run", task_id, run_id, [_ms(until), klass, text])
+        return str(reply[1]), int(reply[2]) / 1000
+
+    def reap(self) -> list[int]:
+        """Requeue every task whose lease deadline passed; returns their ids."""
+        requeued: list[int] = []
+        while True:
+            reply = self._call("reap_leases", [_ms(self.now()), REAP_BATCH])
+            ids = [int(reply[i]) for i in range(1, len(reply), 2)]
+            requeued.extend(ids)
+            if len(ids) < REAP_BATCH:
+                return requeued
+
+    def cancel(self, task_id: int) -> TaskStatus:
+        """Cancel a task wherever it is; returns the status it had."""
+        reply = self._call("cancel_task", [_ms(self.now()), task_id], task_id=task_id)
+        status = Status(reply[0])
+        if status is not Status.OK:
+            raise error_for(status, task_id, "", str(reply[1]))
+        return TaskStatus(reply[1])
+
+    # -- boards and models -----------------------------------------------------------------------
+    def pause(self, board: str) -> str:
+        return self._set_paused(board, True)
+
+    def resume(self, board: str) -> str:
+        return self._set_paused(board, False)
+
+    def _set_paused(self, board: str, paused: bool) -> str:
+        _check_board(board)
+        reply = self._call("set_board_paused", [_ms(self.now()), board, int(paused)])
+        return str(reply[1])
+
+    def set_cooldown(self, model: str, seconds: float) -> float:
+        """Cool ``model`` for exactly ``seconds`` from now (0 clears); returns the end (epoch s)."""
+        if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_RESET_SECONDS:
+            raise InputError(f"bad cooldown {seconds}: seconds in [0, {MAX_RESET_SECONDS}]")
+        now = self.now()
+        reply = self._call("set_cooldown", [_ms(now), model, _ms(now + seconds)], model=model)
+        if Status(reply[0]) is not Status.OK:
+            raise UnknownChain(str(reply[1]))
+        return int(reply[1]) / 1000
+
+    def clear_cooldown(self, model: str) -> None:
+        self.set_cooldown(model, 0)
+
+    def cooldowns(self) -> dict[str, dict[str, Any]]:
+        """Models cooling now: {model: {"until": epoch s, "remaining_s": s, "reason": str}}."""
+        models = sorted(self.config().models)
+        with _redis_errors(self._where):
+            values = self.client.mget([self.keys.cooldown(m) for m in models]) if models else []
+        now = self.now()
+        out: dict[str, dict[str, Any]] = {}
+        for model, raw in zip(models, values, strict=True):
+            if raw:
+                until_ms, _, reason = str(_text(raw)).partition("|")
+                until = int(until_ms) / 1000
+                if until > now:
+                    out[model] = {"until": until, "remaining_s": round(until - now, 3), "reason": reason}
+        return out
+
+    # -- reading ---------------------------------------------------------------------------------
+    def get_task(self, task_id: int) -> Task:
+        with _redis_errors(self._where):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hgetall(self.keys.task(task_id))
+            pipe.lrange(self.keys.context(task_id), 0, -1)
+            pipe.lrange(self.keys.runs(task_id), 0, -1)
+            fields, context, runs = pipe.execute()
+        if not fields:
+            raise TaskNotFound(task_id)
+        return _task_from(_texts(fields), context, runs)
+
+    def list_tasks(self, *, board: str | None = None, status: TaskStatus | None = None) -> list[Task]:
+        """Tasks in id order, optionally of one board and/or one status."""
+        if board is not None:
+            _check_board(board)
+        with _redis_errors(self._where):
+            ids = [int(x) for x in self.client.zrange(self.keys.tasks, 0, -1)]
+            pipe = self.client.pipeline(transaction=False)
+            for tid in ids:
+                pipe.hgetall(self.keys.task(tid))
+            rows = pipe.execute()
+        tasks = [_task_from(_texts(f), [], []) for f in rows if f]
+        return [
+            t for t in tasks if (board is None or t.board == board) and (status is None or t.status is status)
+        ]
+
+    def events(self, count: int = 100, after: str = "-") -> list[dict[str, Any]]:
+        """Events oldest first, after stream id ``after`` (exclusive when given)."""
+        start = after if after == "-" else f"({after}"
+        with _redis_errors(self._where):
+            rows = self.client.xrange(self.keys.events, min=start, max="+", count=count)
+        return [_event(eid, fields) for eid, fields in rows]
+
+    def wait_events(self, after: str, block_ms: int) -> list[dict[str, Any]]:
+        """Block up to ``block_ms`` for events after stream id ``after`` ("$" = only new ones)."""
+        with _redis_errors(self._where):
+            reply = self.client.xread({self.keys.events: after}, block=block_ms, count=100)
+        rows = _xread_rows(reply)
+        return [_event(eid, fields) for eid, fields in rows]
+
+    def health(self) -> dict[str, Any]:
+        from .health import collect_health
+
+        with _redis_errors(self._where):
+            return collect_health(self)
+
+
+def root_cause(message: str, now: float) -> str:
+    """The root cause of a failure message: timeout, overloaded, billing, pairing, or failed."""
+    klass = parse_signal(message, now).klass
+    if klass in (SignalClass.TIMEOUT, SignalClass.OVERLOADED, SignalClass.BILLING, SignalClass.PAIRING):
+        return klass.value
+    return "failed"
+
+
+def _client_url(client: redis.Redis) -> str:
+    kw = client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}"
+    return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def _check_board(board: str) -> None:
+    if not isinstance(board, str) or not BOARD_RE.match(board):
+        raise InputError(f"bad board name {board!r}: use 1-64 letters, digits, '.', '_' or '-'")
+
+
+def _check_text(name: str, value: str, limit: int, *, required: bool = False) -> None:
+    if required and not value.strip():
+        raise InputError(f"{name} must not be empty")
+    if len(value.encode("utf-8")) > limit:
+        raise InputError(f"{name} is larger than {limit} bytes")
+    if "\x00" in value:
+        raise InputError(f"{name} contains a NUL character")
+
+
+def _check_run_id(run_id: str) -> None:
+    try:
+        ok = str(uuid.UUID(run_id)) == run_id
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InputError(f"bad run id {run_id!r}: a UUID in canonical 36-character form")
+
+
+def _text(value: Any) -> Any:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _texts(fields: dict[Any, Any]) -> dict[str, str]:
+    return {str(_text(k)): str(_text(v)) for k, v in fields.items()}
+
+
+def _task_from(f: dict[str, str], context: list[Any], runs: list[Any]) -> Task:
+    return Task(
+        task_id=int(f["id"]),
+        board=f["board"],
+        title=f.get("title", ""),
+        prompt=f.get("prompt", ""),
+        chain=f.get("chain") or None,
+        model=f.get("model_pin") or None,
+        status=TaskStatus(f["status"]),
+        run_count=int(f.get("run_count", 0)),
+        attempts=int(f.get("attempts", 0)),
+        run_id=f.get("run_id") or None,
+        running_model=f.get("model") or None,
+        running_provider=f.get("provider") or None,
+        lease_deadline=_opt_float_s(f.get("lease_deadline")),
+        backoff_until=_opt_float_s(f.get("backoff_until")),
+        last_error=f.get("last_error") or None,
+        last_error_reason=f.get("last_error_reason") or None,
+        created_at=int(f.get("created_at", 0)) / 1000,
+        updated_at=int(f.get("updated_at", 0)) / 1000,
+        context=[json.loads(_text(x)) for x in context],
+        runs=[json.loads(_text(x)) for x in runs],
+    )
+
+
+def _event(eid: Any, fields: dict[Any, Any]) -> dict[str, Any]:
+    doc: dict[str, Any] = {"id": str(_text(eid)), **_texts(fields)}
+    if "task_id" in doc:
+        doc["task_id"] = int(doc["task_id"])
+    doc["at"] = int(doc.get("at", 0)) / 1000
+    return doc
+
+
+def _xread_rows(reply: Any) -> list[tuple[Any, dict[Any, Any]]]:
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3
+        return [row for rows in reply.values() for row in (rows[0] if rows and isinstance(rows[0], list)
+                                                             and rows and not isinstance(rows[0], tuple)
+                                                             else rows)]
+    return [row for _, rows in reply for row in rows]
+
+
+_ = (ClawqError, InvalidState, chain_key, model_key)

@@ -1,0 +1,237 @@
+"""The clawq configuration: one pydantic model, YAML in, JSON and script settings out.
+
+A field missing from a file keeps its default, also inside a section that is given; a map given in the file
+(caps, models, chains) replaces the default map whole.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .keys import BOARD_RE
+
+__all__ = ["DEFAULT_CONFIG", "Config", "load_config_file", "parse_config"]
+
+_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_MS_PER_MINUTE = 60_000
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QueueConfig(_Section):
+    global_max_concurrent: int = Field(6, ge=0)  #: day cap on tasks in progress at once
+    one_in_progress_per_board: Literal[True] = True  #: the only mode clawq has
+    pick_order: Literal["task_id_asc"] = "task_id_asc"  #: the only order clawq has
+
+
+def _default_model_caps() -> dict[str, int]:
+    return {"opus": 2, "codex": 2, "sonnet": 2, "gemini3": 3, "gemini3_flash": 4, "glm": 4}
+
+
+def _default_provider_caps() -> dict[str, int]:
+    return {"anthropic": 3, "openai": 3, "google": 4, "zai": 4}
+
+
+class LimitsConfig(_Section):
+    model_max_inflight: dict[str, int] = Field(default_factory=_default_model_caps)
+    provider_max_inflight: dict[str, int] = Field(default_factory=_default_provider_caps)
+
+    @field_validator("model_max_inflight", "provider_max_inflight")
+    @classmethod
+    def _non_negative(cls, caps: dict[str, int]) -> dict[str, int]:
+        for name, cap in caps.items():
+            if cap < 0:
+                raise ValueError(f"cap of {name!r} must be >= 0, got {cap}")
+        return caps
+
+
+class WatchdogConfig(_Section):
+    stale_in_progress_minutes: float = Field(20.0, gt=0)  #: a heartbeat extends the lease by this much
+    heartbeat_grace_minutes: float = Field(3.0, ge=0)  #: extra slack on the first lease
+    rate_limit_cooldown_minutes: float = Field(10.0, gt=0)  #: cooldown when a rate limit names no reset
+    failure_cooldown_minutes: float = Field(5.0, ge=0)  #: backoff before a failed task may run again
+    max_attempts: int = Field(3, ge=1)  #: failures/timeouts since the last outcome before `failed`
+
+
+class NightModeConfig(_Section):
+    timezone: str = "America/Argentina/Buenos_Aires"
+    start: str = "23:00"
+    end: str = "08:00"
+    global_max_concurrent: int = Field(8, ge=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {name!r}") from None
+        return name
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, value: str) -> str:
+        if not _HHMM.match(value):
+            raise ValueError(f"time must be HH:MM, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> NightModeConfig:
+        if self.start == self.end:
+            raise ValueError(f"start and end are both {self.start!r}: the window would be empty")
+        return self
+
+    def contains(self, ts: float) -> bool:
+        """True when epoch second ``ts`` falls in the window (which may wrap midnight)."""
+        local = datetime.fromtimestamp(ts, tz=timezone.utc).astimezone(ZoneInfo(self.timezone))
+        minute = local.hour * 60 + local.minute
+        start, end = _minutes(self.start), _minutes(self.end)
+        if start < end:
+            return start <= minute < end
+        return minute >= start or minute < end
+
+
+def _minutes(hhmm: str) -> int:
+    hours, minutes = hhmm.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+class FollowupConfig(_Section):
+    max_runs: int = Field(5, ge=1)  #: a follow-up asked after this many runs goes to in_review instead
+
+
+def _default_models() -> dict[str, str]:
+    return {
+        "opus": "anthropic",
+        "sonnet": "anthropic",
+        "codex": "openai",
+        "gemini3": "google",
+        "gemini3_flash": "google",
+        "glm": "zai",
+    }
+
+
+def _default_chains() -> dict[str, list[str]]:
+    return {
+        "planning": ["opus", "codex", "gemini3"],
+        "coding": ["codex", "sonnet", "gemini3"],
+        "bulk": ["gemini3_flash", "glm"],
+    }
+
+
+class Config(_Section):
+    """The effective configuration; ``Config()`` is the seed default."""
+
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    night_mode: NightModeConfig | None = Field(default_factory=NightModeConfig)
+    followup: FollowupConfig = Field(default_factory=FollowupConfig)
+    models: dict[str, str] = Field(default_factory=_default_models)
+    chains: dict[str, list[str]] = Field(default_factory=_default_chains)
+
+    @field_validator("models", "chains")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not BOARD_RE.match(name):
+                raise ValueError(f"name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        for model, provider in self.models.items():
+            if not BOARD_RE.match(provider):
+                raise ValueError(f"models.{model}: provider {provider!r} is not a valid name")
+        for model in self.limits.model_max_inflight:
+            if model not in self.models:
+                raise ValueError(f"limits.model_max_inflight.{model}: model {model!r} has no provider in models")
+        for chain, members in self.chains.items():
+            _check_chain(chain, members, self.models)
+        return self
+
+    # -- derived values ------------------------------------------------------------------------------
+    def global_cap_at(self, ts: float) -> tuple[int, bool]:
+        """The global cap in force at epoch second ``ts`` and whether the night window is on."""
+        if self.night_mode is not None and self.night_mode.contains(ts):
+            return self.night_mode.global_max_concurrent, True
+        return self.queue.global_max_concurrent, False
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=False)
+
+    def script_settings(self) -> dict[str, int]:
+        """The scalar settings the Lua scripts read, in whole milliseconds."""
+        wd = self.watchdog
+        return {
+            "lease_ms": round((wd.stale_in_progress_minutes + wd.heartbeat_grace_minutes) * _MS_PER_MINUTE),
+            "heartbeat_ms": round(wd.stale_in_progress_minutes * _MS_PER_MINUTE),
+            "backoff_ms": round(wd.failure_cooldown_minutes * _MS_PER_MINUTE),
+            "cooldown_ms": round(wd.rate_limit_cooldown_minutes * _MS_PER_MINUTE),
+            "max_attempts": wd.max_attempts,
+            "max_runs": self.followup.max_runs,
+        }
+
+    def providers(self) -> list[str]:
+        return sorted(set(self.models.values()) | set(self.limits.provider_max_inflight))
+
+
+def _check_chain(chain: str, members: list[str], models: dict[str, str]) -> None:
+    if not members:
+        raise ValueError(f"chains.{chain}: a chain needs at least one model")
+    for model in members:
+        if model not in models:
+            raise ValueError(f"chains.{chain}: unknown model {model!r}")
+    if len(set(members)) != len(members):
+        raise ValueError(f"chains.{chain}: a model appears twice in {members}")
+
+
+DEFAULT_CONFIG = Config()
+
+
+def _format_validation(err: ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "config"
+        msg = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] in ("extra_forbidden", "missing"):
+            parts.append(f"{loc}: {msg}")
+        else:
+            parts.append(f"{loc}: {msg} (got {item.get('input')!r})"[:300])
+    return "invalid config: " + "; ".join(parts)
+
+
+def parse_config(data: object) -> Config:
+    """Validate a parsed YAML/JSON document into a :class:`Config`; raise ConfigError naming the field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None
+
+
+def load_config_file(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid YAML in {path}: {' '.join(str(err).split())}") from None
+    return parse_config(data)

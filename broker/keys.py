@@ -1,0 +1,222 @@
+"""Every Redis key name clawq uses, built in this one module.
+
+All keys of a namespace live under ``clawq:{<namespace>}:`` -- the braces are a Redis Cluster hash tag, so
+a namespace occupies exactly one slot and every Lua script may touch any of its keys.  Scripts build the
+few keys they only know after deciding (a board's queue, a task's hash) from :attr:`Keys.prefix` with the
+same suffixes as the methods below; ``lua/lib/keys.lua`` mirrors them and a test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["BOARD_RE", "NAMESPACE_RE", "Keys", "chain_key", "model_key"]
+
+#: Board names: letters, digits, ``.``, ``_``, ``-``; 1 to 64 characters (no braces, colons, spaces, ``*``).
+BOARD_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: Namespaces follow the same alphabet, so a namespace can never break out of its hash tag.
+NAMESPACE_RE = BOARD_RE
+
+
+def chain_key(chain: str) -> str:
+    """Index key of tasks that run on the fallback chain ``chain``."""
+    return f"c:{chain}"
+
+
+def model_key(model: str) -> str:
+    """Index key of tasks pinned to ``model``."""
+    return f"m:{model}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder for one namespace."""
+
+    namespace: str
+
+    @property
+    def prefix(self) -> str:
+        return f"clawq:{{{self.namespace}}}:"
+
+    def _k(self, *parts: str | int) -> str:
+        return self.prefix + ":".join(str(p) for p in parts)
+
+    # -- namespace-wide keys -------------------------------------------------------------------------
+    @property
+    def meta(self) -> str:
+        """HASH: schema_version, created_at."""
+        return self._k("meta")
+
+    @property
+    def config(self) -> str:
+        """STRING: the effective config as JSON (what ``clawq config show`` prints)."""
+        return self._k("config")
+
+    @property
+    def cfg_settings(self) -> str:
+        """HASH: scalar settings the scripts read (version, lease/backoff ms, max attempts, ...)."""
+        return self._k("cfg", "settings")
+
+    @property
+    def cfg_model_cap(self) -> str:
+        """HASH: model -> max inflight (absent: no model cap)."""
+        return self._k("cfg", "model_cap")
+
+    @property
+    def cfg_provider_cap(self) -> str:
+        """HASH: provider -> max inflight (absent: no provider cap)."""
+        return self._k("cfg", "provider_cap")
+
+    @property
+    def cfg_model_provider(self) -> str:
+        """HASH: model -> provider."""
+        return self._k("cfg", "model_provider")
+
+    @property
+    def cfg_chains(self) -> str:
+        """HASH: chain name -> comma-separated models, in fallback order."""
+        return self._k("cfg", "chains")
+
+    @property
+    def task_seq(self) -> str:
+        """STRING counter: the highest task id handed out or given."""
+        return self._k("seq", "task")
+
+    @property
+    def ready_seq(self) -> str:
+        """STRING counter: round-robin position of boards joining a ready line."""
+        return self._k("seq", "ready")
+
+    @property
+    def tasks(self) -> str:
+        """ZSET: every task id (score = id), whatever its status."""
+        return self._k("tasks")
+
+    @property
+    def boards(self) -> str:
+        """SET: every board name that ever had a task."""
+        return self._k("boards")
+
+    @property
+    def running(self) -> str:
+        """ZSET: task id -> lease deadline (ms) of every in-progress task; the reaper sweeps it."""
+        return self._k("running")
+
+    @property
+    def in_review(self) -> str:
+        """ZSET: task id -> time (ms) it reached in_review."""
+        return self._k("status", "in_review")
+
+    @property
+    def failed(self) -> str:
+        """ZSET: task id -> time (ms) it failed for good."""
+        return self._k("status", "failed")
+
+    @property
+    def cancelled(self) -> str:
+        """ZSET: task id -> time (ms) it was cancelled."""
+        return self._k("status", "cancelled")
+
+    @property
+    def inflight_model(self) -> str:
+        """HASH: model -> runs in progress."""
+        return self._k("inflight", "model")
+
+    @property
+    def inflight_provider(self) -> str:
+        """HASH: provider -> runs in progress."""
+        return self._k("inflight", "provider")
+
+    @property
+    def ready_chains(self) -> str:
+        """SET: chain keys (``c:<chain>`` / ``m:<model>``) whose ready line is not empty."""
+        return self._k("ready", "chains")
+
+    def ready(self, ck: str) -> str:
+        """ZSET: board -> round-robin position, for boards whose head runs on chain key ``ck``."""
+        return self._k("ready", ck)
+
+    @property
+    def idx_busy(self) -> str:
+        """SET: boards with a task in progress and more queued."""
+        return self._k("idx", "busy")
+
+    @property
+    def idx_paused(self) -> str:
+        """SET: paused boards with queued work."""
+        return self._k("idx", "paused")
+
+    @property
+    def idx_backoff(self) -> str:
+        """ZSET: board -> time (ms) its head's failure backoff ends."""
+        return self._k("idx", "backoff")
+
+    @property
+    def refs(self) -> str:
+        """HASH: chain key -> number of unfinished tasks that use it (config load checks it)."""
+        return self._k("refs")
+
+    @property
+    def events(self) -> str:
+        """STREAM: typed events, capped."""
+        return self._k("events")
+
+    @property
+    def errors(self) -> str:
+        """LIST: the latest actionable errors as JSON, newest first, capped."""
+        return self._k("errors")
+
+    @property
+    def stats_skips(self) -> str:
+        """HASH: skip reason -> boards refused, summed over every refused claim."""
+        return self._k("stats", "skips")
+
+    @property
+    def stats_claims(self) -> str:
+        """STRING counter: successful claims."""
+        return self._k("stats", "claims")
+
+    @property
+    def stats_failures(self) -> str:
+        """HASH: ``<model>|<reason>`` -> failed runs (timeout, rate_limit, quota_reached, failed)."""
+        return self._k("stats", "failures")
+
+    @property
+    def stats_completed(self) -> str:
+        """HASH: board -> outcomes recorded."""
+        return self._k("stats", "completed")
+
+    # -- per-board keys ------------------------------------------------------------------------------
+    def board(self, board: str) -> str:
+        """HASH: running (task id), paused, ck (ready line it sits in), state (index it sits in)."""
+        return self._k("board", board)
+
+    def queue(self, board: str) -> str:
+        """ZSET: task id -> task id, the board's up_next tasks; the lowest is the head."""
+        return self._k("board", board, "queue")
+
+    def done(self, board: str) -> str:
+        """ZSET: run id -> time (ms) of each outcome in the last 24 h (throughput)."""
+        return self._k("board", board, "done")
+
+    # -- per-task keys -------------------------------------------------------------------------------
+    def task(self, task_id: int) -> str:
+        """HASH: the task's fields."""
+        return self._k("task", task_id)
+
+    def runs(self, task_id: int) -> str:
+        """LIST: run history, JSON entries, oldest first; the active run is the last."""
+        return self._k("task", task_id, "runs")
+
+    def context(self, task_id: int) -> str:
+        """LIST: accumulated follow-up prompts and summaries, JSON entries, oldest first."""
+        return self._k("task", task_id, "context")
+
+    def lease(self, task_id: int) -> str:
+        """STRING with TTL: the active run id while its lease is fresh (readable with PTTL)."""
+        return self._k("task", task_id, "lease")
+
+    def cooldown(self, model: str) -> str:
+        """STRING with TTL: ``<until_ms>|<reason>`` while ``model`` cools down."""
+        return self._k("cooldown", model)

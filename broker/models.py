@@ -1,0 +1,116 @@
+"""Typed values the broker API takes and returns."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["Claim", "Completion", "Outcome", "Task", "TaskStatus"]
+
+#: Largest prompt, next_prompt or summary accepted, in bytes of UTF-8.
+MAX_TEXT_BYTES = 256 * 1024
+
+
+class TaskStatus(str, enum.Enum):
+    """Where a task is; it is always in exactly one of these places."""
+
+    UP_NEXT = "up_next"  #: in its board's queue (maybe its head in failure backoff)
+    IN_PROGRESS = "in_progress"  #: a run holds its lease
+    IN_REVIEW = "in_review"  #: the last run said no follow-up is needed
+    FAILED = "failed"  #: max_attempts failures or timeouts in a row
+    CANCELLED = "cancelled"  #: an operator cancelled it
+
+    @property
+    def final(self) -> bool:
+        return self in (TaskStatus.IN_REVIEW, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+class Claim(BaseModel):
+    """A successful claim: run ``task_id`` on ``model`` as run ``run_id``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task_id: int
+    board: str
+    model: str
+    provider: str
+    run_id: str
+    run_count: int  #: completed runs + 1: the number this run gets if it records an outcome
+    attempt: int  #: failures and timeouts since the last outcome + 1
+    lease_deadline: float  #: epoch seconds
+
+
+def _check_size(name: str, value: str | None) -> None:
+    if value is not None and len(value.encode("utf-8")) > MAX_TEXT_BYTES:
+        raise ValueError(f"{name} is larger than {MAX_TEXT_BYTES} bytes")
+
+
+class Outcome(BaseModel):
+    """The mandatory outcome of a run (ClawTrol outcome payload v1 fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    needs_follow_up: bool = False
+    next_prompt: str | None = None
+    summary: str = ""
+    achieved: list[str] | str | None = None
+    evidence: list[str] | str | None = None
+    remaining: list[str] | str | None = None
+    model_used: str | None = None
+
+    @model_validator(mode="after")
+    def _follow_up_needs_prompt(self) -> Outcome:
+        if self.needs_follow_up and not (self.next_prompt or "").strip():
+            raise ValueError("next_prompt is required when needs_follow_up is true")
+        _check_size("next_prompt", self.next_prompt)
+        _check_size("summary", self.summary)
+        return self
+
+    def extras(self) -> dict[str, Any]:
+        """The optional fields that were given, for the task's context entry."""
+        fields = ("achieved", "evidence", "remaining", "model_used")
+        return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
+
+    def digest(self) -> str:
+        """A stable fingerprint: a repeat of the same outcome is recognised by it."""
+        doc = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(doc.encode("utf-8")).hexdigest()
+
+
+class Completion(BaseModel):
+    """What ``complete`` did."""
+
+    task_id: int
+    status: TaskStatus
+    run_count: int
+    repeated: bool = False  #: the same outcome had already been recorded: nothing changed
+    note: str = ""
+
+
+class Task(BaseModel):
+    """A task as stored, with its context and run history."""
+
+    task_id: int
+    board: str
+    title: str
+    prompt: str = ""
+    chain: str | None = None
+    model: str | None = None  #: the pinned model, when the task has no chain
+    status: TaskStatus
+    run_count: int = 0
+    attempts: int = 0
+    run_id: str | None = None  #: the active run while in progress
+    running_model: str | None = None  #: the model of the active or last run
+    running_provider: str | None = None
+    lease_deadline: float | None = None
+    backoff_until: float | None = None
+    last_error: str | None = None
+    last_error_reason: str | None = None
+    created_at: float
+    updated_at: float
+    context: list[dict[str, Any]] = Field(default_factory=list)
+    runs: list[dict[str, Any]] = Field(default_factory=list)

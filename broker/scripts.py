@@ -1,0 +1,137 @@
+"""Load the Lua scripts once from package data and call each through one typed wrapper.
+
+A script file is ``lua/<name>-<numkeys>.lua``. Its header lists ``KEYS[i] <name>``, where ``<name>`` is an
+attribute of :class:`broker.keys.Keys`; the wrapper builds KEYS from those names, so the header is the one
+place that says which key goes where, and the count is checked against the file name at import.
+``--- @include "core"`` lines are replaced by ``lua/lib/core.lua`` (static text: no Lua is generated).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from .keys import Keys
+
+__all__ = ["ScriptSpec", "Scripts", "load_specs"]
+
+_FILE_RE = re.compile(r"^(?P<name>[a-z_]+)-(?P<numkeys>\d+)\.lua$")
+_KEY_RE = re.compile(r"^\s*KEYS\[(\d+)\]\s+(\w+)", re.MULTILINE)
+_RANGE_RE = re.compile(r"^\s*KEYS\[(\d+)\.\.(\d+)\]", re.MULTILINE)
+_INCLUDE_RE = re.compile(r'^--- @include "(\w+)"$', re.MULTILINE)
+_RUN_END_RE = re.compile(r"local RUN_END_KEYS = \{([^}]*)\}", re.DOTALL)
+
+#: Keys that belong to one task or one model: built with that id / name.
+_TASK_KEYS = frozenset({"task", "runs", "context", "lease"})
+_MODEL_KEYS = frozenset({"cooldown"})
+
+
+@dataclass(frozen=True)
+class ScriptSpec:
+    """One script: its name, the Keys attribute of each KEYS slot, and its full source."""
+
+    name: str
+    key_names: tuple[str, ...]
+    source: str
+
+
+def _lua_dir() -> Path:
+    try:
+        return Path(str(importlib.resources.files("broker.lua")))
+    except ModuleNotFoundError:  # running from a source checkout: lua/ sits beside broker/
+        return Path(__file__).resolve().parent.parent / "lua"
+
+
+def _run_end_keys(core: str) -> list[str]:
+    match = _RUN_END_RE.search(core)
+    if not match:
+        raise RuntimeError("lua/lib/core.lua does not define RUN_END_KEYS")
+    return re.findall(r'"(\w+)"', match.group(1))
+
+
+def _key_names(header: str, numkeys: int, run_end: list[str], fname: str) -> tuple[str, ...]:
+    slots: dict[int, str] = {int(i): name for i, name in _KEY_RE.findall(header)}
+    for first, last in _RANGE_RE.findall(header):
+        for offset, name in enumerate(run_end):
+            slots[int(first) + offset] = name
+        if int(last) - int(first) + 1 != len(run_end):
+            raise RuntimeError(f"{fname}: KEYS[{first}..{last}] does not match RUN_END_KEYS")
+    names = tuple(slots[i] for i in sorted(slots))
+    if sorted(slots) != list(range(1, numkeys + 1)):
+        raise RuntimeError(f"{fname}: header lists KEYS {sorted(slots)}, file name says {numkeys}")
+    return names
+
+
+def _spec(path: Path, libs: dict[str, str], run_end: list[str]) -> ScriptSpec:
+    match = _FILE_RE.match(path.name)
+    if not match:
+        raise RuntimeError(f"bad script file name {path.name}")
+    text = path.read_text(encoding="utf-8")
+    header = text.split("]]", 1)[0]
+    names = _key_names(header, int(match["numkeys"]), run_end, path.name)
+    source = _INCLUDE_RE.sub(lambda m: libs[m.group(1)], text)
+    return ScriptSpec(match["name"], names, source)
+
+
+@cache
+def load_specs() -> dict[str, ScriptSpec]:
+    """Every script of the package, by name (read once per process)."""
+    root = _lua_dir()
+    libs = {p.stem: p.read_text(encoding="utf-8") for p in sorted((root / "lib").glob("*.lua"))}
+    run_end = _run_end_keys(libs["core"])
+    specs = [_spec(p, libs, run_end) for p in sorted(root.glob("*.lua"))]
+    return {s.name: s for s in specs}
+
+
+def _key(keys: Keys, name: str, task_id: int | None, model: str | None) -> str:
+    attr: Any = getattr(keys, name)
+    if name in _TASK_KEYS:
+        if task_id is None:
+            raise ValueError(f"key {name} needs a task id")
+        return str(attr(task_id))
+    if name in _MODEL_KEYS:
+        if model is None:
+            raise ValueError(f"key {name} needs a model")
+        return str(attr(model))
+    return str(attr)
+
+
+class Scripts:
+    """The registered scripts of one client and namespace."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self._keys = keys
+        self._specs = load_specs()
+        self._scripts: dict[str, Script] = {
+            name: client.register_script(spec.source) for name, spec in self._specs.items()
+        }
+
+    def keys_for(self, name: str, *, task_id: int | None = None, model: str | None = None) -> list[str]:
+        spec = self._specs[name]
+        return [_key(self._keys, n, task_id, model) for n in spec.key_names]
+
+    def call(
+        self,
+        name: str,
+        args: Sequence[str | int | float],
+        *,
+        task_id: int | None = None,
+        model: str | None = None,
+    ) -> list[Any]:
+        """Run script ``name`` (EVALSHA, reloaded on NOSCRIPT) and return its reply as a list."""
+        keys = self.keys_for(name, task_id=task_id, model=model)
+        reply: Any = self._scripts[name](keys=keys, args=list(args))
+        return [_text(x) for x in reply]
+
+
+def _text(value: Any) -> Any:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+

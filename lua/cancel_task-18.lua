@@ -1,0 +1,36 @@
+--[[
+  cancel_task: move a task to cancelled from wherever it is. A run in progress loses its
+  lease (its later reports are fenced) and its counters are released.
+
+  KEYS[1]  task (task:<id>)   HASH
+  KEYS[2..18] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
+           cfg_settings running inflight_model inflight_provider ready_chains ready_seq
+           idx_busy idx_paused idx_backoff refs in_review failed cancelled events errors
+           stats_failures stats_completed
+  Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue, ready:<ck>
+
+  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] task id
+
+  Returns {0, previous status} | {1, detail} no such task | {3, detail} already cancelled
+]]
+local rcall = redis.call
+--- @include "core"
+
+local K = keys_from(RUN_END_KEYS, 2)
+local P, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local t = task_fields(P, id)
+if not t then return {1, "task not found"} end
+local was = t.status
+if was == "cancelled" then return {3, "already cancelled"} end
+if was == "up_next" then
+  rcall("ZREM", queue_key(P, t.board), id)
+elseif was == "in_progress" then
+  end_run(K, P, id, t, now, "cancelled", "cancelled")
+elseif was == "in_review" then
+  rcall("ZREM", K.in_review, id)
+elseif was == "failed" then
+  rcall("ZREM", K.failed, id)
+end
+finish(K, P, id, t, now, "cancelled", K.cancelled)
+emit(K, now, "cancelled", {"task_id", id, "board", t.board, "run_id", t.run_id, "message", "was " .. was})
+return {0, was}

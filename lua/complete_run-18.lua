@@ -1,0 +1,75 @@
+--[[
+  complete_run: record the mandatory outcome of a run (fenced by run id).
+  Follow-up YES: the same task returns to its board (same task_id: the head again) with the
+  next prompt and summary appended to its context -- unless it already had max_runs runs,
+  then it goes to in_review with a note. NO: in_review. Either way run_count + 1, attempts 0.
+  Repeating the outcome of the run that just completed changes nothing and answers 8.
+
+  KEYS[1]  task (task:<id>)   HASH
+  KEYS[2..18] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
+           cfg_settings running inflight_model inflight_provider ready_chains ready_seq
+           idx_busy idx_paused idx_backoff refs in_review failed cancelled events errors
+           stats_failures stats_completed
+  Built from ARGV[1]: task:<id>:runs, task:<id>:context, task:<id>:lease, board:<b>,
+  board:<b>:queue, board:<b>:done, ready:<ck>
+
+  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] task id  ARGV[4] run id  ARGV[5] follow up (1/0)
+  ARGV[6] next prompt  ARGV[7] summary  ARGV[8] extra outcome fields (JSON object)
+  ARGV[9] digest of the outcome (to recognise a repeat)
+
+  Returns {0, status, run_count, note} | {8, status, run_count} repeated outcome
+          | {1, detail} no such task | {2, detail} fenced
+]]
+local rcall = redis.call
+--- @include "core"
+
+local K = keys_from(RUN_END_KEYS, 2)
+local P, now, id, run_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+
+local t, code, detail = active_run(P, id, run_id)
+if not t then
+  if code == 2 then
+    local cur = task_fields(P, id)
+    if cur.last_run_id == run_id and cur.last_digest == ARGV[9] then
+      return {8, cur.status, cur.run_count}
+    end
+  end
+  return {code, detail}
+end
+
+local follow_up = ARGV[5] == "1"
+local run_count = t.run_count + 1
+local max_runs = num(rcall("HGET", K.cfg_settings, "max_runs"), 5)
+local note = ""
+if follow_up and run_count >= max_runs then
+  note = "follow-up limit reached (" .. run_count .. " runs): sent to in_review"
+end
+
+end_run(K, P, id, t, now, follow_up and "follow_up" or "done", note)
+local entry = cjson.decode(ARGV[8])
+entry.run_id = run_id
+entry.run_count = run_count
+entry.model = t.model
+entry.summary = ARGV[7]
+entry.at = now / 1000
+if follow_up then entry.next_prompt = ARGV[6] end
+rcall("RPUSH", context_key(P, id), cjson.encode(entry))
+rcall("HSET", task_key(P, id), "run_count", run_count, "attempts", 0, "last_digest", ARGV[9],
+      "last_summary", ARGV[7])
+rcall("HINCRBY", K.stats_completed, t.board, 1)
+rcall("ZADD", done_key(P, t.board), now, run_id)
+rcall("ZREMRANGEBYSCORE", done_key(P, t.board), "-inf", now - 86400000)
+
+local status
+if follow_up and note == "" then
+  status = "up_next"
+  requeue(K, P, id, t, now, 0)
+  emit(K, now, "follow_up", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
+                             "run_id", run_id, "run_count", run_count, "message", ARGV[7]})
+else
+  status = "in_review"
+  finish(K, P, id, t, now, "in_review", K.in_review)
+  emit(K, now, "completed", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
+                             "run_id", run_id, "run_count", run_count, "message", note ~= "" and note or ARGV[7]})
+end
+return {0, status, run_count, note}

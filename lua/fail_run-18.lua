@@ -1,0 +1,27 @@
+--[[
+  fail_run: a run failed (fenced by run id). attempts + 1; with retry and attempts below
+  max_attempts the task returns to its board head after the failure backoff (the board
+  waits for it); otherwise it is failed for good and the board moves on.
+
+  KEYS[1]  task (task:<id>)   HASH
+  KEYS[2..18] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
+           cfg_settings running inflight_model inflight_provider ready_chains ready_seq
+           idx_busy idx_paused idx_backoff refs in_review failed cancelled events errors
+           stats_failures stats_completed
+  Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue, ready:<ck>
+
+  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] task id  ARGV[4] run id
+  ARGV[5] root cause (failed, timeout, overloaded, billing, ...)  ARGV[6] message
+  ARGV[7] retry (1/0)
+
+  Returns {0, status, attempts} | {1, detail} no such task | {2, detail} fenced
+]]
+local rcall = redis.call
+--- @include "core"
+
+local K = keys_from(RUN_END_KEYS, 2)
+local P, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local t, code, detail = active_run(P, id, ARGV[4])
+if not t then return {code, detail} end
+local status, attempts = fail_run(K, P, id, t, now, ARGV[5], ARGV[6], ARGV[7] == "1", true)
+return {0, status, attempts}

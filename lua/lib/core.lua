@@ -1,0 +1,253 @@
+--[[
+  core: the rules every operation shares, included by the scripts that need them
+  (`--- @include "core"`; the loader inlines this file once, at import).
+
+  Key builders mirror broker/keys.py (tests/test_keys.py checks they agree). They build
+  the keys a script only knows once it has decided -- a board's queue, a task's hash --
+  from the namespace prefix ARGV[1], `clawq:{<ns>}:`, so every key keeps the hash tag:
+    board:<b>  board:<b>:queue  board:<b>:done  task:<id>  task:<id>:runs
+    task:<id>:context  task:<id>:lease  ready:<ck>  cooldown:<model>
+
+  Functions take K, a table of the namespace keys the calling script got in KEYS,
+  by their broker/keys.py names (K.running, K.ready_chains, ...).
+  The including script defines `rcall` (its body starts `local rcall = redis.call`).
+]]
+
+local function board_key(P, b) return P .. "board:" .. b end
+local function queue_key(P, b) return P .. "board:" .. b .. ":queue" end
+local function done_key(P, b) return P .. "board:" .. b .. ":done" end
+local function task_key(P, id) return P .. "task:" .. id end
+local function runs_key(P, id) return P .. "task:" .. id .. ":runs" end
+local function context_key(P, id) return P .. "task:" .. id .. ":context" end
+local function lease_key(P, id) return P .. "task:" .. id .. ":lease" end
+local function ready_key(P, ck) return P .. "ready:" .. ck end
+local function cooldown_key(P, m) return P .. "cooldown:" .. m end
+
+local function num(v, default)
+  return tonumber(v) or default
+end
+
+-- Integer text for ids and millisecond times (tostring would use exponent notation past 1e14).
+local function int(v)
+  return string.format("%d", v)
+end
+
+-- Events: a capped stream of typed events. fields is a flat list of name, value pairs.
+local function emit(K, now, etype, fields)
+  local args = {"XADD", K.events, "MAXLEN", "~", "10000", "*", "type", etype, "at", int(now)}
+  for i = 1, #fields, 2 do
+    local v = fields[i + 1]
+    if v ~= nil and v ~= false and v ~= "" then
+      args[#args + 1] = fields[i]
+      args[#args + 1] = tostring(v)
+    end
+  end
+  rcall(unpack(args))
+end
+
+-- Actionable errors, newest first, for `clawq health` (root cause in `reason`).
+local function record_error(K, now, reason, id, t, message)
+  local doc = cjson.encode({reason = reason, task_id = tonumber(id), board = t.board,
+                            model = t.model or "", message = message or "", at = now / 1000})
+  rcall("LPUSH", K.errors, doc)
+  rcall("LTRIM", K.errors, 0, 99)
+  if t.model and t.model ~= "" then
+    rcall("HINCRBY", K.stats_failures, t.model .. "|" .. reason, 1)
+  end
+end
+
+-- The cooldown of a model: `<until_ms>|<reason>` with a TTL to that time. Returns the
+-- reason while it is cooling at `now`, else nil (the stored time decides, not the TTL).
+local function cooling(P, model, now)
+  local v = rcall("GET", cooldown_key(P, model))
+  if not v then return nil end
+  local sep = string.find(v, "|", 1, true)
+  if not sep then return nil end
+  if num(string.sub(v, 1, sep - 1), 0) > now then return string.sub(v, sep + 1) end
+  return nil
+end
+
+-- Cool `model` until `until_ms`. grow_only: a cooldown never shrinks (max-merge).
+-- Returns the cooldown end in force afterwards.
+local function cool_model(P, model, now, until_ms, reason, grow_only)
+  local key = cooldown_key(P, model)
+  if grow_only then
+    local v = rcall("GET", key)
+    if v then
+      local old = num(string.sub(v, 1, (string.find(v, "|", 1, true) or 1) - 1), 0)
+      if old >= until_ms then return old end
+    end
+  end
+  if until_ms <= now then
+    rcall("DEL", key)
+    return now
+  end
+  rcall("SET", key, int(until_ms) .. "|" .. reason, "PX", int(until_ms - now))
+  return until_ms
+end
+
+-- Put board `b` in exactly one index, by its state:
+--   idle     no queued task                       (no index)
+--   paused   paused, with queued work             K.idx_paused
+--   busy     a task in progress, more queued      K.idx_busy
+--   backoff  head in failure backoff              K.idx_backoff (score = backoff end)
+--   ready    head may run                         ready:<ck of head> (score = place in line)
+-- A ready board that stays ready on the same line keeps its place; a board that
+-- becomes ready joins the back of the line (round-robin across boards).
+local function state_of(P, b, now)
+  local st = rcall("HMGET", board_key(P, b), "running", "paused")
+  local head = rcall("ZRANGE", queue_key(P, b), 0, 0)[1]
+  if not head then return "idle", nil, nil end
+  if st[2] == "1" then return "paused", nil, nil end
+  if st[1] then return "busy", nil, nil end
+  local t = rcall("HMGET", task_key(P, head), "ck", "backoff_until")
+  local until_ms = num(t[2], 0)
+  if until_ms > now then return "backoff", nil, until_ms end
+  return "ready", t[1], nil
+end
+
+local function leave_index(K, P, b, state, ck)
+  if state == "ready" then
+    local rk = ready_key(P, ck)
+    rcall("ZREM", rk, b)
+    if rcall("ZCARD", rk) == 0 then rcall("SREM", K.ready_chains, ck) end
+  elseif state == "busy" then
+    rcall("SREM", K.idx_busy, b)
+  elseif state == "paused" then
+    rcall("SREM", K.idx_paused, b)
+  elseif state == "backoff" then
+    rcall("ZREM", K.idx_backoff, b)
+  end
+end
+
+local function join_index(K, P, b, state, ck, until_ms)
+  if state == "ready" then
+    rcall("ZADD", ready_key(P, ck), rcall("INCR", K.ready_seq), b)
+    rcall("SADD", K.ready_chains, ck)
+  elseif state == "busy" then
+    rcall("SADD", K.idx_busy, b)
+  elseif state == "paused" then
+    rcall("SADD", K.idx_paused, b)
+  elseif state == "backoff" then
+    rcall("ZADD", K.idx_backoff, until_ms, b)
+  end
+end
+
+local function reindex_board(K, P, b, now)
+  local bk = board_key(P, b)
+  local old = rcall("HMGET", bk, "state", "ck")
+  local state, ck, until_ms = state_of(P, b, now)
+  if old[1] == state and (state ~= "ready" or old[2] == ck) and state ~= "backoff" then
+    return state
+  end
+  leave_index(K, P, b, old[1], old[2])
+  join_index(K, P, b, state, ck, until_ms)
+  if ck then
+    rcall("HSET", bk, "state", state, "ck", ck)
+  else
+    rcall("HSET", bk, "state", state)
+    rcall("HDEL", bk, "ck")
+  end
+  return state
+end
+
+local function task_fields(P, id)
+  local v = rcall("HMGET", task_key(P, id), "board", "status", "run_id", "model", "provider",
+                  "run_count", "attempts", "ck", "last_run_id", "last_digest")
+  if not v[1] then return nil end
+  return {board = v[1], status = v[2], run_id = v[3], model = v[4], provider = v[5],
+          run_count = num(v[6], 0), attempts = num(v[7], 0), ck = v[8],
+          last_run_id = v[9], last_digest = v[10]}
+end
+
+local function counter_down(hash, field)
+  if field and rcall("HINCRBY", hash, field, -1) <= 0 then rcall("HDEL", hash, field) end
+end
+
+-- End the active run of in-progress task `id`: its lease, counters and board slot are
+-- released and its history entry closed with `outcome`. The task is left nowhere: the
+-- caller puts it in its next place in the same script.
+local function end_run(K, P, id, t, now, outcome, detail)
+  rcall("ZREM", K.running, id)
+  counter_down(K.inflight_model, t.model)
+  counter_down(K.inflight_provider, t.provider)
+  rcall("HDEL", board_key(P, t.board), "running")
+  rcall("DEL", lease_key(P, id))
+  local rk = runs_key(P, id)
+  local raw = rcall("LINDEX", rk, -1)
+  if raw then
+    local entry = cjson.decode(raw)
+    if entry.run_id == t.run_id then
+      entry.ended_at = now / 1000
+      entry.outcome = outcome
+      if detail and detail ~= "" then entry.error = detail end
+      rcall("LSET", rk, -1, cjson.encode(entry))
+    end
+  end
+  rcall("HDEL", task_key(P, id), "run_id", "lease_deadline")
+  rcall("HSET", task_key(P, id), "last_run_id", t.run_id, "updated_at", int(now))
+end
+
+-- Back to the board's queue, scored by its id: it is the head again if nothing lower waits.
+local function requeue(K, P, id, t, now, backoff_until)
+  rcall("ZADD", queue_key(P, t.board), id, id)
+  rcall("HSET", task_key(P, id), "status", "up_next", "backoff_until", int(backoff_until), "queued_at", int(now))
+  reindex_board(K, P, t.board, now)
+end
+
+-- A final place: in_review, failed or cancelled (each a ZSET of id -> time). An unfinished
+-- task (up_next, in_progress) stops counting in refs, the uses of its chain key.
+local function finish(K, P, id, t, now, status, place)
+  rcall("ZADD", place, now, id)
+  rcall("HSET", task_key(P, id), "status", status, "finished_at", int(now))
+  if t.status == "up_next" or t.status == "in_progress" then counter_down(K.refs, t.ck) end
+  reindex_board(K, P, t.board, now)
+end
+
+-- A run failed (cause: failed, timeout, ...). attempts + 1; below max_attempts the task
+-- returns to its board head (after backoff_ms when backoff is true), else it fails for good.
+local function fail_run(K, P, id, t, now, cause, message, retry, backoff)
+  end_run(K, P, id, t, now, cause, message)
+  local attempts = t.attempts + 1
+  local cfg = rcall("HMGET", K.cfg_settings, "max_attempts", "backoff_ms")
+  rcall("HSET", task_key(P, id), "attempts", attempts, "last_error", message or "", "last_error_reason", cause)
+  record_error(K, now, cause, id, t, message)
+  local status = "up_next"
+  if retry and attempts < num(cfg[1], 3) then
+    local until_ms = 0
+    if backoff then until_ms = now + num(cfg[2], 0) end
+    requeue(K, P, id, t, now, until_ms)
+  else
+    status = "failed"
+    finish(K, P, id, t, now, "failed", K.failed)
+  end
+  emit(K, now, cause, {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
+                       "run_id", t.run_id, "attempts", attempts, "status", status, "message", message})
+  return status, attempts
+end
+
+-- The namespace keys of every script that ends or changes a run, in KEYS order after the
+-- task's own keys (each such script's header lists them; tests/test_scripts_meta.py checks).
+local RUN_END_KEYS = {"cfg_settings", "running", "inflight_model", "inflight_provider", "ready_chains",
+                      "ready_seq", "idx_busy", "idx_paused", "idx_backoff", "refs", "in_review", "failed",
+                      "cancelled", "events", "errors", "stats_failures", "stats_completed"}
+
+local function keys_from(names, first)
+  local K = {}
+  for i, name in ipairs(names) do K[name] = KEYS[first + i - 1] end
+  return K
+end
+
+local function fence_detail(t, run_id)
+  if t.last_run_id == run_id then return "the run already ended" end
+  if t.status == "in_progress" then return "another run holds the lease" end
+  return "the task is " .. t.status
+end
+
+-- The task's fields when run_id is its active run; else nil, a status code and a detail.
+local function active_run(P, id, run_id)
+  local t = task_fields(P, id)
+  if not t then return nil, 1, "task not found" end
+  if t.status ~= "in_progress" or t.run_id ~= run_id then return nil, 2, fence_detail(t, run_id) end
+  return t
+end

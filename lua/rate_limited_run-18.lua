@@ -1,0 +1,35 @@
+--[[
+  rate_limited_run: the run's model answered with a rate or usage limit (fenced by run id).
+  The model cools down until max(its current cooldown end, ARGV[5]) -- a cooldown never
+  shrinks -- and the task returns to its board head at once without using an attempt, so
+  the next claim falls to the next model of its chain.
+
+  KEYS[1]  task (task:<id>)   HASH
+  KEYS[2..18] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
+           cfg_settings running inflight_model inflight_provider ready_chains ready_seq
+           idx_busy idx_paused idx_backoff refs in_review failed cancelled events errors
+           stats_failures stats_completed
+  Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue,
+  ready:<ck>, cooldown:<model>
+
+  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] task id  ARGV[4] run id
+  ARGV[5] cooldown end (ms)  ARGV[6] class: rate_limit | quota_reached  ARGV[7] message
+
+  Returns {0, model, cooldown_end_ms} | {1, detail} no such task | {2, detail} fenced
+]]
+local rcall = redis.call
+--- @include "core"
+
+local K = keys_from(RUN_END_KEYS, 2)
+local P, now, id, reason, message = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[6], ARGV[7]
+local t, code, detail = active_run(P, id, ARGV[4])
+if not t then return {code, detail} end
+
+local until_ms = cool_model(P, t.model, now, tonumber(ARGV[5]), reason, true)
+end_run(K, P, id, t, now, reason, message)
+rcall("HSET", task_key(P, id), "last_error", message, "last_error_reason", reason)
+record_error(K, now, reason, id, t, message)
+requeue(K, P, id, t, now, 0)
+emit(K, now, reason, {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
+                      "run_id", t.run_id, "until", int(until_ms), "message", message})
+return {0, t.model, until_ms}
