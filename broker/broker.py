@@ -18,10 +18,8 @@ import redis
 
 from .config import DEFAULT_CONFIG, Config, parse_config
 from .errors import (
-    ClawqError,
     ConfigError,
     InputError,
-    InvalidState,
     NothingToClaim,
     RedisUnavailable,
     SchemaMismatch,
@@ -31,7 +29,7 @@ from .errors import (
     UnknownChain,
     error_for,
 )
-from .keys import BOARD_RE, NAMESPACE_RE, Keys, chain_key, model_key
+from .keys import BOARD_RE, NAMESPACE_RE, Keys
 from .models import MAX_TEXT_BYTES, Claim, Completion, Outcome, Task, TaskStatus
 from .scripts import Scripts
 from .signals import MAX_RESET_SECONDS, SignalClass, parse_signal
@@ -194,7 +192,8 @@ class Broker:
         if task_id is not None and (isinstance(task_id, bool) or task_id < 1 or task_id >= 2**53):
             raise InputError(f"bad task id {task_id}: a positive integer below 2**53")
         args: list[str | int | float] = [
-            _ms(self.now()), "" if task_id is None else task_id, board, title, prompt, chain or "", model or ""
+            _ms(self.now()), "" if task_id is None else task_id, board, title, prompt,
+            chain or "", model or "",
         ]
         reply = self._call("add_task", args)
         status = Status(reply[0])
@@ -366,22 +365,23 @@ class Broker:
         if board is not None:
             _check_board(board)
         with _redis_errors(self._where):
-            ids = [int(x) for x in self.client.zrange(self.keys.tasks, 0, -1)]
+            ids = [int(_text(x)) for x in self.client.zrange(self.keys.tasks, 0, -1)]
             pipe = self.client.pipeline(transaction=False)
             for tid in ids:
                 pipe.hgetall(self.keys.task(tid))
             rows = pipe.execute()
         tasks = [_task_from(_texts(f), [], []) for f in rows if f]
         return [
-            t for t in tasks if (board is None or t.board == board) and (status is None or t.status is status)
+            t for t in tasks
+            if (board is None or t.board == board) and (status is None or t.status is status)
         ]
 
     def events(self, count: int = 100, after: str = "-") -> list[dict[str, Any]]:
         """Events oldest first, after stream id ``after`` (exclusive when given)."""
         start = after if after == "-" else f"({after}"
         with _redis_errors(self._where):
-            rows = self.client.xrange(self.keys.events, min=start, max="+", count=count)
-        return [_event(eid, fields) for eid, fields in rows]
+            rows: Any = self.client.xrange(self.keys.events, min=start, max="+", count=count)
+        return [_event(eid, fields) for eid, fields in rows or []]
 
     def wait_events(self, after: str, block_ms: int) -> list[dict[str, Any]]:
         """Block up to ``block_ms`` for events after stream id ``after`` ("$" = only new ones)."""
@@ -401,14 +401,14 @@ def root_cause(message: str, now: float) -> str:
     """The root cause of a failure message: timeout, overloaded, billing, pairing, or failed."""
     klass = parse_signal(message, now).klass
     if klass in (SignalClass.TIMEOUT, SignalClass.OVERLOADED, SignalClass.BILLING, SignalClass.PAIRING):
-        return klass.value
+        return str(klass.value)
     return "failed"
 
 
 def _client_url(client: redis.Redis) -> str:
     kw = client.connection_pool.connection_kwargs
     if "path" in kw:
-        return f"unix://{kw['path']}"
+        return f"unix://{_str(kw['path'])}"
     return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
@@ -437,6 +437,10 @@ def _check_run_id(run_id: str) -> None:
 
 def _text(value: Any) -> Any:
     return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _str(value: Any) -> str:
+    return str(_text(value))
 
 
 def _texts(fields: dict[Any, Any]) -> dict[str, str]:
@@ -477,13 +481,13 @@ def _event(eid: Any, fields: dict[Any, Any]) -> dict[str, Any]:
 
 
 def _xread_rows(reply: Any) -> list[tuple[Any, dict[Any, Any]]]:
+    """Rows of an XREAD reply, RESP2 (``[[stream, rows]]``) or RESP3 (``{stream: [rows]}``)."""
     if not reply:
         return []
-    if isinstance(reply, dict):  # RESP3
-        return [row for rows in reply.values() for row in (rows[0] if rows and isinstance(rows[0], list)
-                                                             and rows and not isinstance(rows[0], tuple)
-                                                             else rows)]
-    return [row for _, rows in reply for row in rows]
-
-
-_ = (ClawqError, InvalidState, chain_key, model_key)
+    groups = list(reply.values()) if isinstance(reply, dict) else [group[1] for group in reply]
+    rows: list[tuple[Any, dict[Any, Any]]] = []
+    for group in groups:
+        if group and isinstance(group[0], list):
+            group = group[0]
+        rows.extend(group)
+    return rows

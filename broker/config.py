@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -94,7 +94,7 @@ class NightModeConfig(_Section):
 
     def contains(self, ts: float) -> bool:
         """True when epoch second ``ts`` falls in the window (which may wrap midnight)."""
-        local = datetime.fromtimestamp(ts, tz=timezone.utc).astimezone(ZoneInfo(self.timezone))
+        local = datetime.fromtimestamp(ts, tz=UTC).astimezone(ZoneInfo(self.timezone))
         minute = local.hour * 60 + local.minute
         start, end = _minutes(self.start), _minutes(self.end)
         if start < end:
@@ -133,11 +133,11 @@ def _default_chains() -> dict[str, list[str]]:
 class Config(_Section):
     """The effective configuration; ``Config()`` is the seed default."""
 
-    queue: QueueConfig = Field(default_factory=QueueConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
-    night_mode: NightModeConfig | None = Field(default_factory=NightModeConfig)
-    followup: FollowupConfig = Field(default_factory=FollowupConfig)
+    queue: QueueConfig = QueueConfig()
+    limits: LimitsConfig = LimitsConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
+    night_mode: NightModeConfig | None = NightModeConfig()
+    followup: FollowupConfig = FollowupConfig()
     models: dict[str, str] = Field(default_factory=_default_models)
     chains: dict[str, list[str]] = Field(default_factory=_default_chains)
 
@@ -156,7 +156,9 @@ class Config(_Section):
                 raise ValueError(f"models.{model}: provider {provider!r} is not a valid name")
         for model in self.limits.model_max_inflight:
             if model not in self.models:
-                raise ValueError(f"limits.model_max_inflight.{model}: model {model!r} has no provider in models")
+                raise ValueError(
+                    f"limits.model_max_inflight.{model}: model {model!r} has no provider in models"
+                )
         for chain, members in self.chains.items():
             _check_chain(chain, members, self.models)
         return self

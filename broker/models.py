@@ -15,7 +15,7 @@ __all__ = ["Claim", "Completion", "Outcome", "Task", "TaskStatus"]
 MAX_TEXT_BYTES = 256 * 1024
 
 
-class TaskStatus(str, enum.Enum):
+class TaskStatus(enum.StrEnum):
     """Where a task is; it is always in exactly one of these places."""
 
     UP_NEXT = "up_next"  #: in its board's queue (maybe its head in failure backoff)

@@ -1,0 +1,413 @@
+"""``clawq``: the admin CLI, a thin click layer over :class:`broker.Broker`.
+
+Exit codes: 0 ok, 2 bad input, 3 nothing to claim, 4 run fenced, 1 anything else; errors are one line on
+stderr (and, with --json, a ``{"error": ...}`` document on stdout), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from broker import (
+    Broker,
+    ClawqError,
+    NothingToClaim,
+    Outcome,
+    TaskStatus,
+    load_config_file,
+)
+from broker.errors import InputError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+EXIT_BAD_INPUT = 2
+
+
+@dataclass
+class Ctx:
+    """What the group options resolved to; commands may override each."""
+
+    redis_url: str
+    namespace: str
+    as_json: bool = False
+    _broker: Broker | None = None
+
+    def broker(self) -> Broker:
+        if self._broker is None:
+            self._broker = Broker.from_url(self.redis_url, self.namespace)
+        return self._broker
+
+
+def _apply(ctx: click.Context, redis_url: str | None, namespace: str | None, as_json: bool) -> Ctx:
+    obj = ctx.find_object(Ctx)
+    assert obj is not None
+    if redis_url is not None:
+        obj.redis_url = redis_url
+    if namespace is not None:
+        obj.namespace = namespace
+    obj.as_json = obj.as_json or as_json
+    return obj
+
+
+def command_options(fn: F) -> F:
+    """Every command takes --redis-url, --namespace and --json (after the command name too)."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+    @click.option("--namespace", default=None, help="Queue namespace (env CLAWQ_NAMESPACE).")
+    @click.option("--redis-url", default=None, help="Redis URL (env CLAWQ_REDIS_URL).")
+    @functools.wraps(fn)
+    def wrapper(redis_url: str | None, namespace: str | None, as_json: bool, **kw: Any) -> Any:
+        return fn(_apply(click.get_current_context(), redis_url, namespace, as_json), **kw)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit(obj: Ctx, doc: Any, text: str) -> None:
+    """Print ``doc`` as JSON with --json, else the human line(s) ``text``."""
+    click.echo(json.dumps(doc, default=str) if obj.as_json else text)
+
+
+def _fail(as_json: bool, message: str, code: int, doc: dict[str, Any] | None = None) -> NoReturn:
+    if as_json:
+        click.echo(json.dumps(doc if doc is not None else {"error": message, "exit_code": code}))
+    click.echo(f"clawq: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--redis-url", envvar="CLAWQ_REDIS_URL", default=DEFAULT_REDIS_URL, show_default=True,
+              help="Redis URL (env CLAWQ_REDIS_URL).")
+@click.option("--namespace", envvar="CLAWQ_NAMESPACE", default="default", show_default=True,
+              help="Queue namespace (env CLAWQ_NAMESPACE).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.version_option(package_name="clawq")
+@click.pass_context
+def cli(ctx: click.Context, redis_url: str, namespace: str, as_json: bool) -> None:
+    """clawq: a Redis-native queue broker for boards of AI-agent tasks."""
+    ctx.obj = Ctx(redis_url=redis_url, namespace=namespace, as_json=as_json)
+
+
+TASK = click.argument("task_id", metavar="TASK", type=click.IntRange(min=1))
+RUN = click.argument("run_id", metavar="RUN_ID")
+
+
+# -- tasks ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--board", required=True, help="Board name: letters, digits, '.', '_', '-' (1-64).")
+@click.option("--chain", default=None, help="Fallback chain name (e.g. coding).")
+@click.option("--model", default=None, help="Pin the task to one model instead of a chain.")
+@click.option("--id", "task_id", type=click.IntRange(min=1), default=None, help="Use this task id.")
+@click.option("--prompt", default="", help="The agent prompt.")
+@click.argument("title")
+@command_options
+def add(obj: Ctx, board: str, chain: str | None, model: str | None, task_id: int | None, prompt: str,
+        title: str) -> None:
+    """Queue a task at its place (its task_id) on BOARD."""
+    tid = obj.broker().add(board, title, chain=chain, model=model, prompt=prompt, task_id=task_id)
+    emit(obj, {"task_id": tid, "board": board, "status": "up_next"}, f"added task {tid} to board {board}")
+
+
+@cli.command()
+@command_options
+def claim(obj: Ctx) -> None:
+    """Claim the next task that may run now (exit 3 when none can)."""
+    try:
+        c = obj.broker().claim()
+    except NothingToClaim as err:
+        _fail(obj.as_json, str(err), err.exit_code, {"claimed": False, "skip_reasons": err.skip_reasons})
+    doc = {"claimed": True, **c.model_dump(exclude={"lease_deadline"})}
+    emit(obj, doc, f"claimed task {c.task_id} on {c.board}: model {c.model} ({c.provider}), run {c.run_id}")
+
+
+@cli.command()
+@TASK
+@RUN
+@command_options
+def heartbeat(obj: Ctx, task_id: int, run_id: str) -> None:
+    """Extend the lease of run RUN_ID of TASK (exit 4 when fenced)."""
+    deadline = obj.broker().heartbeat(task_id, run_id)
+    emit(obj, {"task_id": task_id, "run_id": run_id, "lease_deadline": deadline},
+         f"lease of task {task_id} extended to {_when(deadline)}")
+
+
+@cli.command()
+@TASK
+@RUN
+@click.option("--follow-up", is_flag=True, help="The task needs another run (same task, same place).")
+@click.option("--next-prompt", default=None, help="The prompt of the follow-up run (required with it).")
+@click.option("--summary", default="", help="What the run did.")
+@command_options
+def complete(obj: Ctx, task_id: int, run_id: str, follow_up: bool, next_prompt: str | None,
+             summary: str) -> None:
+    """Record the outcome of run RUN_ID of TASK."""
+    try:
+        outcome = Outcome(needs_follow_up=follow_up, next_prompt=next_prompt, summary=summary)
+    except ValueError as err:
+        raise InputError(_first_error(err)) from None
+    done = obj.broker().complete(task_id, run_id, outcome)
+    doc = {"task_id": task_id, "status": done.status.value, "run_count": done.run_count}
+    if done.repeated:
+        doc["repeated"] = True
+    if done.note:
+        doc["note"] = done.note
+    emit(obj, doc, f"task {task_id} is {done.status.value} after {done.run_count} run(s)"
+         + (" (outcome already recorded)" if done.repeated else "") + (f"; {done.note}" if done.note else ""))
+
+
+@cli.command()
+@TASK
+@RUN
+@click.option("--reason", required=True, help="What went wrong.")
+@click.option("--no-retry", is_flag=True, help="Fail the task for good now.")
+@command_options
+def fail(obj: Ctx, task_id: int, run_id: str, reason: str, no_retry: bool) -> None:
+    """Record that run RUN_ID of TASK failed."""
+    status, attempts = obj.broker().fail(task_id, run_id, reason, retry=not no_retry)
+    emit(obj, {"task_id": task_id, "status": status.value, "attempts": attempts},
+         f"task {task_id} is {status.value} after {attempts} failed attempt(s)")
+
+
+@cli.command("rate-limited")
+@TASK
+@RUN
+@click.option("--retry-after", type=float, default=None, help="Seconds until the model may be used again.")
+@click.option("--message", default="", help="The provider's message; its reset time is parsed.")
+@command_options
+def rate_limited(obj: Ctx, task_id: int, run_id: str, retry_after: float | None, message: str) -> None:
+    """Record that run RUN_ID of TASK hit a rate or usage limit: its model cools down."""
+    model, until = obj.broker().rate_limited(task_id, run_id, retry_after=retry_after, message=message)
+    emit(obj, {"task_id": task_id, "status": "up_next", "model": model, "cooldown_until": until},
+         f"model {model} cools down until {_when(until)}; task {task_id} is back at its board head")
+
+
+@cli.command()
+@command_options
+def reap(obj: Ctx) -> None:
+    """Requeue every task whose lease expired."""
+    ids = obj.broker().reap()
+    emit(obj, {"requeued": ids}, f"requeued {len(ids)} task(s): {', '.join(map(str, ids)) or '-'}")
+
+
+@cli.command()
+@TASK
+@command_options
+def show(obj: Ctx, task_id: int) -> None:
+    """Show TASK with its context and run history."""
+    task = obj.broker().get_task(task_id)
+    doc = task.model_dump(mode="json")
+    lines = [f"task {task.task_id} [{task.status.value}] on {task.board}: {task.title}",
+             f"  chain {task.chain or '-'}  model {task.model or '-'}  runs {task.run_count}  "
+             f"attempts {task.attempts}"]
+    lines += [f"  run {r.get('run_id')} {r.get('model')} -> {r.get('outcome', 'running')}" for r in task.runs]
+    if task.last_error:
+        lines.append(f"  last error ({task.last_error_reason}): {task.last_error}")
+    emit(obj, doc, "\n".join(lines))
+
+
+@cli.command("ls")
+@click.option("--board", default=None, help="Only this board.")
+@click.option("--status", type=click.Choice([s.value for s in TaskStatus]), default=None)
+@command_options
+def ls_(obj: Ctx, board: str | None, status: str | None) -> None:
+    """List tasks (id order)."""
+    tasks = obj.broker().list_tasks(board=board, status=TaskStatus(status) if status else None)
+    doc = [t.model_dump(mode="json", exclude={"context", "runs", "prompt"}) for t in tasks]
+    text = "\n".join(f"{t.task_id:>6}  {t.status.value:<11}  {t.board:<16}  {t.title}" for t in tasks)
+    emit(obj, doc, text or "no tasks")
+
+
+@cli.command()
+@TASK
+@command_options
+def cancel(obj: Ctx, task_id: int) -> None:
+    """Cancel TASK wherever it is (a running run loses its lease)."""
+    was = obj.broker().cancel(task_id)
+    emit(obj, {"task_id": task_id, "status": "cancelled", "was": was.value}, f"task {task_id} cancelled")
+
+
+@cli.command()
+@click.argument("board")
+@command_options
+def pause(obj: Ctx, board: str) -> None:
+    """Stop claiming tasks of BOARD (a running task may finish)."""
+    obj.broker().pause(board)
+    emit(obj, {"board": board, "paused": True}, f"board {board} paused")
+
+
+@cli.command()
+@click.argument("board")
+@command_options
+def resume(obj: Ctx, board: str) -> None:
+    """Claim tasks of BOARD again."""
+    obj.broker().resume(board)
+    emit(obj, {"board": board, "paused": False}, f"board {board} resumed")
+
+
+# -- cooldowns -----------------------------------------------------------------------------------------
+@cli.group()
+def cooldown() -> None:
+    """Set, clear or list model cooldowns."""
+
+
+@cooldown.command("set")
+@click.argument("model")
+@click.argument("seconds", type=click.FloatRange(min=0))
+@command_options
+def cooldown_set(obj: Ctx, model: str, seconds: float) -> None:
+    """Cool MODEL for exactly SECONDS from now."""
+    until = obj.broker().set_cooldown(model, seconds)
+    emit(obj, {"model": model, "until": until}, f"model {model} cools down until {_when(until)}")
+
+
+@cooldown.command("clear")
+@click.argument("model")
+@command_options
+def cooldown_clear(obj: Ctx, model: str) -> None:
+    """End MODEL's cooldown now."""
+    obj.broker().clear_cooldown(model)
+    emit(obj, {"model": model, "until": None}, f"model {model} is not cooling down")
+
+
+@cooldown.command("ls")
+@command_options
+def cooldown_ls(obj: Ctx) -> None:
+    """Models cooling down now."""
+    cooling = obj.broker().cooldowns()
+    text = "\n".join(f"{m:<16} {c['remaining_s']:>9.1f}s  {c['reason']}" for m, c in cooling.items())
+    emit(obj, cooling, text or "no model is cooling down")
+
+
+# -- config --------------------------------------------------------------------------------------------
+@cli.group()
+def config() -> None:
+    """Load or show the namespace's configuration."""
+
+
+@config.command("load")
+@click.argument("path", type=click.Path(dir_okay=False))
+@command_options
+def config_load(obj: Ctx, path: str) -> None:
+    """Validate the YAML file PATH and make it the effective config."""
+    cfg = load_config_file(path)
+    version = obj.broker().load_config(cfg)
+    emit(obj, {"loaded": True, "version": version}, f"config version {version} loaded from {path}")
+
+
+@config.command("show")
+@command_options
+def config_show(obj: Ctx) -> None:
+    """Print the effective config (same structure as the YAML)."""
+    cfg = obj.broker().config()
+    doc = cfg.model_dump(mode="json")
+    emit(obj, doc, _yaml(doc))
+
+
+def _yaml(doc: Any) -> str:
+    import yaml
+
+    return str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)).rstrip()
+
+
+# -- watching ------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
+@click.option("--count", "-n", type=click.IntRange(min=1, max=10000), default=50,
+              help="How many past events.")
+@command_options
+def events(obj: Ctx, follow: bool, count: int) -> None:
+    """Print recent events (one JSON line each with --json), and new ones with --follow."""
+    b = obj.broker()
+    rows = b.events(count=count, after="-") if not follow else []
+    if not follow:
+        rows = _last(b, count)
+        if obj.as_json:
+            click.echo(json.dumps(rows))
+            return
+    for row in rows:
+        _print_event(obj, row)
+    last = "$"
+    while follow:
+        for row in b.wait_events(last, block_ms=5000):
+            _print_event(obj, row)
+            last = row["id"]
+
+
+def _last(b: Broker, count: int) -> list[dict[str, Any]]:
+    with_ids: Any = b.client.xrevrange(b.keys.events, count=count)
+    ids = [r[0] for r in with_ids or []]
+    return b.events(count=count, after=_prev_id(ids[-1])) if ids else []
+
+
+def _prev_id(eid: Any) -> str:
+    ms, _, seq = str(eid.decode() if isinstance(eid, bytes) else eid).partition("-")
+    return f"{ms}-{int(seq) - 1}" if int(seq) > 0 else f"{int(ms) - 1}-18446744073709551615"
+
+
+def _print_event(obj: Ctx, row: dict[str, Any]) -> None:
+    if obj.as_json:
+        click.echo(json.dumps(row))
+        return
+    extras = " ".join(f"{k}={v}" for k, v in row.items() if k not in ("id", "type", "at"))
+    click.echo(f"{_when(row['at'])}  {row['type']:<14} {extras}")
+
+
+@cli.command()
+@command_options
+def health(obj: Ctx) -> None:
+    """Queue depth, in-progress and throughput per board; inflight, caps and cooldowns per model."""
+    doc = obj.broker().health()
+    g = doc["global"]
+    lines = [f"{'night' if g['night'] else 'day'}: {g['in_progress']}/{g['max_concurrent']} in progress"]
+    for name, bd in doc["boards"].items():
+        lines.append(f"  board {name:<16} queued {bd['queue_depth']:>4}  running {bd['in_progress']}  "
+                     f"done/h {bd['completed_last_hour']:>3}  {bd['state']}")
+    for name, m in doc["models"].items():
+        cool = f"  cooling {m['cooldown_remaining_s']:.0f}s" if m["cooldown_remaining_s"] else ""
+        lines.append(f"  model {name:<16} {m['inflight']}/{m['cap'] if m['cap'] is not None else '-'}"
+                     f"  failures {m['failures']}{cool}")
+    for e in doc["recent_errors"][:5]:
+        lines.append(f"  error {e['reason']:<13} task {e['task_id']} ({e['board']}, {e['model']}): "
+                     f"{e['message']}")
+    emit(obj, doc, "\n".join(lines))
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _first_error(err: ValueError) -> str:
+    text = str(err).splitlines()
+    detail = [ln.strip() for ln in text[1:] if ln.strip() and not ln.strip().startswith("For further")]
+    return (detail[-1] if detail else text[0]).removeprefix("Value error, ")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning every error into one line and its exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    try:
+        code = cli.main(args=args, prog_name="clawq", standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail(as_json, "aborted", 1)
+    except click.ClickException as err:
+        _fail(as_json, err.format_message().replace("\n", " "), EXIT_BAD_INPUT)
+    except ClawqError as err:
+        _fail(as_json, str(err), err.exit_code)
+    except KeyboardInterrupt:
+        _fail(as_json, "interrupted", 130)
+    except Exception as err:  # a bug: still one line, never a traceback
+        _fail(as_json, f"internal error: {type(err).__name__}: {' '.join(str(err).split())}", 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
