@@ -44,10 +44,10 @@ class ScriptSpec:
 
 
 def _lua_dir() -> Path:
-    try:
-        return Path(str(importlib.resources.files("broker.lua")))
-    except ModuleNotFoundError:  # running from a source checkout: lua/ sits beside broker/
-        return Path(__file__).resolve().parent.parent / "lua"
+    installed = Path(str(importlib.resources.files("broker"))) / "lua"  # package data: broker/lua/
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "lua"  # a source checkout: lua/ beside broker/
 
 
 def _run_end_keys(core: str) -> list[str]:

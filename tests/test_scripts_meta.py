@@ -1,0 +1,107 @@
+"""Static checks of the Lua scripts: headers, key names, Redis 6.2 compatibility, package data."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from broker.keys import Keys
+from broker.scripts import _lua_dir, load_specs
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = sorted((ROOT / "lua").glob("*.lua"))
+CORE = (ROOT / "lua" / "lib" / "core.lua").read_text()
+
+
+def test_every_script_file_is_loaded() -> None:
+    names = {re.sub(r"-\d+$", "", p.stem) for p in LUA}
+    assert names == set(load_specs())
+    assert len(names) >= 11
+
+
+@pytest.mark.parametrize("path", LUA, ids=lambda p: p.name)
+def test_header_and_body(path: Path) -> None:
+    text = path.read_text()
+    header, body = text.split("]]", 1)
+    assert header.startswith("--[[\n  " + re.sub(r"-\d+$", "", path.stem) + ": ")
+    assert "ARGV[1]" in header and "Returns" in header
+    assert body.lstrip().startswith("local rcall = redis.call")
+
+
+@pytest.mark.parametrize("path", LUA, ids=lambda p: p.name)
+def test_no_scans_no_functions_no_7_0_commands(path: Path) -> None:
+    code = path.read_text() + CORE
+    for banned in ('"KEYS"', '"SCAN"', '"FUNCTION"', '"FCALL"', '"ZINTERCARD"', '"LMPOP"', '"SINTERCARD"',
+                   '"EXPIRETIME"', '"OBJECT"'):
+        assert banned not in code.upper(), banned
+
+
+def test_key_names_in_headers_exist_in_keys_module() -> None:
+    keys = Keys("x")
+    for spec in load_specs().values():
+        for name in spec.key_names:
+            assert hasattr(keys, name), (spec.name, name)
+
+
+def test_lua_key_builders_agree_with_keys_module() -> None:
+    keys = Keys("ns")
+    builders = dict(re.findall(r'local function (\w+)_key\(P, \w+\) return P \.\. (.+?) end', CORE))
+    expected = {
+        "board": keys.board("B"), "queue": keys.queue("B"), "done": keys.done("B"), "task": keys.task(7),
+        "runs": keys.runs(7), "context": keys.context(7), "lease": keys.lease(7),
+        "ready": keys.ready("c:x"), "cooldown": keys.cooldown("B"),
+    }
+    assert set(builders) == set(expected)
+    for name, expr in builders.items():
+        arg = "7" if name in ("task", "runs", "context", "lease") else ("c:x" if name == "ready" else "B")
+        parts = [p.strip() for p in expr.split("..")]
+        built = keys.prefix + "".join(arg if not p.startswith('"') else p.strip('"') for p in parts)
+        assert built == expected[name], name
+
+
+def test_run_end_key_ranges_match_core() -> None:
+    names = re.search(r"local RUN_END_KEYS = \{([^}]*)\}", CORE)
+    assert names is not None
+    run_end = re.findall(r'"(\w+)"', names.group(1))
+    for spec in load_specs().values():
+        if "keys_from(RUN_END_KEYS" in spec.source:
+            assert list(spec.key_names[-len(run_end):]) == run_end, spec.name
+
+
+def test_lua_dir_is_the_source_tree_or_package_data() -> None:
+    assert (_lua_dir() / "claim_task-16.lua").exists()
+
+
+@pytest.mark.slow
+def test_scripts_load_from_an_installed_copy(tmp_path: Path, redis_url: str) -> None:
+    """`pip install .` (not editable) ships the Lua files as package data; every script loads from there."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet",
+         "--target", str(target), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )
+    probe = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(target)!r})
+        import redis, broker, broker.scripts as s
+        assert broker.__file__.startswith({str(target)!r}), broker.__file__
+        assert str(s._lua_dir()).startswith({str(target)!r}), s._lua_dir()
+        specs = s.load_specs()
+        client = redis.Redis.from_url({redis_url!r})
+        for spec in specs.values():
+            client.script_load(spec.source)
+        b = broker.Broker(client, "installed")
+        b.connect()
+        b.add("web", "t", chain="coding")
+        print(len(specs), b.claim().task_id)
+    """)
+    out = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(len(load_specs())), "1"]
