@@ -59,7 +59,7 @@ local due = rcall("ZRANGEBYSCORE", K.idx_backoff, "-inf", now, "LIMIT", 0, 100)
 for _, b in ipairs(due) do reindex_board(K, P, b, now) end
 
 -- Why a model cannot take a task now, or nil when it can (with its provider).
-local function blocked(model)
+local function check_model(model)
   local provider = rcall("HGET", K.cfg_model_provider, model)
   if not provider then return "model_quota_reached", nil end
   if cooling(P, model, now) then return "model_rate_limited", nil end
@@ -70,6 +70,18 @@ local function blocked(model)
     return "provider_quota_reached", nil
   end
   return nil, provider
+end
+
+-- The same model often appears in several lines: look it up once per claim.
+local checked = {}
+local function blocked(model)
+  local c = checked[model]
+  if not c then
+    local reason, provider = check_model(model)
+    c = {reason, provider}
+    checked[model] = c
+  end
+  return c[1], c[2]
 end
 
 local function chain_models(ck)
