@@ -252,7 +252,8 @@ class Broker:
         repeated = Status(reply[0]) is Status.REPEATED
         note = "" if repeated else str(reply[3])
         return Completion(
-            task_id=task_id, status=TaskStatus(reply[1]), run_count=int(reply[2]), repeated=repeated, note=note
+            task_id=task_id, status=TaskStatus(reply[1]), run_count=int(reply[2]), repeated=repeated,
+            note=note,
         )
 
     def fail(self, task_id: int, run_id: str, reason: str, *, retry: bool = True) -> tuple[TaskStatus, int]:

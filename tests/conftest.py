@@ -23,8 +23,9 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from broker import Broker
 from redis_servers import RedisServer, redis_binaries
+
+from broker import Broker
 
 REDIS_BINARIES: dict[str, str] = redis_binaries()
 

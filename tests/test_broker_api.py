@@ -1,0 +1,124 @@
+"""The Broker API above the scripts: connect, schema, health, events, signal-driven reports."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from conftest import FakeClock
+
+from broker import Broker, Outcome, SchemaMismatch, TaskStatus, parse_config
+
+
+def test_connect_writes_schema_and_seed_config(broker: Broker) -> None:
+    assert broker.client.hget(broker.keys.meta, "schema_version") == "1"
+    assert broker.config().queue.global_max_concurrent == 6
+    assert broker.client.exists(broker.keys.config) == 1
+
+
+def test_schema_mismatch_is_refused(broker: Broker, redis_url: str) -> None:
+    broker.client.hset(broker.keys.meta, "schema_version", "99")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with pytest.raises(SchemaMismatch, match="schema version 99"):
+            Broker(client, broker.namespace).connect()
+    finally:
+        client.close()
+
+
+def test_namespaces_are_isolated(broker: Broker, redis_url: str, clock: FakeClock) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        other = Broker(client, broker.namespace + "x", clock=clock)
+        other.connect()
+        broker.add("web", "mine", chain="coding")
+        assert other.list_tasks() == []
+        assert all(k.startswith(f"clawq:{{{broker.namespace}}}:") for k in client.keys("*")
+                   if broker.namespace + "x" not in k)
+    finally:
+        client.close()
+
+
+def test_rate_limited_message_sets_cooldown_from_parsed_reset(broker: Broker, clock: FakeClock) -> None:
+    tid = broker.add("web", "t", chain="coding")
+    c = broker.claim()
+    model, until = broker.rate_limited(tid, c.run_id, message="Rate limit reached. Try again in 5 minutes.")
+    assert model == "codex"
+    assert until == pytest.approx(clock() + 300, abs=0.01)
+    assert broker.cooldowns()["codex"]["reason"] == "rate_limit"
+    assert broker.claim().model == "sonnet"
+
+
+def test_rate_limited_without_time_uses_default_cooldown(broker: Broker, clock: FakeClock) -> None:
+    tid = broker.add("web", "t", chain="coding")
+    c = broker.claim()
+    _, until = broker.rate_limited(tid, c.run_id, message="429 Too Many Requests")
+    assert until == pytest.approx(clock() + 600, abs=0.01)
+
+
+def test_usage_limit_is_quota_reached_event(broker: Broker, clock: FakeClock) -> None:
+    tid = broker.add("web", "t", chain="coding")
+    c = broker.claim()
+    broker.rate_limited(tid, c.run_id, message='{"error": {"type": "usage_limit_reached", '
+                                               f'"resets_at": {int(clock()) + 3600}}}}}')
+    types = [e["type"] for e in broker.events(100)]
+    assert types[-1] == "quota_reached"
+    assert broker.health()["recent_errors"][0]["reason"] == "quota_reached"
+
+
+def test_fail_root_cause_is_classified(broker: Broker) -> None:
+    tid = broker.add("web", "t", chain="coding")
+    c = broker.claim()
+    broker.fail(tid, c.run_id, "agent timed out after 60 minutes")
+    err = broker.health()["recent_errors"][0]
+    assert (err["reason"], err["task_id"], err["board"], err["model"]) == ("timeout", tid, "web", "codex")
+
+
+def test_health_document(broker: Broker, clock: FakeClock) -> None:
+    broker.load_config(parse_config({"night_mode": None}))
+    a = broker.add("web", "a", chain="coding")
+    broker.add("web", "b", chain="coding")
+    broker.add("api", "c", model="opus")
+    c = broker.claim()
+    assert c.task_id == a
+    broker.complete(a, c.run_id, Outcome(summary="ok"))
+    clock.advance(30)
+    h = broker.health()
+    assert h["global"] == {"max_concurrent": 6, "in_progress": 0, "night": False}
+    assert h["boards"]["web"]["queue_depth"] == 1
+    assert h["boards"]["web"]["completed_last_hour"] == 1
+    assert h["boards"]["api"]["oldest_waiting_s"] == pytest.approx(30, abs=0.1)
+    assert h["models"]["codex"] == {"provider": "openai", "inflight": 0, "cap": 2,
+                                    "cooldown_remaining_s": 0.0, "failures": 0}
+    assert h["providers"]["anthropic"] == {"inflight": 0, "cap": 3}
+    c2 = broker.claim()
+    h = broker.health()
+    assert h["global"]["in_progress"] == 1
+    assert h["models"][c2.model]["inflight"] == 1
+    assert h["boards"][c2.board]["in_progress"] == 1
+
+
+def test_events_are_typed_and_ordered(broker: Broker) -> None:
+    tid = broker.add("web", "a", chain="coding")
+    c = broker.claim()
+    broker.complete(tid, c.run_id, Outcome(needs_follow_up=True, next_prompt="more", summary="s"))
+    c = broker.claim()
+    broker.complete(tid, c.run_id, Outcome(summary="done"))
+    evs = [e for e in broker.events(100) if e.get("task_id") == tid]
+    assert [e["type"] for e in evs] == ["added", "claimed", "follow_up", "claimed", "completed"]
+    assert evs[-1]["run_id"] == c.run_id and evs[-1]["model"] == "codex"
+    after = broker.events(100, after=evs[2]["id"])
+    assert [e["type"] for e in after] == ["claimed", "completed"]
+
+
+def test_task_record_has_context_and_history(broker: Broker) -> None:
+    tid = broker.add("web", "a", chain="coding", prompt="do it")
+    c1 = broker.claim()
+    broker.complete(tid, c1.run_id, Outcome(needs_follow_up=True, next_prompt="next", summary="first",
+                                            achieved=["x"]))
+    c2 = broker.claim()
+    task = broker.get_task(tid)
+    assert task.status is TaskStatus.IN_PROGRESS and task.run_id == c2.run_id
+    assert task.context[0]["next_prompt"] == "next" and task.context[0]["achieved"] == ["x"]
+    assert [r["run_id"] for r in task.runs] == [c1.run_id, c2.run_id]
+    assert task.runs[0]["outcome"] == "follow_up" and "ended_at" in task.runs[0]
+    assert "outcome" not in task.runs[1]
