@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -378,6 +381,64 @@ def health(obj: Ctx) -> None:
         lines.append(f"  error {e['reason']:<13} task {e['task_id']} ({e['board']}, {e['model']}): "
                      f"{e['message']}")
     emit(obj, doc, "\n".join(lines))
+
+
+# -- running -------------------------------------------------------------------------------------------
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="One pass (reap, claim, enqueue), print it, exit.")
+@click.option("--rq-redis-url", envvar="CLAWQ_RQ_REDIS_URL", default=None,
+              help="Redis for RQ's queue, if not clawq's own (env CLAWQ_RQ_REDIS_URL).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              default="INFO", show_default=True)
+@command_options
+def dispatch(obj: Ctx, once: bool, rq_redis_url: str | None, log_level: str) -> None:
+    """Claim tasks the moment they may run and hand each to an RQ worker (until SIGTERM)."""
+    import redis
+
+    from workers.dispatcher import Dispatcher
+    from workers.rq_glue import rq_enqueuer
+
+    _setup_logging(log_level)
+    b = obj.broker()
+    rq_conn = redis.Redis.from_url(rq_redis_url or obj.redis_url)
+    d = Dispatcher(b, rq_enqueuer(b, rq_conn))
+    if once:
+        requeued_and_claimed = d.step()
+        emit(obj, {"claimed": requeued_and_claimed, "skip_reasons": d.last_skips},
+             f"claimed {requeued_and_claimed} task(s)")
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("clawq.dispatch").info("dispatching namespace %s", b.namespace)
+    d.run(stop)
+
+
+@cli.command()
+@click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
+@click.option("--name", default=None, help="Worker name (RQ).")
+@click.option("--with-scheduler", is_flag=True, help="Also run RQ's scheduler.")
+@click.option("--simple", is_flag=True, help="Run jobs in the worker process (no fork per job).")
+@click.option("--queue", default=None, help="RQ queue (default: agent.queue from the config).")
+@click.option("--rq-redis-url", envvar="CLAWQ_RQ_REDIS_URL", default=None,
+              help="Redis for RQ's queue, if not clawq's own (env CLAWQ_RQ_REDIS_URL).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              default="INFO", show_default=True)
+@command_options
+def worker(obj: Ctx, burst: bool, name: str | None, with_scheduler: bool, simple: bool, queue: str | None,
+           rq_redis_url: str | None, log_level: str) -> None:
+    """Run an RQ worker that runs agents for claimed tasks (heartbeats, outcome, report)."""
+    from workers.rq_glue import run_worker
+
+    _setup_logging(log_level)
+    queue_name = queue or obj.broker().config().agent.queue
+    run_worker(obj.redis_url, queue_name, rq_url=rq_redis_url, burst=burst, name=name,
+               with_scheduler=with_scheduler, simple=simple)
 
 
 def _when(ts: float) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from .agent_output import AgentResult, Done, RateLimited
 from .config import DEFAULT_CONFIG, Config, parse_config
 from .errors import (
     ConfigError,
@@ -41,6 +42,8 @@ SCHEMA_VERSION = 1
 #: Leases the reaper handles per script call (it loops until none is left).
 REAP_BATCH = 500
 _MAX_TITLE = 1024
+#: Root causes that give the run back without using an attempt: the agent runtime, not the task, failed.
+RELEASE_CAUSES = frozenset({"pairing", "agent_unreachable"})
 
 
 def redact_url(url: str) -> str:
@@ -256,10 +259,15 @@ class Broker:
             note=note,
         )
 
-    def fail(self, task_id: int, run_id: str, reason: str, *, retry: bool = True) -> tuple[TaskStatus, int]:
-        """Record a failed run; returns the task's status and attempts afterwards."""
+    def fail(
+        self, task_id: int, run_id: str, reason: str, *, retry: bool = True, cause: str | None = None
+    ) -> tuple[TaskStatus, int]:
+        """Record a failed run; returns the task's status and attempts afterwards.
+
+        ``cause`` is the root cause (timeout, overloaded, …); by default it is read from ``reason``.
+        """
         _check_text("reason", reason, MAX_TEXT_BYTES, required=True)
-        cause = root_cause(reason, self.now())
+        cause = cause or root_cause(reason, self.now())
         reply = self._run_call("fail_run", task_id, run_id, [cause, reason, int(retry)])
         return TaskStatus(reply[1]), int(reply[2])
 
@@ -270,10 +278,13 @@ class Broker:
         *,
         retry_after: float | None = None,
         message: str = "",
+        reset_at: float | None = None,
+        quota: bool | None = None,
     ) -> tuple[str, float]:
         """The run hit a rate/usage limit: cool its model, return the task to its head.
 
-        Returns the model and the end of its cooldown (epoch seconds).
+        The cooldown ends after ``retry_after`` seconds, else at ``reset_at``, else at the reset parsed
+        from ``message``, else after rate_limit_cooldown_minutes. Returns the model and the cooldown end.
         """
         now = self.now()
         _check_text("message", message, MAX_TEXT_BYTES)
@@ -282,14 +293,38 @@ class Broker:
             if not math.isfinite(retry_after) or retry_after <= 0 or retry_after > MAX_RESET_SECONDS:
                 raise InputError(f"bad retry-after {retry_after}: seconds in (0, {MAX_RESET_SECONDS}]")
             until = now + retry_after
+        elif reset_at is not None and now < reset_at <= now + MAX_RESET_SECONDS:
+            until = reset_at
         elif signal is not None and signal.reset_at is not None:
             until = signal.reset_at
         else:
             until = now + self.config().watchdog.rate_limit_cooldown_minutes * 60
-        klass = "quota_reached" if signal and signal.klass is SignalClass.QUOTA_REACHED else "rate_limit"
+        if quota is None:
+            quota = signal is not None and signal.klass is SignalClass.QUOTA_REACHED
+        klass = "quota_reached" if quota else "rate_limit"
         text = message or f"rate limited for {until - now:.0f}s"
         reply = self._run_call("rate_limited_run", task_id, run_id, [_ms(until), klass, text])
         return str(reply[1]), int(reply[2]) / 1000
+
+    def report(self, task_id: int, run_id: str, result: AgentResult) -> str:
+        """Apply what an agent run produced; returns the event it became (completed, follow_up, …)."""
+        if isinstance(result, Done):
+            done = self.complete(task_id, run_id, result.outcome)
+            return "follow_up" if done.status is TaskStatus.UP_NEXT else "completed"
+        if isinstance(result, RateLimited):
+            _, _ = self.rate_limited(task_id, run_id, retry_after=result.retry_after, message=result.message,
+                                     reset_at=result.reset_at, quota=result.quota)
+            return "quota_reached" if result.quota else "rate_limit"
+        if result.cause in RELEASE_CAUSES:
+            self.release(task_id, run_id, result.cause, result.error)
+            return "released"
+        self.fail(task_id, run_id, result.error, cause=result.cause)
+        return result.cause
+
+    def release(self, task_id: int, run_id: str, reason: str = "released", message: str = "") -> None:
+        """Give a claimed run back without using an attempt: the task is the board head again at once."""
+        _check_text("message", message, MAX_TEXT_BYTES)
+        self._run_call("release_run", task_id, run_id, [reason, message])
 
     def reap(self) -> list[int]:
         """Requeue every task whose lease deadline passed; returns their ids."""
@@ -356,10 +391,16 @@ class Broker:
             pipe.hgetall(self.keys.task(task_id))
             pipe.lrange(self.keys.context(task_id), 0, -1)
             pipe.lrange(self.keys.runs(task_id), 0, -1)
-            fields, context, runs = pipe.execute()
+            pipe.hgetall(self.keys.run_log(task_id))
+            fields, context, runs, logs = pipe.execute()
         if not fields:
             raise TaskNotFound(task_id)
-        return _task_from(_texts(fields), context, runs)
+        task = _task_from(_texts(fields), context, runs)
+        for run in task.runs:
+            log = _texts(logs).get(str(run.get("run_id")))
+            if log:
+                run["log"] = log
+        return task
 
     def list_tasks(self, *, board: str | None = None, status: TaskStatus | None = None) -> list[Task]:
         """Tasks in id order, optionally of one board and/or one status."""
@@ -390,6 +431,38 @@ class Broker:
             reply = self.client.xread({self.keys.events: after}, block=block_ms, count=100)
         rows = _xread_rows(reply)
         return [_event(eid, fields) for eid, fields in rows]
+
+    def save_run_log(self, task_id: int, run_id: str, lines: list[str], limit_bytes: int) -> None:
+        """Keep the tail of a run's agent log beside its history (``show`` merges it in)."""
+        text = "\n".join(lines)
+        encoded = text.encode("utf-8")
+        if len(encoded) > limit_bytes:
+            text = "…" + encoded[-limit_bytes:].decode("utf-8", "ignore")
+        if text:
+            with _redis_errors(self._where):
+                self.client.hset(self.keys.run_log(task_id), run_id, text)
+
+    def trip_agent_gate(self, seconds: float, reason: str) -> None:
+        """Hold claims for ``seconds``: the agent runtime is down or refuses this client."""
+        with _redis_errors(self._where):
+            self.client.set(self.keys.agent_gate, reason[:500], px=max(1, _ms(seconds)))
+
+    def agent_gate(self) -> str | None:
+        """Why claims are held (the agent runtime is down), or None."""
+        with _redis_errors(self._where):
+            value = self.client.get(self.keys.agent_gate)
+        return None if value is None else _str(value)
+
+    def next_deadline(self) -> float | None:
+        """The nearest time something becomes due: a lease deadline, a backoff end or a cooldown end."""
+        with _redis_errors(self._where):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrange(self.keys.running, 0, 0, withscores=True)
+            pipe.zrange(self.keys.idx_backoff, 0, 0, withscores=True)
+            lease, backoff = pipe.execute()
+        times = [float(score) / 1000 for rows in (lease, backoff) for _, score in rows]
+        times += [c["until"] for c in self.cooldowns().values()]
+        return min(times) if times else None
 
     def health(self) -> dict[str, Any]:
         from .health import collect_health

@@ -111,6 +111,59 @@ class FollowupConfig(_Section):
     max_runs: int = Field(5, ge=1)  #: a follow-up asked after this many runs goes to in_review instead
 
 
+class SimulatedAgentConfig(_Section):
+    """The deterministic fake agent (``agent.runner: simulated``): seeded durations and faults."""
+
+    seed: int = 42
+    speed: float = Field(60.0, gt=0)  #: simulated minutes per real second
+    min_minutes: float = Field(2.0, ge=0)
+    max_minutes: float = Field(20.0, ge=0)
+    follow_up_rate: float = Field(0.25, ge=0, le=1)  #: share of first runs that ask for a follow-up
+    fail_rate: float = Field(0.05, ge=0, le=1)
+    rate_limit_rate: float = Field(0.08, ge=0, le=1)
+    stall_rate: float = Field(0.0, ge=0, le=1)  #: runs whose heartbeats stop (the agent hangs)
+
+
+class AgentConfig(_Section):
+    """How workers run an agent for a claimed task."""
+
+    runner: Literal["command", "python", "simulated"] = "command"
+    command: list[str] = Field(default_factory=list)  #: argv, run without a shell
+    callable: str | None = None  #: "module:function" for runner python
+    timeout_minutes: float = Field(60.0, gt=0)  #: a run is killed and fails with root cause timeout
+    health_url: str | None = None  #: GET it (2xx within 3 s) before claiming
+    queue: str = "clawq-agents"  #: the RQ queue agent jobs go to
+    log_tail_bytes: int = Field(4096, ge=0)  #: agent output kept in the run history
+    simulated: SimulatedAgentConfig = SimulatedAgentConfig()
+
+    @model_validator(mode="after")
+    def _runner_needs(self) -> AgentConfig:
+        if self.runner == "python" and (not self.callable or ":" not in self.callable):
+            raise ValueError(f"agent.callable must be 'module:function' for runner python, got {self.callable!r}")
+        if not BOARD_RE.match(self.queue):
+            raise ValueError(f"agent.queue {self.queue!r} is not a valid name")
+        return self
+
+
+class TelegramConfig(_Section):
+    """Telegram Bot API notifier; the token is read from the environment, never stored."""
+
+    chat_id: str | None = None  #: or env CLAWQ_TELEGRAM_CHAT_ID
+    token_env: str = "CLAWQ_TELEGRAM_BOT_TOKEN"  #: name of the env var holding the bot token
+    api_base: str = "https://api.telegram.org"
+
+
+class WebhookConfig(_Section):
+    url: str  #: POSTed a JSON document per notification
+
+
+class NotifyConfig(_Section):
+    summary_interval_minutes: float = Field(10.0, gt=0)
+    log: bool = True  #: write notifications to the dispatcher's log
+    telegram: TelegramConfig | None = None
+    webhook: WebhookConfig | None = None
+
+
 def _default_models() -> dict[str, str]:
     return {
         "opus": "anthropic",
@@ -138,6 +191,8 @@ class Config(_Section):
     watchdog: WatchdogConfig = WatchdogConfig()
     night_mode: NightModeConfig | None = NightModeConfig()
     followup: FollowupConfig = FollowupConfig()
+    agent: AgentConfig = AgentConfig()
+    notify: NotifyConfig = NotifyConfig()
     models: dict[str, str] = Field(default_factory=_default_models)
     chains: dict[str, list[str]] = Field(default_factory=_default_chains)
 

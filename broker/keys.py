@@ -187,6 +187,25 @@ class Keys:
         """HASH: board -> outcomes recorded."""
         return self._k("stats", "completed")
 
+    @property
+    def agent_gate(self) -> str:
+        """STRING with TTL: set while the agent runtime is known to be down (no claims meanwhile)."""
+        return self._k("gate", "agent")
+
+    @property
+    def summary_lock(self) -> str:
+        """STRING with TTL: taken by the dispatcher that sends this interval's summary."""
+        return self._k("lock", "summary")
+
+    def notified(self, event_id: str) -> str:
+        """STRING with TTL: this event's alert was sent (one per event across dispatchers)."""
+        return self._k("notified", event_id)
+
+    @property
+    def wake(self) -> str:
+        """LIST: nudges for the dispatchers (a worker freed a slot, an operator asked)."""
+        return self._k("wake")
+
     # -- per-board keys ------------------------------------------------------------------------------
     def board(self, board: str) -> str:
         """HASH: running (task id), paused, ck (ready line it sits in), state (index it sits in)."""
@@ -212,6 +231,10 @@ class Keys:
     def context(self, task_id: int) -> str:
         """LIST: accumulated follow-up prompts and summaries, JSON entries, oldest first."""
         return self._k("task", task_id, "context")
+
+    def run_log(self, task_id: int) -> str:
+        """HASH: run id -> the tail of that run's agent log."""
+        return self._k("task", task_id, "log")
 
     def lease(self, task_id: int) -> str:
         """STRING with TTL: the active run id while its lease is fresh (readable with PTTL)."""

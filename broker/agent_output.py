@@ -1,0 +1,170 @@
+"""What an agent run produced, read from its output: done, rate limited, or failed.
+
+The agent protocol: the **last non-empty stdout line** is the outcome JSON; the lines before it are the
+agent's log. Accepted outcomes:
+
+- ``{"status": "done", "needs_follow_up": false, "summary": "…"}`` (and ``true`` with ``next_prompt``);
+- ``{"status": "rate_limited", "retry_after_seconds": 30, "message": "…"}`` (or only a message to parse);
+- ``{"status": "failed", "error": "…"}``;
+- ClawTrol's outcome payload v1: ``{"version": "1", "task_id", "run_id", "needs_follow_up",
+  "recommended_action": "in_review" | "requeue_same_task", "next_prompt", "summary", …}``.
+
+A non-zero exit, or no outcome line, is a failure whose error is the stderr tail, classified by
+:mod:`broker.signals` (a usage-limit or 429 text becomes a rate limit with its parsed reset).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from .models import Outcome
+from .signals import MAX_RESET_SECONDS, SignalClass, parse_signal
+
+__all__ = ["AgentResult", "Done", "Failed", "RateLimited", "parse_agent_output", "result_from_doc"]
+
+#: The outcome line is looked for in the last this-many bytes of stdout.
+MAX_OUTCOME_BYTES = 1024 * 1024
+_TAIL = 2000
+
+
+@dataclass(frozen=True)
+class Done:
+    """The run finished with an outcome (follow-up or not)."""
+
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class RateLimited:
+    """The model answered with a rate or usage limit."""
+
+    message: str
+    retry_after: float | None = None  #: seconds, when the agent said so
+    reset_at: float | None = None  #: epoch seconds, when parsed from the message
+    quota: bool = False  #: a usage/quota limit rather than a rate limit
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The run failed; ``cause`` is its root cause (failed, timeout, pairing, overloaded, billing…)."""
+
+    error: str
+    cause: str = "failed"
+
+
+AgentResult = Done | RateLimited | Failed
+
+
+def tail(text: str, limit: int = _TAIL) -> str:
+    """The end of ``text``, at most ``limit`` characters, marked when cut."""
+    text = text.strip()
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def _last_line(stdout: str) -> str:
+    for line in reversed(stdout[-MAX_OUTCOME_BYTES:].splitlines()):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _as_doc(line: str) -> dict[str, Any] | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def classify_text(text: str, now: float) -> AgentResult:
+    """A failure text (stderr tail, error message): a rate limit, or a failure with its root cause."""
+    signal = parse_signal(text, now)
+    if signal.klass in (SignalClass.RATE_LIMIT, SignalClass.QUOTA_REACHED):
+        return RateLimited(message=tail(text), reset_at=signal.reset_at,
+                           quota=signal.klass is SignalClass.QUOTA_REACHED)
+    cause = signal.klass.value if signal.klass is not SignalClass.OTHER else "failed"
+    return Failed(error=tail(text) or "agent failed without a message", cause=str(cause))
+
+
+def _bad(reason: str) -> Failed:
+    return Failed(error=f"bad agent output: {reason}", cause="bad_output")
+
+
+def _outcome(fields: dict[str, Any]) -> AgentResult:
+    keep = ("needs_follow_up", "next_prompt", "summary", "achieved", "evidence", "remaining", "model_used")
+    try:
+        return Done(Outcome.model_validate({k: fields[k] for k in keep if k in fields and fields[k] is not None}))
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "outcome"
+        return _bad(f"{where}: {first['msg']}")
+
+
+def _clawtrol(doc: dict[str, Any]) -> AgentResult:
+    action = doc.get("recommended_action", "in_review")
+    if action not in ("in_review", "requeue_same_task"):
+        return _bad(f"recommended_action must be in_review or requeue_same_task, got {action!r}")
+    follow = doc.get("needs_follow_up", action == "requeue_same_task")
+    if not isinstance(follow, bool):
+        return _bad(f"needs_follow_up must be a boolean, got {follow!r}")
+    if (action == "requeue_same_task") != follow:
+        return _bad("needs_follow_up and recommended_action disagree")
+    return _outcome({**doc, "needs_follow_up": follow})
+
+
+def _rate_limited(doc: dict[str, Any], now: float) -> AgentResult:
+    message = doc.get("message", "")
+    if not isinstance(message, str):
+        return _bad("message must be a string")
+    retry = doc.get("retry_after_seconds")
+    if retry is not None:
+        ok = isinstance(retry, int | float) and not isinstance(retry, bool) and math.isfinite(retry)
+        if not ok or not 0 < retry <= MAX_RESET_SECONDS:
+            return _bad(f"retry_after_seconds must be a number of seconds in (0, 30 days], got {retry!r}")
+        return RateLimited(message=tail(message), retry_after=float(retry))
+    signal = parse_signal(message, now)
+    return RateLimited(message=tail(message), reset_at=signal.reset_at,
+                       quota=signal.klass is SignalClass.QUOTA_REACHED)
+
+
+def result_from_doc(doc: dict[str, Any], now: float) -> AgentResult:
+    """An outcome document (stdout's last line, a python runner's return, an HTTP payload)."""
+    if doc.get("version") is not None:
+        if doc.get("version") != "1":
+            return _bad(f"unknown outcome version {doc.get('version')!r}")
+        return _clawtrol(doc)
+    status = doc.get("status")
+    if status == "done":
+        return _outcome(doc)
+    if status == "rate_limited":
+        return _rate_limited(doc, now)
+    if status == "failed":
+        error = doc.get("error", "")
+        return classify_text(error if isinstance(error, str) and error else "agent reported failure", now)
+    return _bad(f"status must be done, rate_limited or failed, got {status!r}")
+
+
+def parse_agent_output(stdout: str, stderr: str, exit_code: int, now: float) -> AgentResult:
+    """Turn a finished command agent's output into its result."""
+    doc = _as_doc(_last_line(stdout))
+    if exit_code != 0:
+        if doc is not None and doc.get("status") in ("rate_limited", "failed"):
+            return result_from_doc(doc, now)
+        result = classify_text(stderr or stdout, now)
+        if isinstance(result, Failed) and result.cause == "failed":
+            return Failed(error=f"exit code {exit_code}: {result.error}", cause="failed")
+        return result
+    if doc is None:
+        text = stderr.strip() or "no outcome line on stdout"
+        result = classify_text(text, now)
+        return result if not isinstance(result, Failed) else Failed(
+            error=f"no outcome line: {result.error}", cause=result.cause if result.cause != "failed" else "bad_output"
+        )
+    return result_from_doc(doc, now)

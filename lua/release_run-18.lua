@@ -1,0 +1,33 @@
+--[[
+  release_run: give a claimed run back without using an attempt (fenced by run id): the
+  dispatcher could not hand it to a worker, or the agent runtime was unreachable or refused
+  this client (pairing). The task returns to its board head at once; no backoff, no cooldown.
+
+  KEYS[1]  task (task:<id>)   HASH
+  KEYS[2..18] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
+           cfg_settings running inflight_model inflight_provider ready_chains ready_seq
+           idx_busy idx_paused idx_backoff refs in_review failed cancelled events errors
+           stats_failures stats_completed
+  Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue, ready:<ck>
+
+  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] task id  ARGV[4] run id
+  ARGV[5] reason (released, pairing, agent_unreachable, ...)  ARGV[6] message
+
+  Returns {0, "up_next"} | {1, detail} no such task | {2, detail} fenced
+]]
+local rcall = redis.call
+--- @include "core"
+
+local K = keys_from(RUN_END_KEYS, 2)
+local P, now, id, reason, message = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[5], ARGV[6]
+local t, code, detail = active_run(P, id, ARGV[4])
+if not t then return {code, detail} end
+end_run(K, P, id, t, now, reason, message)
+if reason ~= "released" then
+  rcall("HSET", task_key(P, id), "last_error", message, "last_error_reason", reason)
+  record_error(K, now, reason, id, t, message)
+end
+requeue(K, P, id, t, now, 0)
+emit(K, now, "released", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
+                          "run_id", t.run_id, "reason", reason, "message", message})
+return {0, "up_next"}

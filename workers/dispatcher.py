@@ -1,0 +1,228 @@
+"""``clawq dispatch``: reap expired leases, claim while claims succeed, hand each claim to an RQ worker.
+
+Event-driven: the dispatcher blocks on the namespace's event stream (XREAD BLOCK), so a task added, a run
+ended or a config loaded wakes it at once; the block times out at the nearest deadline (lease, backoff,
+cooldown), so nothing waits for a polling tick. Several dispatchers may run against one namespace: claims
+are atomic, and summaries and alerts are sent once (SET NX) whichever dispatcher sees them first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from broker import Broker, Claim, NothingToClaim, RedisUnavailable
+
+from .notify import Notifiers, notifiers_from
+
+__all__ = ["AgentGate", "Dispatcher", "http_ready", "summary_line"]
+
+log = logging.getLogger("clawq.dispatch")
+
+Enqueue = Callable[[Claim], None]
+_MAX_BLOCK_S = 1.0  #: the longest single wait, so SIGTERM is seen within a second
+_IDLE_WAKE_S = 60.0  #: with no deadline at all, look again after this long (a safety net, not a tick)
+_GATE_CHECK_S = 3.0  #: the agent health URL is asked at most this often
+_ALERT_TTL_S = 86400
+
+
+def http_ready(url: str) -> bool:
+    """True when GET ``url`` answers 2xx within 3 s."""
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return 200 <= int(resp.status) < 300
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+@dataclass
+class AgentGate:
+    """Holds claims while the agent runtime is down (health URL failing, or a pairing error tripped it)."""
+
+    broker: Broker
+    notifiers: Notifiers
+    probe: Callable[[str], bool] = http_ready
+    _last_check: float = 0.0
+    _url_ok: bool = True
+    _down: bool = False
+
+    def ready(self) -> bool:
+        url = self.broker.config().agent.health_url
+        now = time.monotonic()
+        if url and now - self._last_check >= _GATE_CHECK_S:
+            self._url_ok, self._last_check = self.probe(url), now
+        tripped = self.broker.agent_gate()
+        ok = (self._url_ok or not url) and tripped is None
+        self._transition(ok, tripped or f"{url} is not ready")
+        return ok
+
+    def _transition(self, ok: bool, why: str) -> None:
+        lock = self.broker.keys.prefix + "lock:outage"
+        if not ok and not self._down:
+            self._down = True
+            if self.broker.client.set(lock, "1", nx=True, ex=_ALERT_TTL_S):
+                self.notifiers.send("agent_not_ready", f"clawq: agent runtime not ready, claims held ({why})")
+        elif ok and self._down:
+            self._down = False
+            if self.broker.client.delete(lock):
+                self.notifiers.send("agent_ready", "clawq: agent runtime is back, claiming again")
+
+
+def summary_line(health: dict[str, Any], skips: dict[str, int]) -> str:
+    """One line for humans: mode, cap, in progress, queued, free slots, why waiting, models busy/cooling."""
+    g = health["global"]
+    queued = sum(b["queue_depth"] for b in health["boards"].values())
+    free = max(0, g["max_concurrent"] - g["in_progress"])
+    top = ", ".join(f"{k} {v}" for k, v in sorted(skips.items(), key=lambda kv: -kv[1])[:3]) or "-"
+    busy = ", ".join(f"{m} {s['inflight']}/{s['cap'] if s['cap'] is not None else '∞'}"
+                     for m, s in health["models"].items() if s["inflight"]) or "-"
+    cooling = ", ".join(f"{m} {s['cooldown_remaining_s']:.0f}s"
+                        for m, s in health["models"].items() if s["cooldown_remaining_s"]) or "-"
+    mode = "night" if g["night"] else "day"
+    return (f"clawq {mode}: cap {g['max_concurrent']}, {g['in_progress']} in progress, {queued} queued, "
+            f"{free} free · waiting: {top} · models: {busy} · cooling: {cooling}")
+
+
+@dataclass
+class Dispatcher:
+    """One dispatcher loop over one namespace."""
+
+    broker: Broker
+    enqueue: Enqueue
+    notifiers: Notifiers | None = None
+    probe: Callable[[str], bool] = http_ready
+    claims: int = 0
+    last_skips: dict[str, int] = field(default_factory=dict)
+    _gate: AgentGate | None = None
+    _own_notifiers: bool = False
+
+    def __post_init__(self) -> None:
+        self._own_notifiers = self.notifiers is None
+        self._refresh_notifiers()
+
+    def _refresh_notifiers(self) -> None:
+        """(Re)build the notifiers from the config, unless they were given (the simulator's sink)."""
+        if self._own_notifiers:
+            self.notifiers = notifiers_from(self.broker.config().notify)
+        assert self.notifiers is not None
+        self._gate = AgentGate(self.broker, self.notifiers, self.probe)
+
+    # -- one pass --------------------------------------------------------------------------------
+    def step(self) -> int:
+        """Reap, then claim and enqueue until nothing more can run; returns the number of claims."""
+        for task_id in self.broker.reap():
+            log.info("lease of task %s expired: requeued at its board head", task_id)
+        assert self._gate is not None
+        if not self._gate.ready():
+            self.broker.client.hincrby(self.broker.keys.stats_skips, "agent_not_ready", 1)
+            self.last_skips = {"agent_not_ready": 1}
+            return 0
+        made = 0
+        while self._claim_one():
+            made += 1
+        self.claims += made
+        self._maybe_summary()
+        return made
+
+    def _claim_one(self) -> bool:
+        try:
+            claim = self.broker.claim()
+        except NothingToClaim as refused:
+            self.last_skips = refused.skip_reasons
+            return False
+        try:
+            self.enqueue(claim)
+        except Exception as err:  # any enqueue failure gives the claim back: no leaked counters
+            log.error("cannot enqueue task %s: %s; claim released", claim.task_id, err)
+            self.broker.release(claim.task_id, claim.run_id, "released", f"enqueue failed: {err}")
+            return False
+        log.info("task %s (%s) -> %s/%s run %s", claim.task_id, claim.board, claim.model, claim.provider,
+                 claim.run_id)
+        return True
+
+    # -- notifications ---------------------------------------------------------------------------
+    def _maybe_summary(self) -> None:
+        health = self.broker.health()
+        active = health["global"]["in_progress"] > 0 or any(b["queue_depth"] for b in health["boards"].values())
+        if not active:
+            return
+        interval_ms = int(self.broker.config().notify.summary_interval_minutes * 60_000)
+        if self.broker.client.set(self.broker.keys.summary_lock, "1", nx=True, px=max(1, interval_ms)):
+            assert self.notifiers is not None
+            self.notifiers.send("summary", summary_line(health, self.last_skips), {"health": health})
+
+    def _alert(self, event: dict[str, Any]) -> None:
+        kind = _alert_kind(event)
+        if kind is None or not self.broker.client.set(self.broker.keys.notified(event["id"]), "1", nx=True,
+                                                       ex=_ALERT_TTL_S):
+            return
+        assert self.notifiers is not None
+        tid, board = event.get("task_id"), event.get("board")
+        what = "needs review" if kind == "in_review" else "failed for good"
+        text = f"clawq: task {tid} on {board} {what} ({event.get('model', '-')}): {event.get('message', '')}"
+        self.notifiers.send(kind, text.strip(), {"task_id": tid, "board": board, "event": event})
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _wait_s(self) -> float:
+        deadline = self.broker.next_deadline()
+        if deadline is None:
+            return _IDLE_WAKE_S
+        return max(0.0, deadline - self.broker.now()) + 0.001
+
+    def run(self, stop: threading.Event) -> None:
+        """Loop until ``stop`` is set; survives Redis outages (retry with backoff, logged once)."""
+        backoff, outage = 0.5, False
+        while not stop.is_set():
+            try:
+                self._cycle(stop)
+                if outage:
+                    log.warning("Redis is reachable again: dispatching resumes")
+                backoff, outage = 0.5, False
+            except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as err:
+                if not outage:
+                    log.error("%s; retrying with backoff", err)
+                outage = True
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _cycle(self, stop: threading.Event) -> None:
+        cursor = self._latest_event_id()
+        self.step()
+        until = time.monotonic() + self._wait_s()
+        while not stop.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            events = self.broker.wait_events(cursor, block_ms=max(1, int(min(left, _MAX_BLOCK_S) * 1000)))
+            if events:
+                self._on_events(events)
+                return
+
+    def _on_events(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self._alert(event)
+            if event.get("type") == "config_loaded":
+                self._refresh_notifiers()
+
+    def _latest_event_id(self) -> str:
+        rows: Any = self.broker.client.xrevrange(self.broker.keys.events, count=1)
+        if not rows:
+            return "0-0"
+        eid = rows[0][0]
+        return eid.decode() if isinstance(eid, bytes) else str(eid)
+
+
+def _alert_kind(event: dict[str, Any]) -> str | None:
+    if event.get("type") == "completed":
+        return "in_review"
+    if event.get("type") in ("failed", "timeout") and event.get("status") == "failed":
+        return "failed"
+    return None

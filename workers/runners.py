@@ -1,0 +1,186 @@
+"""Agent runners: run the agent for one claimed task and say what it produced.
+
+- ``command``: ``agent.command`` is an argv list, run without a shell, in its own process group. The task
+  goes to stdin as JSON; the last non-empty stdout line is the outcome (see :mod:`broker.agent_output`).
+- ``python``: ``agent.callable = "module:function"``, called with the task document; returns an outcome
+  document (or an :class:`~broker.Outcome`).
+- ``simulated``: a deterministic fake agent for the simulator and tests.
+
+A runner returns ``None`` when it was stopped because the run lost its lease: nothing must be reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from broker import Outcome
+from broker.agent_output import AgentResult, Done, Failed, classify_text, parse_agent_output, result_from_doc
+from broker.config import AgentConfig
+
+from .simulated import Stalled, simulated_result
+
+__all__ = ["RunContext", "Stalled", "agent_env", "run_agent"]
+
+#: Environment variables never passed to an agent: clawq's own settings and Redis credentials.
+_SECRET_PREFIXES = ("CLAWQ_", "REDIS_", "RQ_")
+_OUTPUT_CAP = 4 * 1024 * 1024
+_POLL_S = 0.05
+
+
+@dataclass
+class RunContext:
+    """What a runner gets: the task document, the limits, and the stop signal."""
+
+    task: dict[str, Any]
+    timeout_s: float
+    stop: threading.Event = field(default_factory=threading.Event)
+    log: list[str] = field(default_factory=list)  #: the agent's own log lines (tail kept in history)
+
+
+def agent_env(task: dict[str, Any], base: dict[str, str] | None = None) -> dict[str, str]:
+    """The agent's environment: the worker's own, minus clawq's settings and credentials, plus the task."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(_SECRET_PREFIXES)}
+    env.update({
+        "CLAWQ_TASK_ID": str(task["task_id"]),
+        "CLAWQ_RUN_ID": str(task["run_id"]),
+        "CLAWQ_MODEL": str(task["model"]),
+        "CLAWQ_PROVIDER": str(task["provider"]),
+        "CLAWQ_BOARD": str(task["board"]),
+        "CLAWQ_RUN_COUNT": str(task["run_count"]),
+    })
+    return env
+
+
+def _drain(stream: IO[bytes], sink: bytearray) -> None:
+    """Read a pipe to the end, keeping only the last _OUTPUT_CAP bytes."""
+    for chunk in iter(lambda: stream.read(65536), b""):
+        sink.extend(chunk)
+        if len(sink) > 2 * _OUTPUT_CAP:
+            del sink[: len(sink) - _OUTPUT_CAP]
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _start(argv: list[str], ctx: RunContext) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=agent_env(ctx.task), start_new_session=True,
+    )
+
+
+def _feed(proc: subprocess.Popen[bytes], ctx: RunContext) -> None:
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(json.dumps(ctx.task).encode("utf-8"))
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass  # the agent did not read its stdin: that is its business
+
+
+def _wait(proc: subprocess.Popen[bytes], ctx: RunContext) -> str | None:
+    """Wait for the agent; returns "stopped" or "timeout" when it had to be killed."""
+    deadline = time.monotonic() + ctx.timeout_s
+    while proc.poll() is None:
+        if ctx.stop.wait(_POLL_S):
+            _kill_group(proc)
+            return "stopped"
+        if time.monotonic() > deadline:
+            _kill_group(proc)
+            return "timeout"
+    return None
+
+
+def run_command(argv: list[str], ctx: RunContext) -> AgentResult | None:
+    """Run a command agent (no shell, own process group) and read its outcome."""
+    try:
+        proc = _start(argv, ctx)
+    except OSError as err:
+        return Failed(error=f"cannot start agent {argv[0]!r}: {err}", cause="agent_unreachable")
+    out, errs = bytearray(), bytearray()
+    readers = [threading.Thread(target=_drain, args=(s, b), daemon=True)
+               for s, b in ((proc.stdout, out), (proc.stderr, errs))]
+    for t in readers:
+        t.start()
+    _feed(proc, ctx)
+    ended = _wait(proc, ctx)
+    for t in readers:
+        t.join(timeout=5)
+    stdout, stderr = out.decode("utf-8", "replace"), errs.decode("utf-8", "replace")
+    ctx.log.extend(_tail_lines(stdout.splitlines()[:-1] + stderr.splitlines()))
+    if ended == "stopped":
+        return None
+    if ended == "timeout":
+        return Failed(error=f"agent killed after {ctx.timeout_s:.0f}s", cause="timeout")
+    return parse_agent_output(stdout, stderr, proc.returncode, time.time())
+
+
+def _tail_lines(lines: Iterable[str], limit: int = 200) -> list[str]:
+    kept = [ln for ln in lines if ln.strip()]
+    return kept[-limit:]
+
+
+def _import(spec: str) -> Callable[..., Any]:
+    module, _, name = spec.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    if not callable(fn):
+        raise TypeError(f"{spec} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def run_python(spec: str, ctx: RunContext) -> AgentResult | None:
+    """Call a python agent in a thread, bounded by the timeout; stop abandons it (its result is dropped)."""
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append(_import(spec)(dict(ctx.task)))
+        except Exception as err:  # the agent's failure is a run failure, not ours
+            box.append(err)
+
+    thread = threading.Thread(target=target, daemon=True, name="clawq-python-agent")
+    thread.start()
+    deadline = time.monotonic() + ctx.timeout_s
+    while thread.is_alive():
+        if ctx.stop.wait(_POLL_S):
+            return None
+        if time.monotonic() > deadline:
+            return Failed(error=f"agent still running after {ctx.timeout_s:.0f}s", cause="timeout")
+    return _python_result(box[0] if box else None)
+
+
+def _python_result(value: Any) -> AgentResult:
+    if isinstance(value, BaseException):
+        return classify_text(f"{type(value).__name__}: {value}", time.time())
+    if isinstance(value, Outcome):
+        return Done(value)
+    if isinstance(value, Done | Failed) or type(value).__name__ == "RateLimited":
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, dict):
+        return result_from_doc(value, time.time())
+    return Failed(error=f"bad agent output: the callable returned {type(value).__name__}", cause="bad_output")
+
+
+def run_agent(agent: AgentConfig, ctx: RunContext) -> AgentResult | None:
+    """Run the configured agent for ``ctx.task``; ``None`` when stopped (lease lost)."""
+    if agent.runner == "command":
+        if not agent.command:
+            return Failed(error="agent.command is not configured", cause="agent_unreachable")
+        return run_command(list(agent.command), ctx)
+    if agent.runner == "python":
+        assert agent.callable is not None
+        return run_python(agent.callable, ctx)
+    return simulated_result(agent.simulated, ctx.task, ctx.stop, ctx.timeout_s)

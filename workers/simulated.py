@@ -1,0 +1,99 @@
+"""The simulated agent: deterministic from (seed, task, run, attempt, model), timed in simulated minutes.
+
+Each run draws, from a generator seeded by those values, a duration and one fate: a rate-limit answer (in
+one of several real providers' formats, with a reset the broker must parse), a failure, a stall (the agent
+hangs and its heartbeats stop), or success; a first run asks for a follow-up at ``follow_up_rate``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from broker import Outcome
+from broker.agent_output import AgentResult, Done, Failed, RateLimited
+from broker.config import SimulatedAgentConfig
+from broker.signals import parse_signal
+
+__all__ = ["Stalled", "rate_limit_message", "simulated_result"]
+
+
+class Stalled(Exception):
+    """The simulated agent hangs: the job stops heart-beating and reports nothing."""
+
+
+def _rng(cfg: SimulatedAgentConfig, task: dict[str, Any]) -> random.Random:
+    key = f"{cfg.seed}:{task['task_id']}:{task['run_count']}:{task.get('attempt', 1)}:{task['model']}"
+    return random.Random(key)
+
+
+def _openai(s: float, now: float) -> str:
+    return f"Error code: 429 - rate_limit_exceeded: Rate limit reached for requests. Please try again in {s:.3f}s."
+
+
+def _gemini(s: float, now: float) -> str:
+    return json.dumps({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "Quota exceeded", "details": [
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{s:.3f}s"}]}})
+
+
+def _anthropic(s: float, now: float) -> str:
+    reset = datetime.fromtimestamp(now + s, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return f"HTTP 429 rate_limit_error\nretry-after: {max(1, round(s))}\nanthropic-ratelimit-requests-reset: {reset}"
+
+
+def _codex(s: float, now: float) -> str:
+    return json.dumps({"error": {"type": "usage_limit_reached", "message": "You've hit your usage limit.",
+                                 "resets_in_seconds": round(s, 3)}})
+
+
+_FORMATS: tuple[Callable[[float, float], str], ...] = (_openai, _gemini, _anthropic, _codex)
+
+
+def rate_limit_message(rng: random.Random, seconds: float, now: float) -> str:
+    """A rate-limit text in one of several providers' formats, resetting ``seconds`` from ``now``."""
+    return rng.choice(_FORMATS)(seconds, now)
+
+
+def _sleep(stop: threading.Event, seconds: float) -> bool:
+    """Sleep, waking early when stopped; True when the sleep completed."""
+    return not stop.wait(max(0.0, seconds))
+
+
+def _fate(cfg: SimulatedAgentConfig, rng: random.Random, task: dict[str, Any], now: float) -> AgentResult:
+    draw = rng.random()
+    if draw < cfg.rate_limit_rate:
+        cooldown = rng.uniform(5, 30) / cfg.speed  # 5-30 simulated minutes, in real seconds
+        message = rate_limit_message(rng, cooldown, now)
+        signal = parse_signal(message, now)
+        return RateLimited(message=message, reset_at=signal.reset_at, quota="usage" in message)
+    draw -= cfg.rate_limit_rate
+    if draw < cfg.fail_rate:
+        return Failed(error="simulated failure: the test suite did not pass", cause="failed")
+    draw -= cfg.fail_rate
+    if draw < cfg.stall_rate:
+        raise Stalled(f"task {task['task_id']} stalls")
+    follow = task["run_count"] == 1 and rng.random() < cfg.follow_up_rate
+    summary = f"simulated run {task['run_count']} of task {task['task_id']} on {task['model']}"
+    if follow:
+        return Done(Outcome(needs_follow_up=True, next_prompt="Continue: add the missing tests.", summary=summary))
+    return Done(Outcome(summary=summary))
+
+
+def simulated_result(
+    cfg: SimulatedAgentConfig, task: dict[str, Any], stop: threading.Event, timeout_s: float
+) -> AgentResult | None:
+    """Run the simulated agent; ``None`` when stopped (lease lost). Raises Stalled for a hung agent."""
+    rng = _rng(cfg, task)
+    minutes = rng.uniform(cfg.min_minutes, max(cfg.min_minutes, cfg.max_minutes))
+    seconds = minutes / cfg.speed
+    if seconds > timeout_s:
+        return None if not _sleep(stop, timeout_s) else Failed(
+            error=f"agent killed after {timeout_s:.0f}s", cause="timeout")
+    if not _sleep(stop, seconds):
+        return None
+    return _fate(cfg, rng, task, time.time())
