@@ -337,11 +337,19 @@ def events(obj: Ctx, follow: bool, count: int) -> None:
             return
     for row in rows:
         _print_event(obj, row)
-    last = "$"
-    while follow:
-        for row in b.wait_events(last, block_ms=5000):
-            _print_event(obj, row)
-            last = row["id"]
+    last = _latest_id(b)
+    try:
+        while follow:
+            for row in b.wait_events(last, block_ms=5000):
+                _print_event(obj, row)
+                last = row["id"]
+    except KeyboardInterrupt:  # the normal way to stop following
+        return
+
+
+def _latest_id(b: Broker) -> str:
+    rows: Any = b.client.xrevrange(b.keys.events, count=1)
+    return str(rows[0][0]) if rows else "0-0"
 
 
 def _last(b: Broker, count: int) -> list[dict[str, Any]]:
@@ -441,6 +449,48 @@ def worker(obj: Ctx, burst: bool, name: str | None, with_scheduler: bool, simple
                with_scheduler=with_scheduler, simple=simple)
 
 
+@cli.command()
+@click.option("--tasks", type=click.IntRange(min=2, max=10_000), default=40, show_default=True)
+@click.option("--boards", type=click.IntRange(min=1, max=1000), default=6, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True, help="Decides the plan: follow-ups, faults.")
+@click.option("--speed", type=click.FloatRange(min=0.1, max=10_000), default=6.0, show_default=True,
+              help="Simulated minutes per real second.")
+@click.option("--workers", type=click.IntRange(min=1, max=64), default=None, help="RQ workers (default boards+1).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the JSON report here.")
+@click.option("--redis-url", "sim_redis_url", default=None,
+              help="Use this Redis (a fresh namespace) instead of an embedded one. CLAWQ_REDIS_URL is ignored.")
+@click.option("--time-limit", type=click.FloatRange(min=5), default=300.0, show_default=True, help="Seconds.")
+@click.option("--no-kill", is_flag=True, help="Do not SIGKILL a worker mid-run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout.")
+def simulate(tasks: int, boards: int, seed: int, speed: float, workers: int | None, report_path: str | None,
+             sim_redis_url: str | None, time_limit: float, no_kill: bool, as_json: bool) -> None:
+    """Run a simulated multi-board night (real dispatcher and RQ workers) and check every rule."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from workers.sim_view import LiveView, print_report
+    from workers.simulator import SimOptions, run_simulation
+
+    console = Console(stderr=as_json)
+    opts = SimOptions(tasks=tasks, boards=boards, seed=seed, speed=speed, workers=workers,
+                      redis_url=sim_redis_url, time_limit_s=time_limit, kill_worker=not no_kill)
+    view = LiveView(console)
+    try:
+        report = run_simulation(opts, lambda: view)
+    finally:
+        view.close()
+    if report_path:
+        Path(report_path).write_text(json.dumps(report, indent=2, default=str))
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+    else:
+        print_report(console, report)
+    if not report["ok"]:
+        sys.exit(1)
+
+
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
@@ -458,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=args, prog_name="clawq", standalone_mode=False)
     except click.exceptions.Abort:
-        _fail(as_json, "aborted", 1)
+        _fail(as_json, "interrupted", 130)
     except click.ClickException as err:
         _fail(as_json, err.format_message().replace("\n", " "), EXIT_BAD_INPUT)
     except ClawqError as err:

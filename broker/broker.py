@@ -42,6 +42,8 @@ SCHEMA_VERSION = 1
 #: Leases the reaper handles per script call (it loops until none is left).
 REAP_BATCH = 500
 _MAX_TITLE = 1024
+#: Task ids stay below 10**14: Lua prints larger numbers in exponent form (and JSON would lose digits).
+MAX_TASK_ID = 10**14
 #: Root causes that give the run back without using an attempt: the agent runtime, not the task, failed.
 RELEASE_CAUSES = frozenset({"pairing", "agent_unreachable"})
 
@@ -94,6 +96,7 @@ class Broker:
         self._scripts = Scripts(client, self.keys)
         self._config: Config | None = None
         self._config_version = ""
+        self._ready = False
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "default", **kwargs: Any) -> Broker:
@@ -108,16 +111,28 @@ class Broker:
 
     # -- setup -----------------------------------------------------------------------------------
     def connect(self) -> None:
-        """Write or check the schema version, and store the seed config if none is loaded."""
+        """Check the namespace's schema version (a new namespace is written on its first change)."""
         with _redis_errors(self._where):
-            self.client.hsetnx(self.keys.meta, "schema_version", SCHEMA_VERSION)
             found = self.client.hget(self.keys.meta, "schema_version")
+        if found is not None:
+            self._check_schema(found)
+
+    def _check_schema(self, found: Any) -> None:
         if str(_text(found)) != str(SCHEMA_VERSION):
             raise SchemaMismatch(
                 f"namespace {self.namespace!r} has schema version {_text(found)}, this clawq speaks "
                 f"{SCHEMA_VERSION}: upgrade clawq or use another namespace"
             )
+
+    def _ensure_ready(self) -> None:
+        """Before the first change: write the schema version and the seed config if there are none."""
+        if self._ready:
+            return
+        with _redis_errors(self._where):
+            self.client.hsetnx(self.keys.meta, "schema_version", SCHEMA_VERSION)
+            self._check_schema(self.client.hget(self.keys.meta, "schema_version"))
         self._store_config(DEFAULT_CONFIG, only_if_absent=True)
+        self._ready = True
 
     def close(self) -> None:
         self.client.close()
@@ -126,6 +141,7 @@ class Broker:
         return self.clock()
 
     def _call(self, name: str, args: list[str | int | float], **kw: Any) -> list[Any]:
+        self._ensure_ready()
         with _redis_errors(self._where):
             return self._scripts.call(name, [self.keys.prefix, *args], **kw)
 
@@ -143,9 +159,9 @@ class Broker:
             pipe.get(self.keys.config)
             pipe.hget(self.keys.cfg_settings, "version")
             raw, version = pipe.execute()
-        if raw is None:
-            self._store_config(DEFAULT_CONFIG, only_if_absent=True)
-            return self._reload_config()
+        if raw is None:  # nothing stored yet: the seed applies (written on the first change)
+            self._config, self._config_version = DEFAULT_CONFIG, ""
+            return
         try:
             self._config = parse_config(json.loads(_text(raw)))
         except (ValueError, ConfigError) as err:
@@ -154,6 +170,7 @@ class Broker:
 
     def load_config(self, config: Config) -> int:
         """Make ``config`` the effective config of the namespace; returns its version."""
+        self._ensure_ready()
         return self._store_config(config, only_if_absent=False)
 
     def _store_config(self, config: Config, *, only_if_absent: bool) -> int:
@@ -192,8 +209,9 @@ class Broker:
         _check_text("prompt", prompt, MAX_TEXT_BYTES)
         if (chain is None) == (model is None):
             raise InputError("give exactly one of --chain or --model")
-        if task_id is not None and (isinstance(task_id, bool) or task_id < 1 or task_id >= 2**53):
-            raise InputError(f"bad task id {task_id}: a positive integer below 2**53")
+        if task_id is not None and (isinstance(task_id, bool) or not 1 <= task_id < MAX_TASK_ID):
+            raise InputError(f"bad task id {task_id}: a positive integer below {MAX_TASK_ID:.0e}")
+        self._check_known(chain=chain, model=model)
         args: list[str | int | float] = [
             _ms(self.now()), "" if task_id is None else task_id, board, title, prompt,
             chain or "", model or "",
@@ -203,6 +221,14 @@ class Broker:
         if status is not Status.OK:
             raise error_for(status, int(task_id or 0), "", str(reply[1]))
         return int(reply[1])
+
+    def _check_known(self, *, chain: str | None = None, model: str | None = None) -> None:
+        """Refuse an unknown chain or model before anything is written (the scripts check again)."""
+        cfg = self.config()
+        if chain is not None and chain not in cfg.chains:
+            raise UnknownChain(f"unknown chain {chain!r}")
+        if model is not None and model not in cfg.models:
+            raise UnknownChain(f"unknown model {model!r}")
 
     def claim(self) -> Claim:
         """Claim the next task that may run now; raises NothingToClaim with the skip reasons."""
@@ -360,6 +386,7 @@ class Broker:
         """Cool ``model`` for exactly ``seconds`` from now (0 clears); returns the end (epoch s)."""
         if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_RESET_SECONDS:
             raise InputError(f"bad cooldown {seconds}: seconds in [0, {MAX_RESET_SECONDS}]")
+        self._check_known(model=model)
         now = self.now()
         reply = self._call("set_cooldown", [_ms(now), model, _ms(now + seconds)], model=model)
         if Status(reply[0]) is not Status.OK:

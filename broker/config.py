@@ -25,12 +25,18 @@ _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 _MS_PER_MINUTE = 60_000
 
 
+#: Upper bounds: a cap above this or a duration above 30 days is a typo, not a setting.
+MAX_CAP = 100_000
+MAX_MINUTES = 30 * 24 * 60
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `true` is not a cap and "6" is not a number; no NaN or infinity anywhere.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class QueueConfig(_Section):
-    global_max_concurrent: int = Field(6, ge=0)  #: day cap on tasks in progress at once
+    global_max_concurrent: int = Field(6, ge=0, le=MAX_CAP)  #: day cap on tasks in progress at once
     one_in_progress_per_board: Literal[True] = True  #: the only mode clawq has
     pick_order: Literal["task_id_asc"] = "task_id_asc"  #: the only order clawq has
 
@@ -51,24 +57,24 @@ class LimitsConfig(_Section):
     @classmethod
     def _non_negative(cls, caps: dict[str, int]) -> dict[str, int]:
         for name, cap in caps.items():
-            if cap < 0:
-                raise ValueError(f"cap of {name!r} must be >= 0, got {cap}")
+            if not 0 <= cap <= MAX_CAP:
+                raise ValueError(f"cap of {name!r} must be between 0 and {MAX_CAP}, got {cap}")
         return caps
 
 
 class WatchdogConfig(_Section):
-    stale_in_progress_minutes: float = Field(20.0, gt=0)  #: a heartbeat extends the lease by this much
-    heartbeat_grace_minutes: float = Field(3.0, ge=0)  #: extra slack on the first lease
-    rate_limit_cooldown_minutes: float = Field(10.0, gt=0)  #: cooldown when a rate limit names no reset
-    failure_cooldown_minutes: float = Field(5.0, ge=0)  #: backoff before a failed task may run again
-    max_attempts: int = Field(3, ge=1)  #: failures/timeouts since the last outcome before `failed`
+    stale_in_progress_minutes: float = Field(20.0, gt=0, le=MAX_MINUTES)  #: a heartbeat extends the lease by this much
+    heartbeat_grace_minutes: float = Field(3.0, ge=0, le=MAX_MINUTES)  #: extra slack on the first lease
+    rate_limit_cooldown_minutes: float = Field(10.0, gt=0, le=MAX_MINUTES)  #: cooldown when a rate limit names no reset
+    failure_cooldown_minutes: float = Field(5.0, ge=0, le=MAX_MINUTES)  #: backoff before a failed task may run again
+    max_attempts: int = Field(3, ge=1, le=1000)  #: failures/timeouts since the last outcome before `failed`
 
 
 class NightModeConfig(_Section):
     timezone: str = "America/Argentina/Buenos_Aires"
     start: str = "23:00"
     end: str = "08:00"
-    global_max_concurrent: int = Field(8, ge=0)
+    global_max_concurrent: int = Field(8, ge=0, le=MAX_CAP)
 
     @field_validator("timezone")
     @classmethod
@@ -108,20 +114,24 @@ def _minutes(hhmm: str) -> int:
 
 
 class FollowupConfig(_Section):
-    max_runs: int = Field(5, ge=1)  #: a follow-up asked after this many runs goes to in_review instead
+    max_runs: int = Field(5, ge=1, le=1000)  #: a follow-up asked after this many runs goes to in_review instead
 
 
 class SimulatedAgentConfig(_Section):
     """The deterministic fake agent (``agent.runner: simulated``): seeded durations and faults."""
 
     seed: int = 42
-    speed: float = Field(60.0, gt=0)  #: simulated minutes per real second
-    min_minutes: float = Field(2.0, ge=0)
-    max_minutes: float = Field(20.0, ge=0)
+    speed: float = Field(60.0, gt=0, le=MAX_MINUTES)  #: simulated minutes per real second
+    min_minutes: float = Field(2.0, ge=0, le=MAX_MINUTES)
+    max_minutes: float = Field(20.0, ge=0, le=MAX_MINUTES)
     follow_up_rate: float = Field(0.25, ge=0, le=1)  #: share of first runs that ask for a follow-up
     fail_rate: float = Field(0.05, ge=0, le=1)
     rate_limit_rate: float = Field(0.08, ge=0, le=1)
     stall_rate: float = Field(0.0, ge=0, le=1)  #: runs whose heartbeats stop (the agent hangs)
+    #: fates decided in advance, "<task_id>:<claim index>" -> fate; they override the rates
+    plan: dict[str, Literal["done", "follow_up", "rate_limit", "quota", "fail", "stall"]] = Field(
+        default_factory=dict
+    )
 
 
 class AgentConfig(_Section):
@@ -130,7 +140,7 @@ class AgentConfig(_Section):
     runner: Literal["command", "python", "simulated"] = "command"
     command: list[str] = Field(default_factory=list)  #: argv, run without a shell
     callable: str | None = None  #: "module:function" for runner python
-    timeout_minutes: float = Field(60.0, gt=0)  #: a run is killed and fails with root cause timeout
+    timeout_minutes: float = Field(60.0, gt=0, le=MAX_MINUTES)  #: a run is killed and fails with root cause timeout
     health_url: str | None = None  #: GET it (2xx within 3 s) before claiming
     queue: str = "clawq-agents"  #: the RQ queue agent jobs go to
     log_tail_bytes: int = Field(4096, ge=0)  #: agent output kept in the run history
@@ -158,7 +168,7 @@ class WebhookConfig(_Section):
 
 
 class NotifyConfig(_Section):
-    summary_interval_minutes: float = Field(10.0, gt=0)
+    summary_interval_minutes: float = Field(10.0, gt=0, le=MAX_MINUTES)
     log: bool = True  #: write notifications to the dispatcher's log
     telegram: TelegramConfig | None = None
     webhook: WebhookConfig | None = None

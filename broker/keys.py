@@ -14,7 +14,7 @@ from dataclasses import dataclass
 __all__ = ["BOARD_RE", "NAMESPACE_RE", "Keys", "chain_key", "model_key"]
 
 #: Board names: letters, digits, ``.``, ``_``, ``-``; 1 to 64 characters (no braces, colons, spaces, ``*``).
-BOARD_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+BOARD_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 #: Namespaces follow the same alphabet, so a namespace can never break out of its hash tag.
 NAMESPACE_RE = BOARD_RE
 

@@ -41,7 +41,7 @@ if ARGV[3] == "" then
   id = rcall("INCR", KEYS[1])
 else
   id = tonumber(ARGV[3])
-  if rcall("EXISTS", task_key(P, id)) == 1 then return {4, id} end
+  if rcall("EXISTS", task_key(P, ARGV[3])) == 1 then return {4, id} end
   if id > num(rcall("GET", KEYS[1]), 0) then rcall("SET", KEYS[1], int(id)) end
 end
 local sid = int(id)

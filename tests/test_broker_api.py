@@ -9,13 +9,16 @@ from conftest import FakeClock
 from broker import Broker, Outcome, SchemaMismatch, TaskStatus, parse_config
 
 
-def test_connect_writes_schema_and_seed_config(broker: Broker) -> None:
-    assert broker.client.hget(broker.keys.meta, "schema_version") == "1"
+def test_first_change_writes_schema_and_seed_config(broker: Broker) -> None:
+    assert broker.client.exists(broker.keys.meta, broker.keys.config) == 0  # connect only reads
     assert broker.config().queue.global_max_concurrent == 6
+    broker.add("web", "t", chain="coding")
+    assert broker.client.hget(broker.keys.meta, "schema_version") == "1"
     assert broker.client.exists(broker.keys.config) == 1
 
 
 def test_schema_mismatch_is_refused(broker: Broker, redis_url: str) -> None:
+    broker.add("web", "t", chain="coding")
     broker.client.hset(broker.keys.meta, "schema_version", "99")
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:

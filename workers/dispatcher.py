@@ -103,6 +103,7 @@ class Dispatcher:
     last_skips: dict[str, int] = field(default_factory=dict)
     _gate: AgentGate | None = None
     _own_notifiers: bool = False
+    _cursor: str = ""
 
     def __post_init__(self) -> None:
         self._own_notifiers = self.notifiers is None
@@ -180,6 +181,7 @@ class Dispatcher:
     def run(self, stop: threading.Event) -> None:
         """Loop until ``stop`` is set; survives Redis outages (retry with backoff, logged once)."""
         backoff, outage = 0.5, False
+        self._cursor = ""
         while not stop.is_set():
             try:
                 self._cycle(stop)
@@ -194,15 +196,17 @@ class Dispatcher:
                 backoff = min(backoff * 2, 30.0)
 
     def _cycle(self, stop: threading.Event) -> None:
-        cursor = self._latest_event_id()
+        if not self._cursor:  # events from here on wake us (and raise their alerts); none is skipped
+            self._cursor = self._latest_event_id()
         self.step()
         until = time.monotonic() + self._wait_s()
         while not stop.is_set():
             left = until - time.monotonic()
             if left <= 0:
                 return
-            events = self.broker.wait_events(cursor, block_ms=max(1, int(min(left, _MAX_BLOCK_S) * 1000)))
+            events = self.broker.wait_events(self._cursor, block_ms=max(1, int(min(left, _MAX_BLOCK_S) * 1000)))
             if events:
+                self._cursor = events[-1]["id"]
                 self._on_events(events)
                 return
 

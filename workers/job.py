@@ -79,7 +79,8 @@ def _task_doc(broker: Broker, task_id: int, run_id: str) -> dict[str, Any] | Non
     return {
         "task_id": task.task_id, "board": task.board, "title": task.title, "prompt": task.prompt,
         "model": task.running_model, "provider": task.running_provider, "run_id": run_id,
-        "run_count": task.run_count + 1, "attempt": attempt, "context": task.context,
+        "run_count": task.run_count + 1, "attempt": attempt, "claim_index": len(task.runs),
+        "context": task.context,
     }
 
 

@@ -1,4 +1,4 @@
-"""The simulated agent: deterministic from (seed, task, run, attempt, model), timed in simulated minutes.
+"""The simulated agent: deterministic from (seed, task, claim index), timed in simulated minutes.
 
 Each run draws, from a generator seeded by those values, a duration and one fate: a rate-limit answer (in
 one of several real providers' formats, with a reset the broker must parse), a failure, a stall (the agent
@@ -28,7 +28,8 @@ class Stalled(Exception):
 
 
 def _rng(cfg: SimulatedAgentConfig, task: dict[str, Any]) -> random.Random:
-    key = f"{cfg.seed}:{task['task_id']}:{task['run_count']}:{task.get('attempt', 1)}:{task['model']}"
+    """Seeded by the task and how many times it was claimed: the same plan whatever the timing."""
+    key = f"{cfg.seed}:{task['task_id']}:{task.get('claim_index', task['run_count'])}"
     return random.Random(key)
 
 
@@ -64,22 +65,34 @@ def _sleep(stop: threading.Event, seconds: float) -> bool:
     return not stop.wait(max(0.0, seconds))
 
 
-def _fate(cfg: SimulatedAgentConfig, rng: random.Random, task: dict[str, Any], now: float) -> AgentResult:
+def _rate_limited(cfg: SimulatedAgentConfig, rng: random.Random, now: float, quota: bool) -> AgentResult:
+    cooldown = rng.uniform(5, 30) / cfg.speed  # 5-30 simulated minutes, in real seconds
+    message = _codex(cooldown, now) if quota else rate_limit_message(rng, cooldown, now)
+    signal = parse_signal(message, now)
+    return RateLimited(message=message, reset_at=signal.reset_at, quota=quota)
+
+
+def _drawn_fate(cfg: SimulatedAgentConfig, rng: random.Random, task: dict[str, Any]) -> str:
     draw = rng.random()
-    if draw < cfg.rate_limit_rate:
-        cooldown = rng.uniform(5, 30) / cfg.speed  # 5-30 simulated minutes, in real seconds
-        message = rate_limit_message(rng, cooldown, now)
-        signal = parse_signal(message, now)
-        return RateLimited(message=message, reset_at=signal.reset_at, quota="usage" in message)
-    draw -= cfg.rate_limit_rate
-    if draw < cfg.fail_rate:
-        return Failed(error="simulated failure: the test suite did not pass", cause="failed")
-    draw -= cfg.fail_rate
-    if draw < cfg.stall_rate:
-        raise Stalled(f"task {task['task_id']} stalls")
+    for fate, rate in (("rate_limit", cfg.rate_limit_rate), ("fail", cfg.fail_rate), ("stall", cfg.stall_rate)):
+        if draw < rate:
+            return fate
+        draw -= rate
     follow = task["run_count"] == 1 and rng.random() < cfg.follow_up_rate
+    return "follow_up" if follow else "done"
+
+
+def _fate(cfg: SimulatedAgentConfig, rng: random.Random, task: dict[str, Any], now: float) -> AgentResult:
+    planned = cfg.plan.get(f"{task['task_id']}:{task.get('claim_index', task['run_count'])}")
+    fate = planned or _drawn_fate(cfg, rng, task)
+    if fate in ("rate_limit", "quota"):
+        return _rate_limited(cfg, rng, now, fate == "quota")
+    if fate == "fail":
+        return Failed(error="simulated failure: the test suite did not pass", cause="failed")
+    if fate == "stall":
+        raise Stalled(f"task {task['task_id']} stalls")
     summary = f"simulated run {task['run_count']} of task {task['task_id']} on {task['model']}"
-    if follow:
+    if fate == "follow_up":
         return Done(Outcome(needs_follow_up=True, next_prompt="Continue: add the missing tests.", summary=summary))
     return Done(Outcome(summary=summary))
 

@@ -1,0 +1,106 @@
+"""What ``clawq simulate`` shows: live progress (rich) while it runs, and the verdict at the end."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from broker import Broker
+
+__all__ = ["LiveView", "print_report"]
+
+_EVENT_TYPES = ("claimed", "completed", "follow_up", "failed", "timeout", "rate_limit", "quota_reached", "released")
+
+
+def _boards_table(health: dict[str, Any]) -> Table:
+    table = Table(title="boards", expand=False)
+    for col in ("board", "done/h", "queued", "running", "state"):
+        table.add_column(col)
+    for name, b in health["boards"].items():
+        running = str(b["running_task"]) if b["running_task"] is not None else "-"
+        table.add_row(name, str(b["completed_last_hour"]), str(b["queue_depth"]), running, b["state"])
+    return table
+
+
+def _models_table(health: dict[str, Any]) -> Table:
+    table = Table(title="models", expand=False)
+    for col in ("model", "inflight", "cooling", "failures"):
+        table.add_column(col)
+    for name, m in health["models"].items():
+        cap = m["cap"] if m["cap"] is not None else "∞"
+        cool = f"{m['cooldown_remaining_s']:.1f}s" if m["cooldown_remaining_s"] else "-"
+        table.add_row(name, f"{m['inflight']}/{cap}", cool, str(m["failures"]))
+    return table
+
+
+def _events_table(broker: Broker) -> Table:
+    table = Table(title="recent events", expand=False)
+    for col in ("type", "task", "board", "model"):
+        table.add_column(col)
+    rows: Any = broker.client.xrevrange(broker.keys.events, count=40)
+    shown = 0
+    for _, fields in rows or []:
+        if fields.get("type") in _EVENT_TYPES and shown < 8:
+            table.add_row(fields["type"], fields.get("task_id", ""), fields.get("board", ""), fields.get("model", ""))
+            shown += 1
+    return table
+
+
+class LiveView:
+    """A full-screen-ish live table on a terminal; one progress line every few seconds elsewhere."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live: Live | None = None
+        self._last_line = 0.0
+
+    def __call__(self, broker: Broker) -> None:
+        health = broker.health()
+        if self.console.is_terminal:
+            group = Group(_boards_table(health), _models_table(health), _events_table(broker))
+            if self.live is None:
+                self.live = Live(group, console=self.console, refresh_per_second=4, transient=True)
+                self.live.start()
+            self.live.update(group)
+        elif time.monotonic() - self._last_line >= 5:
+            self._last_line = time.monotonic()
+            g = health["global"]
+            queued = sum(b["queue_depth"] for b in health["boards"].values())
+            self.console.print(f"in progress {g['in_progress']}/{g['max_concurrent']}, queued {queued}")
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def print_report(console: Console, report: dict[str, Any]) -> None:
+    """The verdict: the run in figures, then each criterion with its violations."""
+    outcomes = report["outcomes"]
+    by_status: dict[str, int] = {}
+    for o in outcomes:
+        by_status[o["status"]] = by_status.get(o["status"], 0) + 1
+    console.print(f"[bold]clawq simulate[/bold] on {report['redis']}: {len(outcomes)} tasks, "
+                  f"{len(report['runs'])} runs in {report['wall_s']:.1f}s · "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(by_status.items())))
+    causes = ", ".join(f"{k} {v}" for k, v in sorted(report["events_by_root_cause"].items())) or "none"
+    console.print(f"faults: {causes} · workers killed: {len(report['kills'])} · "
+                  f"notifications: {len(report['notifications'])}")
+    table = Table(show_header=True)
+    table.add_column("criterion")
+    table.add_column("holds")
+    table.add_column("detail")
+    for name, c in report["criteria"].items():
+        detail = "; ".join(c["violations"][:3]) or ", ".join(
+            f"{k}={v}" for k, v in c.items() if k not in ("ok", "violations"))
+        table.add_row(name, "[green]yes[/green]" if c["ok"] else "[red]NO[/red]", detail)
+    console.print(table)
+    console.print("[green]every criterion holds[/green]" if report["ok"] else
+                  f"[red]a criterion failed[/red] (process logs in {report['logs']})")
+
+
+ViewFactory = Callable[[], LiveView]
