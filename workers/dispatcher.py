@@ -104,6 +104,7 @@ class Dispatcher:
     _gate: AgentGate | None = None
     _own_notifiers: bool = False
     _cursor: str = ""
+    _active: bool = False
 
     def __post_init__(self) -> None:
         self._own_notifiers = self.notifiers is None
@@ -153,6 +154,7 @@ class Dispatcher:
     def _maybe_summary(self) -> None:
         health = self.broker.health()
         active = health["global"]["in_progress"] > 0 or any(b["queue_depth"] for b in health["boards"].values())
+        self._active = active
         if not active:
             return
         interval_ms = int(self.broker.config().notify.summary_interval_minutes * 60_000)
@@ -173,10 +175,15 @@ class Dispatcher:
 
     # -- the loop --------------------------------------------------------------------------------
     def _wait_s(self) -> float:
+        """Until the nearest deadline, or the next summary while the queue is active."""
+        waits = [_IDLE_WAKE_S]
         deadline = self.broker.next_deadline()
-        if deadline is None:
-            return _IDLE_WAKE_S
-        return max(0.0, deadline - self.broker.now()) + 0.001
+        if deadline is not None:
+            waits.append(max(0.0, deadline - self.broker.now()) + 0.001)
+        if self._active:
+            pttl = int(self.broker.client.pttl(self.broker.keys.summary_lock))
+            waits.append(max(pttl, 0) / 1000 + 0.001)
+        return min(waits)
 
     def run(self, stop: threading.Event) -> None:
         """Loop until ``stop`` is set; survives Redis outages (retry with backoff, logged once)."""
