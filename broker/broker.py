@@ -209,8 +209,8 @@ class Broker:
         _check_text("prompt", prompt, MAX_TEXT_BYTES)
         if (chain is None) == (model is None):
             raise InputError("give exactly one of --chain or --model")
-        if task_id is not None and (isinstance(task_id, bool) or not 1 <= task_id < MAX_TASK_ID):
-            raise InputError(f"bad task id {task_id}: a positive integer below {MAX_TASK_ID:.0e}")
+        if task_id is not None:
+            _check_task_id(task_id)
         self._check_known(chain=chain, model=model)
         args: list[str | int | float] = [
             _ms(self.now()), "" if task_id is None else task_id, board, title, prompt,
@@ -218,6 +218,8 @@ class Broker:
         ]
         reply = self._call("add_task", args)
         status = Status(reply[0])
+        if status is Status.BAD_STATE:
+            raise InputError(str(reply[1]))
         if status is not Status.OK:
             raise error_for(status, int(task_id or 0), "", str(reply[1]))
         return int(reply[1])
@@ -252,6 +254,7 @@ class Broker:
         raise ScriptError("the config kept changing during the claim; try again")
 
     def _run_call(self, name: str, task_id: int, run_id: str, args: list[str | int | float]) -> list[Any]:
+        _check_task_id(task_id)
         _check_run_id(run_id)
         reply = self._call(name, [_ms(self.now()), task_id, run_id, *args], task_id=task_id)
         status = Status(reply[0])
@@ -261,6 +264,7 @@ class Broker:
 
     def heartbeat(self, task_id: int, run_id: str) -> float:
         """Extend the run's lease; returns the new deadline (epoch seconds). Raises RunFenced."""
+        _check_task_id(task_id)
         _check_run_id(run_id)
         reply = self._call("heartbeat", [_ms(self.now()), task_id, run_id], task_id=task_id)
         status = Status(reply[0])
@@ -357,13 +361,13 @@ class Broker:
         requeued: list[int] = []
         while True:
             reply = self._call("reap_leases", [_ms(self.now()), REAP_BATCH])
-            ids = [int(reply[i]) for i in range(1, len(reply), 2)]
-            requeued.extend(ids)
-            if len(ids) < REAP_BATCH:
+            requeued.extend(int(reply[i]) for i in range(2, len(reply), 2))
+            if int(reply[1]) < REAP_BATCH:
                 return requeued
 
     def cancel(self, task_id: int) -> TaskStatus:
         """Cancel a task wherever it is; returns the status it had."""
+        _check_task_id(task_id)
         reply = self._call("cancel_task", [_ms(self.now()), task_id], task_id=task_id)
         status = Status(reply[0])
         if status is not Status.OK:
@@ -413,6 +417,7 @@ class Broker:
 
     # -- reading ---------------------------------------------------------------------------------
     def get_task(self, task_id: int) -> Task:
+        _check_task_id(task_id)
         with _redis_errors(self._where):
             pipe = self.client.pipeline(transaction=True)
             pipe.hgetall(self.keys.task(task_id))
@@ -525,6 +530,11 @@ def _check_text(name: str, value: str, limit: int, *, required: bool = False) ->
         raise InputError(f"{name} is larger than {limit} bytes")
     if "\x00" in value:
         raise InputError(f"{name} contains a NUL character")
+
+
+def _check_task_id(task_id: int) -> None:
+    if isinstance(task_id, bool) or not isinstance(task_id, int) or not 1 <= task_id < MAX_TASK_ID:
+        raise InputError(f"bad task id {task_id!r}: a positive integer below 10**14")
 
 
 def _check_run_id(run_id: str) -> None:

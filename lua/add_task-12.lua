@@ -19,6 +19,7 @@
   ARGV[4] board  ARGV[5] title  ARGV[6] prompt  ARGV[7] chain name or ""  ARGV[8] pinned model or ""
 
   Returns {0, task_id} | {4, task_id} duplicate id | {5, message} unknown chain or model
+          | {3, message} no auto id left below 10**14
 ]]
 local rcall = redis.call
 --- @include "core"
@@ -38,7 +39,9 @@ end
 
 local id
 if ARGV[3] == "" then
-  id = rcall("INCR", KEYS[1])
+  id = num(rcall("GET", KEYS[1]), 0) + 1
+  if id >= 100000000000000 then return {3, "task ids are exhausted (they stay below 10**14)"} end
+  rcall("SET", KEYS[1], int(id))
 else
   id = tonumber(ARGV[3])
   if rcall("EXISTS", task_key(P, ARGV[3])) == 1 then return {4, id} end

@@ -161,7 +161,7 @@ rcall("HINCRBY", K.inflight_provider, best.provider, 1)
 rcall("HSET", tk, "status", "in_progress", "run_id", run_id, "model", best.model,
       "provider", best.provider, "claimed_at", int(now), "lease_deadline", int(deadline),
       "backoff_until", "0", "updated_at", int(now))
-rcall("RPUSH", runs_key(P, id), cjson.encode({run_id = run_id, model = best.model,
+rcall("RPUSH", runs_key(P, id), cjson.encode({run_id = run_id, board = b, model = best.model,
       provider = best.provider, run_count = run_count, attempt = attempt,
       claimed_at = now / 1000, night = ARGV[5] == "1"}))
 rcall("SET", lease_key(P, id), run_id, "PX", lease_ms)

@@ -3,7 +3,8 @@
   Follow-up YES: the same task returns to its board (same task_id: the head again) with the
   next prompt and summary appended to its context -- unless it already had max_runs runs,
   then it goes to in_review with a note. NO: in_review. Either way run_count + 1, attempts 0.
-  Repeating the outcome of the run that just completed changes nothing and answers 8.
+  Repeating the outcome of the run that just completed changes nothing and answers 8
+  (the task keeps `last_digest` = "<run id>|<digest>" of the last recorded outcome).
 
   KEYS[1]  task (task:<id>)   HASH
   KEYS[2..18] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
@@ -30,7 +31,7 @@ local t, code, detail = active_run(P, id, run_id)
 if not t then
   if code == 2 then
     local cur = task_fields(P, id)
-    if cur.last_run_id == run_id and cur.last_digest == ARGV[9] then
+    if cur.last_digest == run_id .. "|" .. ARGV[9] then
       return {8, cur.status, cur.run_count}
     end
   end
@@ -54,7 +55,7 @@ entry.summary = ARGV[7]
 entry.at = now / 1000
 if follow_up then entry.next_prompt = ARGV[6] end
 rcall("RPUSH", context_key(P, id), cjson.encode(entry))
-rcall("HSET", task_key(P, id), "run_count", run_count, "attempts", 0, "last_digest", ARGV[9],
+rcall("HSET", task_key(P, id), "run_count", run_count, "attempts", 0, "last_digest", run_id .. "|" .. ARGV[9],
       "last_summary", ARGV[7])
 rcall("HINCRBY", K.stats_completed, t.board, 1)
 rcall("ZADD", done_key(P, t.board), now, run_id)

@@ -12,23 +12,46 @@
 
   ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] at most this many leases per call
 
-  Returns {0, task_id, status, task_id, status, ...}
+  A lease whose task hash is gone (deleted by hand) is cleared from what its run record
+  says (board, model, provider): its counters and its board slot are released, event "lost".
+
+  Returns {0, leases handled, task_id, status, task_id, status, ...} (lost tasks are not listed)
 ]]
 local rcall = redis.call
 --- @include "core"
 
 local K = keys_from(RUN_END_KEYS, 1)
 local P, now = ARGV[1], tonumber(ARGV[2])
-local out = {0}
+-- The task hash is gone: release what the run record says the run held.
+local function lost(id)
+  rcall("ZREM", K.running, id)
+  rcall("DEL", lease_key(P, id))
+  local raw = rcall("LINDEX", runs_key(P, id), -1)
+  if not raw then return end
+  local run = cjson.decode(raw)
+  if run.ended_at or not run.board then return end
+  counter_down(K.inflight_model, run.model)
+  counter_down(K.inflight_provider, run.provider)
+  if rcall("HGET", board_key(P, run.board), "running") == id then
+    rcall("HDEL", board_key(P, run.board), "running")
+  end
+  reindex_board(K, P, run.board, now)
+  emit(K, now, "lost", {"task_id", id, "board", run.board, "model", run.model, "run_id", run.run_id,
+                        "message", "task hash missing: lease released"})
+end
+
 local expired = rcall("ZRANGEBYSCORE", K.running, "-inf", now, "LIMIT", 0, tonumber(ARGV[3]))
+local out = {0, #expired}
 for _, id in ipairs(expired) do
   local t = task_fields(P, id)
   if t and t.status == "in_progress" then
     local status = fail_run(K, P, id, t, now, "timeout", "no heartbeat: lease expired", true, false)
     out[#out + 1] = tonumber(id)
     out[#out + 1] = status
-  else
+  elseif t then
     rcall("ZREM", K.running, id)
+  else
+    lost(id)
   end
 end
 return out

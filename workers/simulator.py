@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -301,6 +302,7 @@ class _Redis:
         if self._server is not None:
             self._server._cleanup()
             self._server = None
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def _all_final(broker: Broker) -> tuple[bool, list[Task]]:
@@ -349,7 +351,11 @@ def run_simulation(opts: SimOptions, view_factory: Callable[[], Any] | None = No
         _await_alerts(broker, sink)
         fleet.stop()
         tasks = [broker.get_task(t.task_id) for t in broker.list_tasks()]
-        return _report(broker, tasks, sink, fleet, plan, started, finished, completed, redis_box.label)
+        report = _report(broker, tasks, sink, fleet, plan, started, finished, completed, redis_box.label)
+        if report["ok"]:  # the process logs are kept only to explain a failure
+            shutil.rmtree(fleet.logdir, ignore_errors=True)
+            report["logs"] = None
+        return report
     finally:
         fleet.stop()
         sink.close()
