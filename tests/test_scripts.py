@@ -217,8 +217,8 @@ def test_claim_task_ok(broker: Broker, clock: Clock) -> None:
     assert c.zcard(k.queue("web")) == 0
     task = broker.get_task(1)
     assert (task.status, task.run_id, task.running_model) == (TaskStatus.IN_PROGRESS, claim.run_id, "codex")
-    assert task.runs == [{"run_id": claim.run_id, "board": "web", "model": "codex", "provider": "openai", "run_count": 1,
-                          "attempt": 1, "claimed_at": clock(), "night": False}]
+    assert task.runs == [{"run_id": claim.run_id, "board": "web", "model": "codex", "provider": "openai",
+                          "run_count": 1, "attempt": 1, "claimed_at": clock(), "night": False}]
     assert c.get(k.stats_claims) == "1"
 
 
