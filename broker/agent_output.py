@@ -78,7 +78,7 @@ def _as_doc(line: str) -> dict[str, Any] | None:
         return None
     try:
         doc = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         return None
     return doc if isinstance(doc, dict) else None
 
@@ -107,7 +107,13 @@ def _outcome(fields: dict[str, Any]) -> AgentResult:
         return _bad(f"{where}: {first['msg']}")
 
 
-def _clawtrol(doc: dict[str, Any]) -> AgentResult:
+def _clawtrol(doc: dict[str, Any], expect: tuple[int, str] | None) -> AgentResult:
+    if not isinstance(doc.get("task_id"), int) or isinstance(doc.get("task_id"), bool):
+        return _bad(f"task_id must be an integer, got {doc.get('task_id')!r}")
+    if not isinstance(doc.get("run_id"), str):
+        return _bad(f"run_id must be the run's UUID, got {doc.get('run_id')!r}")
+    if expect is not None and (doc["task_id"], doc["run_id"]) != expect:
+        return _bad(f"outcome is for task {doc['task_id']} run {doc['run_id']}, not task {expect[0]} run {expect[1]}")
     action = doc.get("recommended_action", "in_review")
     if action not in ("in_review", "requeue_same_task"):
         return _bad(f"recommended_action must be in_review or requeue_same_task, got {action!r}")
@@ -119,27 +125,41 @@ def _clawtrol(doc: dict[str, Any]) -> AgentResult:
     return _outcome({**doc, "needs_follow_up": follow})
 
 
+def _seconds(value: Any) -> float | None:
+    """A number of seconds in (0, 30 days], or None (bools, text, NaN, huge integers refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and 0 < seconds <= MAX_RESET_SECONDS else None
+
+
 def _rate_limited(doc: dict[str, Any], now: float) -> AgentResult:
     message = doc.get("message", "")
     if not isinstance(message, str):
         return _bad("message must be a string")
     retry = doc.get("retry_after_seconds")
     if retry is not None:
-        ok = isinstance(retry, int | float) and not isinstance(retry, bool) and math.isfinite(retry)
-        if not ok or not 0 < retry <= MAX_RESET_SECONDS:
-            return _bad(f"retry_after_seconds must be a number of seconds in (0, 30 days], got {retry!r}")
-        return RateLimited(message=tail(message), retry_after=float(retry))
+        seconds = _seconds(retry)
+        if seconds is None:
+            return _bad(f"retry_after_seconds must be a number of seconds in (0, 30 days], got {str(retry)[:40]}")
+        return RateLimited(message=tail(message), retry_after=seconds)
     signal = parse_signal(message, now)
     return RateLimited(message=tail(message), reset_at=signal.reset_at,
                        quota=signal.klass is SignalClass.QUOTA_REACHED)
 
 
-def result_from_doc(doc: dict[str, Any], now: float) -> AgentResult:
-    """An outcome document (stdout's last line, a python runner's return, an HTTP payload)."""
+def result_from_doc(doc: dict[str, Any], now: float, expect: tuple[int, str] | None = None) -> AgentResult:
+    """An outcome document (stdout's last line, a python runner's return, an HTTP payload).
+
+    ``expect`` = (task_id, run_id) of the run: a ClawTrol payload must name exactly that run.
+    """
     if doc.get("version") is not None:
         if doc.get("version") != "1":
             return _bad(f"unknown outcome version {doc.get('version')!r}")
-        return _clawtrol(doc)
+        return _clawtrol(doc, expect)
     status = doc.get("status")
     if status == "done":
         return _outcome(doc)
@@ -151,12 +171,14 @@ def result_from_doc(doc: dict[str, Any], now: float) -> AgentResult:
     return _bad(f"status must be done, rate_limited or failed, got {status!r}")
 
 
-def parse_agent_output(stdout: str, stderr: str, exit_code: int, now: float) -> AgentResult:
-    """Turn a finished command agent's output into its result."""
+def parse_agent_output(
+    stdout: str, stderr: str, exit_code: int, now: float, expect: tuple[int, str] | None = None
+) -> AgentResult:
+    """Turn a finished command agent's output into its result (``expect``: see :func:`result_from_doc`)."""
     doc = _as_doc(_last_line(stdout))
     if exit_code != 0:
         if doc is not None and doc.get("status") in ("rate_limited", "failed"):
-            return result_from_doc(doc, now)
+            return result_from_doc(doc, now, expect)
         result = classify_text(stderr or stdout, now)
         if isinstance(result, Failed) and result.cause == "failed":
             return Failed(error=f"exit code {exit_code}: {result.error}", cause="failed")
@@ -167,4 +189,4 @@ def parse_agent_output(stdout: str, stderr: str, exit_code: int, now: float) -> 
         return result if not isinstance(result, Failed) else Failed(
             error=f"no outcome line: {result.error}", cause=result.cause if result.cause != "failed" else "bad_output"
         )
-    return result_from_doc(doc, now)
+    return result_from_doc(doc, now, expect)

@@ -153,6 +153,10 @@ class Broker:
         assert self._config is not None
         return self._config
 
+    def forget_config(self) -> None:
+        """Drop the cached config: the next read takes the one in Redis (after a `config_loaded` event)."""
+        self._config = None
+
     def _reload_config(self) -> None:
         with _redis_errors(self._where):
             pipe = self.client.pipeline(transaction=True)

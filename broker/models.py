@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 __all__ = ["Claim", "Completion", "Outcome", "Task", "TaskStatus"]
 
@@ -54,7 +54,7 @@ class Outcome(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    needs_follow_up: bool = False
+    needs_follow_up: StrictBool = False  #: `"yes"` or `1` is not an answer
     next_prompt: str | None = None
     summary: str = ""
     achieved: list[str] | str | None = None

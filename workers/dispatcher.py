@@ -52,7 +52,6 @@ class AgentGate:
     probe: Callable[[str], bool] = http_ready
     _last_check: float = 0.0
     _url_ok: bool = True
-    _down: bool = False
 
     def ready(self) -> bool:
         url = self.broker.config().agent.health_url
@@ -65,15 +64,13 @@ class AgentGate:
         return ok
 
     def _transition(self, ok: bool, why: str) -> None:
+        """One notification per outage and one when it ends, whichever dispatcher sees it (the lock key)."""
         lock = self.broker.keys.prefix + "lock:outage"
-        if not ok and not self._down:
-            self._down = True
-            if self.broker.client.set(lock, "1", nx=True, ex=_ALERT_TTL_S):
-                self.notifiers.send("agent_not_ready", f"clawq: agent runtime not ready, claims held ({why})")
-        elif ok and self._down:
-            self._down = False
+        if ok:
             if self.broker.client.delete(lock):
                 self.notifiers.send("agent_ready", "clawq: agent runtime is back, claiming again")
+        elif self.broker.client.set(lock, why[:500], nx=True, ex=_ALERT_TTL_S):
+            self.notifiers.send("agent_not_ready", f"clawq: agent runtime not ready, claims held ({why})")
 
 
 def summary_line(health: dict[str, Any], skips: dict[str, int]) -> str:
@@ -105,6 +102,7 @@ class Dispatcher:
     _own_notifiers: bool = False
     _cursor: str = ""
     _active: bool = False
+    _gate_closed: bool = False
 
     def __post_init__(self) -> None:
         self._own_notifiers = self.notifiers is None
@@ -123,7 +121,8 @@ class Dispatcher:
         for task_id in self.broker.reap():
             log.info("lease of task %s expired: requeued at its board head", task_id)
         assert self._gate is not None
-        if not self._gate.ready():
+        self._gate_closed = not self._gate.ready()
+        if self._gate_closed:
             self.broker.client.hincrby(self.broker.keys.stats_skips, "agent_not_ready", 1)
             self.last_skips = {"agent_not_ready": 1}
             return 0
@@ -176,7 +175,7 @@ class Dispatcher:
     # -- the loop --------------------------------------------------------------------------------
     def _wait_s(self) -> float:
         """Until the nearest deadline, or the next summary while the queue is active."""
-        waits = [_IDLE_WAKE_S]
+        waits = [_GATE_CHECK_S if self._gate_closed else _IDLE_WAKE_S]
         deadline = self.broker.next_deadline()
         if deadline is not None:
             waits.append(max(0.0, deadline - self.broker.now()) + 0.001)
@@ -221,6 +220,7 @@ class Dispatcher:
         for event in events:
             self._alert(event)
             if event.get("type") == "config_loaded":
+                self.broker.forget_config()
                 self._refresh_notifiers()
 
     def _latest_event_id(self) -> str:
@@ -232,8 +232,9 @@ class Dispatcher:
 
 
 def _alert_kind(event: dict[str, Any]) -> str | None:
+    """in_review for a completed task; failed for any run end that failed the task for good."""
     if event.get("type") == "completed":
         return "in_review"
-    if event.get("type") in ("failed", "timeout") and event.get("status") == "failed":
+    if event.get("status") == "failed":  # fail_run's events, whatever their root cause
         return "failed"
     return None

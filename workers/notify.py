@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,7 +70,7 @@ class Notifiers:
         for target in self.targets:
             try:
                 target.send(kind, text, doc)
-            except (OSError, urllib.error.URLError, ValueError) as err:
+            except Exception as err:  # a notifier never stops the queue: bad answers, timeouts, anything
                 log.warning("notifier %s failed: %s", type(target).__name__, _redact(str(err)))
 
 

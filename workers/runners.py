@@ -12,11 +12,14 @@ A runner returns ``None`` when it was stopped because the run lost its lease: no
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import importlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +37,7 @@ __all__ = ["RunContext", "Stalled", "agent_env", "run_agent"]
 #: Environment variables never passed to an agent: clawq's own settings and Redis credentials.
 _SECRET_PREFIXES = ("CLAWQ_", "REDIS_", "RQ_")
 _OUTPUT_CAP = 4 * 1024 * 1024
+_PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05
 
 
@@ -75,20 +79,27 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def _die_with_parent() -> None:
+    """In the agent, before exec: die when the worker dies (Linux), so a killed worker leaves no orphan."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _start(argv: list[str], ctx: RunContext) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=agent_env(ctx.task), start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
 
 
-def _feed(proc: subprocess.Popen[bytes], ctx: RunContext) -> None:
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write(json.dumps(ctx.task).encode("utf-8"))
-        proc.stdin.close()
-    except (BrokenPipeError, OSError):
-        pass  # the agent did not read its stdin: that is its business
+def _feed(stdin: IO[bytes], data: bytes) -> None:
+    """Write the task to the agent's stdin (in a thread: an agent that never reads must not block us)."""
+    with contextlib.suppress(OSError):  # the agent did not read its stdin: that is its business
+        stdin.write(data)
+    with contextlib.suppress(OSError):
+        stdin.close()
 
 
 def _wait(proc: subprocess.Popen[bytes], ctx: RunContext) -> str | None:
@@ -104,28 +115,38 @@ def _wait(proc: subprocess.Popen[bytes], ctx: RunContext) -> str | None:
     return None
 
 
+def _expect(ctx: RunContext) -> tuple[int, str]:
+    return int(ctx.task["task_id"]), str(ctx.task["run_id"])
+
+
 def run_command(argv: list[str], ctx: RunContext) -> AgentResult | None:
     """Run a command agent (no shell, own process group) and read its outcome."""
     try:
         proc = _start(argv, ctx)
     except OSError as err:
         return Failed(error=f"cannot start agent {argv[0]!r}: {err}", cause="agent_unreachable")
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     out, errs = bytearray(), bytearray()
-    readers = [threading.Thread(target=_drain, args=(s, b), daemon=True)
+    threads = [threading.Thread(target=_drain, args=(s, b), daemon=True)
                for s, b in ((proc.stdout, out), (proc.stderr, errs))]
-    for t in readers:
+    threads.append(threading.Thread(target=_feed, args=(proc.stdin, json.dumps(ctx.task).encode()), daemon=True))
+    for t in threads:
         t.start()
-    _feed(proc, ctx)
-    ended = _wait(proc, ctx)
-    for t in readers:
-        t.join(timeout=5)
+    try:
+        ended = _wait(proc, ctx)
+    finally:
+        for t in threads:
+            t.join(timeout=5)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
     stdout, stderr = out.decode("utf-8", "replace"), errs.decode("utf-8", "replace")
     ctx.log.extend(_tail_lines(stdout.splitlines()[:-1] + stderr.splitlines()))
     if ended == "stopped":
         return None
     if ended == "timeout":
         return Failed(error=f"agent killed after {ctx.timeout_s:.0f}s", cause="timeout")
-    return parse_agent_output(stdout, stderr, proc.returncode, time.time())
+    return parse_agent_output(stdout, stderr, proc.returncode, time.time(), _expect(ctx))
 
 
 def _tail_lines(lines: Iterable[str], limit: int = 200) -> list[str]:
@@ -159,10 +180,10 @@ def run_python(spec: str, ctx: RunContext) -> AgentResult | None:
             return None
         if time.monotonic() > deadline:
             return Failed(error=f"agent still running after {ctx.timeout_s:.0f}s", cause="timeout")
-    return _python_result(box[0] if box else None)
+    return _python_result(box[0] if box else None, _expect(ctx))
 
 
-def _python_result(value: Any) -> AgentResult:
+def _python_result(value: Any, expect: tuple[int, str]) -> AgentResult:
     if isinstance(value, BaseException):
         return classify_text(f"{type(value).__name__}: {value}", time.time())
     if isinstance(value, Outcome):
@@ -170,7 +191,7 @@ def _python_result(value: Any) -> AgentResult:
     if isinstance(value, Done | Failed) or type(value).__name__ == "RateLimited":
         return value  # type: ignore[no-any-return]
     if isinstance(value, dict):
-        return result_from_doc(value, time.time())
+        return result_from_doc(value, time.time(), expect)
     return Failed(error=f"bad agent output: the callable returned {type(value).__name__}", cause="bad_output")
 
 

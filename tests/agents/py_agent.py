@@ -1,0 +1,62 @@
+"""Callables for the python runner (``agent.callable = "agents.py_agent:<name>"``)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from broker import Outcome
+
+#: set by the tests to let a blocked callable return (so no thread outlives its test for long)
+RELEASE = threading.Event()
+CALLS: list[dict[str, Any]] = []
+
+
+def done(task: dict[str, Any]) -> dict[str, Any]:
+    CALLS.append(task)
+    return {"status": "done", "needs_follow_up": False, "summary": f"did {task['title']}"}
+
+
+def follow_up(task: dict[str, Any]) -> dict[str, Any]:
+    return {"status": "done", "needs_follow_up": True, "next_prompt": "go on", "summary": "half"}
+
+
+def outcome(task: dict[str, Any]) -> Outcome:
+    return Outcome(needs_follow_up=False, summary="an Outcome object")
+
+
+def clawtrol(task: dict[str, Any]) -> dict[str, Any]:
+    return {"version": "1", "task_id": task["task_id"], "run_id": task["run_id"], "needs_follow_up": True,
+            "recommended_action": "requeue_same_task", "next_prompt": "again", "summary": "v1"}
+
+
+def rate_limited(task: dict[str, Any]) -> dict[str, Any]:
+    return {"status": "rate_limited", "retry_after_seconds": 30, "message": "slow down"}
+
+
+def raises_429(task: dict[str, Any]) -> dict[str, Any]:
+    raise RuntimeError("429 Too Many Requests. Please try again in 7s")
+
+
+def raises(task: dict[str, Any]) -> dict[str, Any]:
+    raise ValueError("the tests did not pass")
+
+
+def returns_int(task: dict[str, Any]) -> int:
+    return 42
+
+
+def returns_bad_doc(task: dict[str, Any]) -> dict[str, Any]:
+    return {"status": "done", "summary": ["not", "a", "string"]}
+
+
+def returns_huge_retry(task: dict[str, Any]) -> dict[str, Any]:
+    return {"status": "rate_limited", "retry_after_seconds": 10**400}
+
+
+def blocks(task: dict[str, Any]) -> dict[str, Any]:
+    RELEASE.wait(30)
+    return {"status": "done", "summary": "released"}
+
+
+not_callable = 5
