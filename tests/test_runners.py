@@ -21,8 +21,6 @@ from broker.config import AgentConfig, SimulatedAgentConfig
 from workers.runners import RunContext, Stalled, agent_env, run_agent, run_command
 from workers.simulated import simulated_result
 
-
-
 AGENTS = Path(__file__).parent / "agents"
 PROBE = str(AGENTS / "probe_agent.py")
 RUN_ID = "0b6f4c9e-8e0e-4d5c-9a7e-3f0f6f1c2a11"

@@ -1,0 +1,359 @@
+"""A pure-Python model of clawq's queue rules, for the stateful test (tests/test_stateful.py).
+
+It mirrors lua/lib/core.lua and the scripts in lua/ step by step, in integer milliseconds, with no Redis:
+
+* a board's queue is its up_next tasks by task id; only the head may run (strict head of line), one task in
+  progress per board, none while the board is paused or its head is in failure backoff;
+* a board sits in exactly one index (idle, paused, busy, backoff, ready); it is re-indexed only where the
+  scripts re-index it (the board an operation touched; boards whose backoff ended, at the start of a claim),
+  and it gets a new place in line (a global increasing counter, ``ready_seq``) each time it becomes ready or
+  its head's chain key changes -- among ready boards with a usable model the lowest place wins;
+* a chain key is ``c:<chain>`` (fallback order) or ``m:<model>`` (a pinned model); a model is usable when it
+  is not cooling down and its model cap and its provider's cap are not reached; the global cap comes first;
+* failures and timeouts count attempts (failed at max_attempts), outcomes reset them; a follow-up returns the
+  task to its board unless it already had max_runs runs; a rate limit cools the model (a cooldown never
+  shrinks) and requeues the task without using an attempt; so does a release (without the cooldown).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+UP_NEXT, IN_PROGRESS, IN_REVIEW = "up_next", "in_progress", "in_review"
+FAILED, CANCELLED = "failed", "cancelled"
+IDLE, PAUSED, BUSY, BACKOFF, READY = "idle", "paused", "busy", "backoff", "ready"
+UNFINISHED = (UP_NEXT, IN_PROGRESS)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The settings the scripts read, in milliseconds (what Config.script_settings() and the caps give)."""
+
+    global_cap: int
+    chains: dict[str, tuple[str, ...]]
+    providers: dict[str, str]  #: model -> provider
+    model_caps: dict[str, int]
+    provider_caps: dict[str, int]
+    lease_ms: int
+    heartbeat_ms: int
+    backoff_ms: int
+    max_attempts: int
+    max_runs: int
+
+    def models_of(self, ck: str) -> tuple[str, ...]:
+        kind, name = ck[:2], ck[2:]
+        return (name,) if kind == "m:" else self.chains[name]
+
+
+@dataclass
+class MTask:
+    id: int
+    board: str
+    ck: str
+    status: str = UP_NEXT
+    run_count: int = 0
+    attempts: int = 0
+    backoff_until: int = 0
+    run_id: str | None = None  #: the active run
+    model: str | None = None  #: model of the active or last run
+    provider: str | None = None
+    deadline: int | None = None  #: lease deadline of the active run
+    last_run_id: str | None = None  #: the run that ended last
+    last_end: str | None = None  #: how it ended: complete, fail, timeout, rate_limited, release, cancel
+    last_outcome: tuple[str, str] | None = None  #: (run id, digest) of the last recorded outcome
+
+
+@dataclass
+class MBoard:
+    paused: bool = False
+    running: int | None = None
+    state: str | None = None  #: the index it sits in (as stored: only re-indexed where the scripts do)
+    ck: str | None = None  #: its ready line, when ready
+    score: int = 0  #: place in its ready line, or end of its backoff
+
+
+@dataclass(frozen=True)
+class Claimed:
+    task_id: int
+    board: str
+    model: str
+    provider: str
+    run_count: int
+    attempt: int
+    deadline: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    reasons: dict[str, int]
+
+
+class QueueModel:
+    """The whole namespace: tasks, boards, cooldowns and the two counters."""
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        self.tasks: dict[int, MTask] = {}
+        self.boards: dict[str, MBoard] = {}
+        self.cooldowns: dict[str, int] = {}  #: model -> stored cooldown end (cooling while > now)
+        self.ready_seq = 0
+        self.task_seq = 0
+
+    # -- views -------------------------------------------------------------------------------------
+    def queue(self, board: str) -> list[int]:
+        return sorted(t.id for t in self.tasks.values() if t.board == board and t.status == UP_NEXT)
+
+    def running(self) -> list[MTask]:
+        return sorted((t for t in self.tasks.values() if t.status == IN_PROGRESS), key=lambda t: t.id)
+
+    def inflight_models(self) -> Counter[str]:
+        return Counter(t.model for t in self.running() if t.model)
+
+    def inflight_providers(self) -> Counter[str]:
+        return Counter(t.provider for t in self.running() if t.provider)
+
+    def refs(self) -> Counter[str]:
+        return Counter(t.ck for t in self.tasks.values() if t.status in UNFINISHED)
+
+    def ready_lines(self) -> dict[str, list[str]]:
+        """Chain key -> its ready boards, front first."""
+        lines: dict[str, list[str]] = {}
+        for name, b in sorted(self.boards.items(), key=lambda kv: kv[1].score):
+            if b.state == READY and b.ck:
+                lines.setdefault(b.ck, []).append(name)
+        return lines
+
+    def cooling(self, model: str, now: int) -> bool:
+        return self.cooldowns.get(model, 0) > now
+
+    def board(self, name: str) -> MBoard:
+        return self.boards.setdefault(name, MBoard())
+
+    # -- board index (core.lua state_of / reindex_board) --------------------------------------------
+    def state_of(self, name: str, now: int) -> tuple[str, str | None, int]:
+        b = self.board(name)
+        queue = self.queue(name)
+        if not queue:
+            return IDLE, None, 0
+        if b.paused:
+            return PAUSED, None, 0
+        if b.running is not None:
+            return BUSY, None, 0
+        head = self.tasks[queue[0]]
+        if head.backoff_until > now:
+            return BACKOFF, None, head.backoff_until
+        return READY, head.ck, 0
+
+    def reindex(self, name: str, now: int) -> str:
+        b = self.board(name)
+        state, ck, until = self.state_of(name, now)
+        if b.state == state and (state != READY or b.ck == ck) and state != BACKOFF:
+            return state
+        if state == READY:
+            self.ready_seq += 1
+            b.score = self.ready_seq
+        elif state == BACKOFF:
+            b.score = until
+        b.state, b.ck = state, ck
+        return state
+
+    # -- operations ------------------------------------------------------------------------------------
+    def add(self, board: str, ck: str, now: int, task_id: int | None = None) -> int | None:
+        """The new task's id, or None when ``task_id`` is taken."""
+        if task_id is None:
+            self.task_seq += 1
+            task_id = self.task_seq
+        elif task_id in self.tasks:
+            return None
+        else:
+            self.task_seq = max(self.task_seq, task_id)
+        self.tasks[task_id] = MTask(task_id, board, ck)
+        self.reindex(board, now)
+        return task_id
+
+    def blocked(self, model: str, now: int) -> str | None:
+        r = self.rules
+        provider = r.providers[model]
+        if self.cooling(model, now):
+            return "model_rate_limited"
+        if model in r.model_caps and self.inflight_models()[model] >= r.model_caps[model]:
+            return "model_quota_reached"
+        if provider in r.provider_caps and self.inflight_providers()[provider] >= r.provider_caps[provider]:
+            return "provider_quota_reached"
+        return None
+
+    def pick(self, ck: str, now: int) -> tuple[str | None, str]:
+        """The first usable model of chain key ``ck``; else None and the reason of its first model."""
+        first = "model_quota_reached"
+        for i, model in enumerate(self.rules.models_of(ck)):
+            reason = self.blocked(model, now)
+            if reason is None:
+                return model, ""
+            if i == 0:
+                first = reason
+        return None, first
+
+    def claim(self, now: int, run_id: str) -> Claimed | Refused:
+        # Boards whose backoff ended join their ready line first, by backoff end, ties by name.
+        due = sorted((b.score, n) for n, b in self.boards.items() if b.state == BACKOFF and b.score <= now)
+        for _, name in due:
+            self.reindex(name, now)
+        lines = self.ready_lines()
+        reasons: Counter[str] = Counter()
+        if len(self.running()) >= self.rules.global_cap:
+            reasons["global_cap"] += sum(len(boards) for boards in lines.values())
+            return self._refuse(reasons)
+        best: tuple[int, str, str] | None = None
+        for ck, boards in lines.items():
+            model, reason = self.pick(ck, now)
+            if model is None:
+                reasons[reason] += len(boards)
+            elif best is None or self.boards[boards[0]].score < best[0]:
+                best = (self.boards[boards[0]].score, boards[0], model)
+        if best is None:
+            return self._refuse(reasons)
+        _, name, model = best
+        return self._start(name, model, now, run_id)
+
+    def _refuse(self, reasons: Counter[str]) -> Refused:
+        for state, reason in ((BUSY, "board_busy"), (PAUSED, "board_paused"), (BACKOFF, "backoff")):
+            reasons[reason] += sum(1 for b in self.boards.values() if b.state == state)
+        return Refused({k: n for k, n in reasons.items() if n > 0})
+
+    def _start(self, name: str, model: str, now: int, run_id: str) -> Claimed:
+        t = self.tasks[self.queue(name)[0]]
+        t.status, t.run_id, t.model = IN_PROGRESS, run_id, model
+        t.provider = self.rules.providers[model]
+        t.deadline = now + self.rules.lease_ms
+        t.backoff_until = 0
+        self.boards[name].running = t.id
+        self.reindex(name, now)
+        return Claimed(t.id, name, model, t.provider, t.run_count + 1, t.attempts + 1, t.deadline)
+
+    def active(self, task_id: int, run_id: str) -> tuple[MTask | None, str]:
+        """The task when ``run_id`` is its active run, else None and "not_found" / "fenced"."""
+        t = self.tasks.get(task_id)
+        if t is None:
+            return None, "not_found"
+        if t.status != IN_PROGRESS or t.run_id != run_id:
+            return None, "fenced"
+        return t, ""
+
+    def _end_run(self, t: MTask, how: str) -> None:
+        self.boards[t.board].running = None
+        t.last_run_id, t.last_end = t.run_id, how
+        t.run_id = t.deadline = None
+
+    def _requeue(self, t: MTask, now: int, backoff_until: int) -> None:
+        t.status, t.backoff_until = UP_NEXT, backoff_until
+        self.reindex(t.board, now)
+
+    def _finish(self, t: MTask, now: int, status: str) -> None:
+        t.status = status
+        self.reindex(t.board, now)
+
+    def _fail_run(self, t: MTask, now: int, how: str, retry: bool, backoff: bool) -> str:
+        self._end_run(t, how)
+        t.attempts += 1
+        if retry and t.attempts < self.rules.max_attempts:
+            self._requeue(t, now, now + self.rules.backoff_ms if backoff else 0)
+        else:
+            self._finish(t, now, FAILED)
+        return t.status
+
+    def heartbeat(self, task_id: int, run_id: str, now: int) -> tuple[str, int | None]:
+        t, code = self.active(task_id, run_id)
+        if t is None:
+            return code, None
+        t.deadline = now + self.rules.heartbeat_ms
+        return "ok", t.deadline
+
+    def is_repeat(self, t: MTask, run_id: str, digest: str) -> bool:
+        """A repeat of the task's last recorded outcome by the run that recorded it (complete_run keeps
+        ``last_digest`` = "<run id>|<digest>"): answered 8 even after later runs failed or timed out."""
+        return t.last_outcome == (run_id, digest)
+
+    def complete(
+        self, task_id: int, run_id: str, follow_up: bool, digest: str, now: int
+    ) -> tuple[object, ...]:
+        """("ok", status, run_count, limit_reached) | ("repeated", status, run_count) | (code,)."""
+        t, code = self.active(task_id, run_id)
+        if t is None:
+            cur = self.tasks.get(task_id)
+            if cur is not None and self.is_repeat(cur, run_id, digest):
+                return "repeated", cur.status, cur.run_count
+            return (code,)
+        run_count = t.run_count + 1
+        limit = follow_up and run_count >= self.rules.max_runs
+        self._end_run(t, "complete")
+        t.run_count, t.attempts, t.last_outcome = run_count, 0, (run_id, digest)
+        if follow_up and not limit:
+            self._requeue(t, now, 0)
+        else:
+            self._finish(t, now, IN_REVIEW)
+        return "ok", t.status, run_count, limit
+
+    def fail(self, task_id: int, run_id: str, retry: bool, now: int) -> tuple[object, ...]:
+        """("ok", status, attempts) | (code,)."""
+        t, code = self.active(task_id, run_id)
+        if t is None:
+            return (code,)
+        status = self._fail_run(t, now, "fail", retry, backoff=True)
+        return "ok", status, t.attempts
+
+    def cool(self, model: str, now: int, until: int, grow_only: bool) -> int:
+        """core.lua cool_model: the cooldown end in force afterwards."""
+        old = self.cooldowns.get(model)
+        if grow_only and old is not None and old >= until:
+            return old
+        if until <= now:
+            self.cooldowns.pop(model, None)
+            return now
+        self.cooldowns[model] = until
+        return until
+
+    def rate_limited(self, task_id: int, run_id: str, until: int, now: int) -> tuple[object, ...]:
+        """("ok", model, cooldown_end) | (code,)."""
+        t, code = self.active(task_id, run_id)
+        if t is None:
+            return (code,)
+        assert t.model is not None
+        end = self.cool(t.model, now, until, grow_only=True)
+        self._end_run(t, "rate_limited")
+        self._requeue(t, now, 0)
+        return "ok", t.model, end
+
+    def release(self, task_id: int, run_id: str, now: int) -> tuple[object, ...]:
+        """release_run: the run is given back, no attempt used, no backoff. ("ok", "up_next") | (code,)."""
+        t, code = self.active(task_id, run_id)
+        if t is None:
+            return (code,)
+        self._end_run(t, "release")
+        self._requeue(t, now, 0)
+        return "ok", t.status
+
+    def reap(self, now: int) -> list[int]:
+        # ZRANGEBYSCORE running -inf now: by deadline, ties by member (the id as text).
+        expired = sorted((t for t in self.running() if t.deadline is not None and t.deadline <= now),
+                         key=lambda t: (t.deadline, str(t.id)))
+        for t in expired:
+            self._fail_run(t, now, "timeout", retry=True, backoff=False)
+        return [t.id for t in expired]
+
+    def cancel(self, task_id: int, now: int) -> tuple[str, str | None]:
+        """("ok", previous status) | ("not_found" | "bad_state", None)."""
+        t = self.tasks.get(task_id)
+        if t is None:
+            return "not_found", None
+        was = t.status
+        if was == CANCELLED:
+            return "bad_state", None
+        if was == IN_PROGRESS:
+            self._end_run(t, "cancel")
+        self._finish(t, now, CANCELLED)
+        return "ok", was
+
+    def set_paused(self, board: str, paused: bool, now: int) -> str:
+        self.board(board).paused = paused
+        return self.reindex(board, now)
