@@ -24,6 +24,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from hypothesis.internal.conjecture import engine as hypothesis_engine
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -138,7 +139,7 @@ def _int_or_none(v: str | None) -> int | None:
 
 
 TASK_FIELDS = ("board", "ck", "status", "run_count", "attempts", "backoff_until", "run_id", "model", "provider",
-               "lease_deadline")
+               "lease_deadline", "last_run_id", "last_digest")
 
 
 def _task_view(values: list[str | None]) -> dict[str, Any]:
@@ -150,6 +151,7 @@ def _task_view(values: list[str | None]) -> dict[str, Any]:
         "backoff_until": int(f["backoff_until"]), "run_id": f.get("run_id"),
         "model": f.get("model"), "provider": f.get("provider"),
         "lease_deadline": _int_or_none(f.get("lease_deadline")),
+        "last_run_id": f["last_run_id"], "last_digest": f["last_digest"],
     }
 
 
@@ -244,7 +246,9 @@ def expected_snapshot(m: QueueModel, now: int) -> dict[str, Any]:
         "cooling": {name: until for name, until in m.cooldowns.items() if until > now},
         "task": {t.id: {"board": t.board, "ck": t.ck, "status": t.status, "run_count": t.run_count,
                         "attempts": t.attempts, "backoff_until": t.backoff_until, "run_id": t.run_id,
-                        "model": t.model, "provider": t.provider, "lease_deadline": t.deadline}
+                        "model": t.model, "provider": t.provider, "lease_deadline": t.deadline,
+                        "last_run_id": t.last_run_id,
+                        "last_digest": "|".join(t.last_outcome) if t.last_outcome else None}
                  for t in m.tasks.values()},
     }
     snap.update(_model_boards(m))
@@ -261,7 +265,7 @@ def _places(snap: dict[str, Any], tid: int) -> list[str]:
 
 
 def _place_of(task: dict[str, Any]) -> str:
-    status = task["status"]
+    status = str(task["status"])
     return {UP_NEXT: f"queue:{task['board']}", IN_PROGRESS: "running"}.get(status, status)
 
 
@@ -506,7 +510,13 @@ def _machine(client: redis.Redis) -> type[QueueMachine]:
     return type("QueueMachineHere", (QueueMachine,), {"client": client})
 
 
-def test_broker_matches_model(client: redis.Redis) -> None:
+#: Hypothesis shrinks a failing machine for up to 5 minutes (it rarely stops earlier here); pytest's
+#: 120 s timeout would cut that short and hide the failing steps. 60 s gives a well-shrunk case in time.
+SHRINK_SECONDS = 60
+
+
+def test_broker_matches_model(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hypothesis_engine, "MAX_SHRINKING_SECONDS", SHRINK_SECONDS, raising=False)
     run_state_machine_as_test(_machine(client), settings=SETTINGS)
 
 
