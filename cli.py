@@ -337,14 +337,16 @@ def events(obj: Ctx, follow: bool, count: int) -> None:
             return
     for row in rows:
         _print_event(obj, row)
-    last = _latest_id(b)
-    try:
-        while follow:
-            for row in b.wait_events(last, block_ms=5000):
-                _print_event(obj, row)
-                last = row["id"]
-    except KeyboardInterrupt:  # the normal way to stop following
+    if not follow:
         return
+    stop = threading.Event()  # Ctrl-C / SIGTERM end the follow cleanly, between two blocking reads
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    last = _latest_id(b)
+    while not stop.is_set():
+        for row in b.wait_events(last, block_ms=1000):
+            _print_event(obj, row)
+            last = row["id"]
 
 
 def _latest_id(b: Broker) -> str:

@@ -717,7 +717,8 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     with selectors.DefaultSelector() as sel:
         sel.register(proc.stdout, selectors.EVENT_READ)
         if not sel.select(timeout):
-            pytest.fail("clawq events --follow printed nothing")
+            proc.kill()
+            pytest.fail(f"clawq events --follow printed nothing: {proc.communicate(timeout=10)}")
     return proc.stdout.readline()
 
 
@@ -725,7 +726,7 @@ def _interrupt(proc: subprocess.Popen[str]) -> str:
     """Ctrl-C is the normal way to stop following: exit 0, nothing on stderr."""
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, proc.returncode
+    assert proc.returncode == 0, (proc.returncode, err)
     assert "Traceback" not in err
     return err
 
@@ -735,7 +736,8 @@ def test_process_events_follow(run: Run, r: redis.Redis, follower: subprocess.Po
     add(run, "b1")
     event = json.loads(_read_line(follower, 20))
     if event["type"] == "config_loaded":  # the namespace's first change stores the seed config
-        event = json.loads(_read_line(follower, 20))
+        assert follower.stdout is not None  # the next line may already sit in the reader's buffer
+        event = json.loads(follower.stdout.readline())
     assert (event["type"], event["task_id"], event["board"]) == ("added", 1, "b1")
     assert _interrupt(follower) == ""
 
