@@ -6,6 +6,7 @@ stderr (and, with --json, a ``{"error": ...}`` document on stdout), never a trac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -13,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -325,19 +326,24 @@ def _yaml(doc: Any) -> str:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
 @click.option("--count", "-n", type=click.IntRange(min=1, max=10000), default=50,
               help="How many past events.")
+@click.option("--reason", default=None, help="Only this type or root cause (timeout, rate_limit, failed, …).")
+@click.option("--board", default=None, help="Only this board.")
 @command_options
-def events(obj: Ctx, follow: bool, count: int) -> None:
+def events(obj: Ctx, follow: bool, count: int, reason: str | None, board: str | None) -> None:
     """Print recent events (one JSON line each with --json), and new ones with --follow."""
     b = obj.broker()
-    rows = b.events(count=count, after="-") if not follow else []
+
+    def keep(row: dict[str, Any]) -> bool:
+        return (reason is None or reason in (row.get("type"), row.get("reason"))) and (
+            board is None or row.get("board") == board)
+
     if not follow:
-        rows = _last(b, count)
+        rows = [row for row in _last(b, count) if keep(row)]
         if obj.as_json:
             click.echo(json.dumps(rows))
             return
-    for row in rows:
-        _print_event(obj, row)
-    if not follow:
+        for row in rows:
+            _print_event(obj, row)
         return
     stop = threading.Event()  # Ctrl-C / SIGTERM end the follow cleanly, between two blocking reads
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -345,8 +351,67 @@ def events(obj: Ctx, follow: bool, count: int) -> None:
     last = _latest_id(b)
     while not stop.is_set():
         for row in b.wait_events(last, block_ms=1000):
-            _print_event(obj, row)
             last = row["id"]
+            if keep(row):
+                _print_event(obj, row)
+
+
+@cli.command()
+@click.option("--interval", type=click.FloatRange(min=0.2, max=60), default=1.0, show_default=True)
+@click.option("--once", is_flag=True, help="Print one frame and exit.")
+@command_options
+def top(obj: Ctx, interval: float, once: bool) -> None:
+    """A live full-screen view of boards, models, events and errors; q quits."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from workers.views import queue_view
+
+    b = obj.broker()
+    console = Console()
+    if once or not console.is_terminal:
+        console.print(queue_view(b))
+        return
+    with _keys_raw() as key_pressed, Live(queue_view(b), console=console, screen=True) as live:
+        while not key_pressed("q"):
+            live.update(queue_view(b))
+
+
+@contextlib.contextmanager
+def _keys_raw() -> Iterator[Callable[[str], bool]]:
+    """Read single key presses without echo; yields `pressed(key)`, which waits up to 1 s for one."""
+    import select
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+
+    def pressed(key: str) -> bool:
+        ready, _, _ = select.select([sys.stdin], [], [], 1.0)
+        return bool(ready) and sys.stdin.read(1).lower() == key
+
+    try:
+        yield pressed
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True)
+@command_options
+def serve(obj: Ctx, host: str, port: int) -> None:
+    """The HTTP API, Prometheus /metrics and a live status page (needs `pip install "clawq[server]"`)."""
+    import importlib
+    import os
+
+    try:  # an optional extra: imported by name so the core install never needs it
+        app = importlib.import_module("server.app")
+    except ImportError as err:
+        raise ClawqError(f'clawq serve needs the server extra: pip install "clawq[server]" ({err})') from None
+    app.serve(obj.redis_url, obj.namespace, host=host, port=port, token=os.environ.get("CLAWQ_API_TOKEN") or None)
 
 
 def _latest_id(b: Broker) -> str:
@@ -472,8 +537,8 @@ def simulate(tasks: int, boards: int, seed: int, speed: float, workers: int | No
 
     from rich.console import Console
 
-    from workers.sim_view import LiveView, print_report
     from workers.simulator import SimOptions, run_simulation
+    from workers.views import LiveView, print_report
 
     console = Console(stderr=as_json)
     opts = SimOptions(tasks=tasks, boards=boards, seed=seed, speed=speed, workers=workers,

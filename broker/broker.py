@@ -42,6 +42,8 @@ SCHEMA_VERSION = 1
 #: Leases the reaper handles per script call (it loops until none is left).
 REAP_BATCH = 500
 _MAX_TITLE = 1024
+#: Upper bounds (s) of the claim-to-start histogram buckets; counts are stored per bucket, not cumulative.
+CLAIM_TO_START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Task ids stay below 10**14: Lua prints larger numbers in exponent form (and JSON would lose digits).
 MAX_TASK_ID = 10**14
 #: Root causes that give the run back without using an attempt: the agent runtime, not the task, failed.
@@ -488,6 +490,25 @@ class Broker:
         with _redis_errors(self._where):
             value = self.client.get(self.keys.agent_gate)
         return None if value is None else _str(value)
+
+    def explain_boards(self, boards: list[str], global_cap: int) -> list[str]:
+        """Why each board's head is not running now (the claim's own rules, read-only)."""
+        if not boards:
+            return []
+        with _redis_errors(self._where):
+            reply = self._scripts.call("explain_boards", [self.keys.prefix, _ms(self.now()), global_cap, *boards])
+        return [str(x) for x in reply[1:]]
+
+    def observe_claim_to_start(self, seconds: float) -> None:
+        """Record how long a claimed run waited for its worker (the claim-to-start histogram)."""
+        bucket = next((b for b in CLAIM_TO_START_BUCKETS if seconds <= b), None)
+        field = "+Inf" if bucket is None else f"{bucket:g}"
+        with _redis_errors(self._where):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hincrby(self.keys.stats_claim_to_start, field, 1)
+            pipe.hincrbyfloat(self.keys.stats_claim_to_start, "sum", max(0.0, seconds))
+            pipe.hincrby(self.keys.stats_claim_to_start, "count", 1)
+            pipe.execute()
 
     def next_deadline(self) -> float | None:
         """The nearest time something becomes due: a lease deadline, a backoff end or a cooldown end."""

@@ -12,6 +12,7 @@ __all__ = ["collect_health"]
 
 _HOUR_MS = 3_600_000
 _RECENT_ERRORS = 20
+_HEAD = 3  #: queued tasks shown per board
 
 
 def _t(value: Any) -> Any:
@@ -39,13 +40,16 @@ def collect_health(broker: Broker) -> dict[str, Any]:
         pipe.zcard(keys.queue(b))
         pipe.hmget(keys.board(b), "running", "paused", "state")
         pipe.zcount(keys.done(b), now_ms - _HOUR_MS, "+inf")
-        pipe.zrange(keys.queue(b), 0, 0)
+        pipe.zrange(keys.queue(b), 0, _HEAD - 1)
     replies = pipe.execute()
     in_progress, inflight_m, inflight_p, failures, errors = replies[:5]
     cap, night = cfg.global_cap_at(now)
+    board_docs = _boards(broker, boards, replies[5:], now)
+    for name, why in zip(boards, broker.explain_boards(boards, cap), strict=True):
+        board_docs[name]["why_waiting"] = why
     return {
         "global": {"max_concurrent": cap, "in_progress": int(in_progress), "night": night},
-        "boards": _boards(broker, boards, replies[5:], now),
+        "boards": board_docs,
         "models": _models(broker, inflight_m, failures, now),
         "providers": {
             p: {"inflight": _int(_t_map(inflight_p).get(p)), "cap": cfg.limits.provider_max_inflight.get(p)}
@@ -60,33 +64,45 @@ def _t_map(mapping: dict[Any, Any]) -> dict[str, Any]:
 
 
 def _boards(broker: Broker, boards: list[str], replies: list[Any], now: float) -> dict[str, Any]:
-    heads = [r[0] if r else None for r in replies[3::4]]
-    queued_at = _queued_at(broker, heads)
+    queues = [[int(_t(x)) for x in r] for r in replies[3::4]]
+    running = [_t(r[0]) for r in replies[1::4]]
+    fields = _task_fields(broker, {tid for q in queues for tid in q} | {int(x) for x in running if x})
     out: dict[str, Any] = {}
     for i, b in enumerate(boards):
-        depth, (running, paused, state), done = replies[4 * i : 4 * i + 3]
-        head = heads[i]
-        waited = max(0.0, now - queued_at[_t(head)]) if head is not None else 0.0
+        depth, (run_id, paused, state), done = replies[4 * i : 4 * i + 3]
+        head = queues[i][0] if queues[i] else None
+        waited = max(0.0, now - int(fields[head].get("queued_at", 0)) / 1000) if head is not None else 0.0
         out[b] = {
             "queue_depth": int(depth),
-            "in_progress": 1 if running else 0,
-            "running_task": int(_t(running)) if running else None,
+            "in_progress": 1 if run_id else 0,
+            "running_task": int(_t(run_id)) if run_id else None,
             "completed_last_hour": int(done),
             "oldest_waiting_s": round(waited, 3),
             "paused": _t(paused) == "1",
             "state": _t(state) or "idle",
+            "head": [{"task_id": tid, "title": fields[tid].get("title", "")} for tid in queues[i]],
+            "running": _running(fields, int(_t(run_id)), now) if run_id else None,
         }
     return out
 
 
-def _queued_at(broker: Broker, heads: list[Any]) -> dict[Any, float]:
-    ids = [_t(h) for h in heads if h is not None]
-    if not ids:
+def _running(fields: dict[int, dict[str, str]], tid: int, now: float) -> dict[str, Any]:
+    f = fields.get(tid, {})
+    claimed = int(f.get("claimed_at", 0)) / 1000
+    return {"task_id": tid, "title": f.get("title", ""), "model": f.get("model"), "provider": f.get("provider"),
+            "elapsed_s": round(max(0.0, now - claimed), 3) if claimed else None}
+
+
+def _task_fields(broker: Broker, ids: set[int]) -> dict[int, dict[str, str]]:
+    order = sorted(ids)
+    if not order:
         return {}
     pipe = broker.client.pipeline(transaction=False)
-    for tid in ids:
-        pipe.hget(broker.keys.task(int(tid)), "queued_at")
-    return {tid: _int(v) / 1000 for tid, v in zip(ids, pipe.execute(), strict=True)}
+    for tid in order:
+        pipe.hmget(broker.keys.task(tid), "title", "queued_at", "claimed_at", "model", "provider")
+    names = ("title", "queued_at", "claimed_at", "model", "provider")
+    return {tid: {n: _t(v) for n, v in zip(names, row, strict=True) if v is not None}
+            for tid, row in zip(order, pipe.execute(), strict=True)}
 
 
 def _models(broker: Broker, inflight: dict[Any, Any], failures: dict[Any, Any], now: float) -> dict[str, Any]:

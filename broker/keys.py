@@ -183,6 +183,11 @@ class Keys:
         return self._k("stats", "failures")
 
     @property
+    def stats_claim_to_start(self) -> str:
+        """HASH: histogram of claim-to-start seconds: bucket bound -> count (not cumulative), sum, count."""
+        return self._k("stats", "claim_to_start")
+
+    @property
     def stats_completed(self) -> str:
         """HASH: board -> outcomes recorded."""
         return self._k("stats", "completed")

@@ -58,50 +58,9 @@ if rcall("HGET", K.cfg_settings, "version") ~= ARGV[6] then return {7} end
 local due = rcall("ZRANGEBYSCORE", K.idx_backoff, "-inf", now, "LIMIT", 0, 100)
 for _, b in ipairs(due) do reindex_board(K, P, b, now) end
 
--- Why a model cannot take a task now, or nil when it can (with its provider).
-local function check_model(model)
-  local provider = rcall("HGET", K.cfg_model_provider, model)
-  if not provider then return "model_quota_reached", nil end
-  if cooling(P, model, now) then return "model_rate_limited", nil end
-  local cap = tonumber(rcall("HGET", K.cfg_model_cap, model))
-  if cap and num(rcall("HGET", K.inflight_model, model), 0) >= cap then return "model_quota_reached", nil end
-  local pcap = tonumber(rcall("HGET", K.cfg_provider_cap, provider))
-  if pcap and num(rcall("HGET", K.inflight_provider, provider), 0) >= pcap then
-    return "provider_quota_reached", nil
-  end
-  return nil, provider
-end
-
--- The same model often appears in several lines: look it up once per claim.
+-- Model choice (rule 3) lives in lib/core.lua: pick_model, shared with explain_boards.
 local checked = {}
-local function blocked(model)
-  local c = checked[model]
-  if not c then
-    local reason, provider = check_model(model)
-    c = {reason, provider}
-    checked[model] = c
-  end
-  return c[1], c[2]
-end
-
-local function chain_models(ck)
-  if string.sub(ck, 1, 2) == "m:" then return {string.sub(ck, 3)} end
-  local list = rcall("HGET", K.cfg_chains, string.sub(ck, 3)) or ""
-  local models = {}
-  for m in string.gmatch(list, "[^,]+") do models[#models + 1] = m end
-  return models
-end
-
--- First usable model of a chain key; else nil and the reason of its first model.
-local function pick(ck)
-  local first_reason = "model_quota_reached"
-  for i, model in ipairs(chain_models(ck)) do
-    local reason, provider = blocked(model)
-    if not reason then return model, provider, nil end
-    if i == 1 then first_reason = reason end
-  end
-  return nil, nil, first_reason
-end
+local function pick(ck) return pick_model(K, P, now, ck, checked) end
 
 local reasons = {}
 local function count(reason, n)

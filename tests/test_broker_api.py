@@ -6,7 +6,7 @@ import pytest
 import redis
 from conftest import FakeClock
 
-from broker import Broker, Outcome, SchemaMismatch, TaskStatus, parse_config
+from broker import Broker, NothingToClaim, Outcome, SchemaMismatch, TaskStatus, parse_config
 
 
 def test_first_change_writes_schema_and_seed_config(broker: Broker) -> None:
@@ -125,3 +125,34 @@ def test_task_record_has_context_and_history(broker: Broker) -> None:
     assert [r["run_id"] for r in task.runs] == [c1.run_id, c2.run_id]
     assert task.runs[0]["outcome"] == "follow_up" and "ended_at" in task.runs[0]
     assert "outcome" not in task.runs[1]
+
+
+def test_why_waiting_uses_the_claims_rules(broker: Broker, clock: FakeClock) -> None:
+    broker.load_config(parse_config({"night_mode": None, "limits": {"model_max_inflight": {"opus": 1, "codex": 2}}}))
+    plan = {"a": ["codex", "codex"], "b": ["opus"], "c": ["opus"], "d": ["codex"], "e": ["codex"], "f": ["glm"]}
+    for board, models in plan.items():
+        for i, model in enumerate(models):
+            broker.add(board, f"{board} {i + 1}", model=model)
+    broker.pause("d")
+    claims = []
+    with pytest.raises(NothingToClaim):
+        while True:
+            claims.append(broker.claim())
+    assert sorted(c.board for c in claims) == ["a", "b", "e", "f"]  # opus cap 1: b first; codex cap 2: a, e
+    doc = broker.health()["boards"]
+    why = {b: d["why_waiting"] for b, d in doc.items()}
+    assert why == {"a": "board_busy", "b": "running", "c": "model_quota_reached", "d": "board_paused",
+                   "e": "running", "f": "running"}
+    assert doc["a"]["head"] == [{"task_id": 2, "title": "a 2"}]
+    assert doc["b"]["running"]["model"] == "opus" and doc["b"]["running"]["task_id"] == 3
+    by_board = {c.board: c for c in claims}
+    broker.fail(by_board["f"].task_id, by_board["f"].run_id, "boom")  # f's head goes into backoff
+    broker.complete(by_board["e"].task_id, by_board["e"].run_id, Outcome(summary="ok"))
+    broker.add("e", "e 2", model="codex")
+    broker.set_cooldown("codex", 60)
+    why = {b: d["why_waiting"] for b, d in broker.health()["boards"].items()}
+    assert (why["f"], why["e"]) == ("backoff", "model_rate_limited")
+    broker.clear_cooldown("codex")
+    assert broker.health()["boards"]["e"]["why_waiting"] == "ready"
+    broker.load_config(parse_config({"night_mode": None, "queue": {"global_max_concurrent": 2}}))  # a, b run
+    assert broker.health()["boards"]["e"]["why_waiting"] == "global_cap"

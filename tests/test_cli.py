@@ -396,13 +396,14 @@ def test_health_json_shape(run: Run) -> None:
 
 
 def test_health_json_has_the_contract_keys(run: Run) -> None:
-    """The contract keys, plus a few documented extras (running_task, paused, state, provider)."""
+    """The contract keys, plus documented extras (running_task, paused, state, why_waiting, head, running)."""
     add(run, "b1")
     doc = ok(run, "health")
     assert set(doc["global"]) == {"max_concurrent", "in_progress", "night"}
     assert set(doc["providers"]["openai"]) == {"inflight", "cap"}
     assert set(doc["boards"]["b1"]) == {
-        "queue_depth", "in_progress", "completed_last_hour", "oldest_waiting_s", "running_task", "paused", "state"}
+        "queue_depth", "in_progress", "completed_last_hour", "oldest_waiting_s", "running_task", "paused", "state",
+        "why_waiting", "head", "running"}
     assert set(doc["models"]["codex"]) == {"inflight", "cap", "cooldown_remaining_s", "failures", "provider"}
 
 

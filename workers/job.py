@@ -75,12 +75,13 @@ def _task_doc(broker: Broker, task_id: int, run_id: str) -> dict[str, Any] | Non
     task = broker.get_task(task_id)
     if task.status is not TaskStatus.IN_PROGRESS or task.run_id != run_id:
         return None
-    attempt = task.runs[-1].get("attempt", 1) if task.runs else 1
+    last = task.runs[-1] if task.runs else {}
+    attempt = last.get("attempt", 1)
     return {
         "task_id": task.task_id, "board": task.board, "title": task.title, "prompt": task.prompt,
         "model": task.running_model, "provider": task.running_provider, "run_id": run_id,
         "run_count": task.run_count + 1, "attempt": attempt, "claim_index": len(task.runs),
-        "context": task.context,
+        "claimed_at": last.get("claimed_at"), "context": task.context,
     }
 
 
@@ -113,6 +114,8 @@ def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:
         broker.heartbeat(task_id, run_id)  # at once: the job may have waited in the RQ queue
     except RunFenced:
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
+    if doc["claimed_at"]:
+        broker.observe_claim_to_start(time.time() - float(doc["claimed_at"]))
     cfg = broker.config()
     ctx = RunContext(task=doc, timeout_s=cfg.agent.timeout_minutes * 60)
     beat = Heartbeat(broker, task_id, run_id, cfg.watchdog.stale_in_progress_minutes * 60 / 3, ctx.stop)

@@ -86,6 +86,47 @@ local function cool_model(P, model, now, until_ms, reason, grow_only)
   return until_ms
 end
 
+-- Rule 3, model choice. Why `model` cannot take a task at `now`, or nil and its provider.
+-- K needs cfg_model_provider, cfg_model_cap, cfg_provider_cap, inflight_model, inflight_provider.
+local function check_model(K, P, now, model)
+  local provider = rcall("HGET", K.cfg_model_provider, model)
+  if not provider then return "model_quota_reached", nil end
+  if cooling(P, model, now) then return "model_rate_limited", nil end
+  local cap = tonumber(rcall("HGET", K.cfg_model_cap, model))
+  if cap and num(rcall("HGET", K.inflight_model, model), 0) >= cap then return "model_quota_reached", nil end
+  local pcap = tonumber(rcall("HGET", K.cfg_provider_cap, provider))
+  if pcap and num(rcall("HGET", K.inflight_provider, provider), 0) >= pcap then
+    return "provider_quota_reached", nil
+  end
+  return nil, provider
+end
+
+-- The models of a chain key, in fallback order: `c:<chain>` from the config, `m:<model>` pinned.
+local function chain_models(K, ck)
+  if string.sub(ck, 1, 2) == "m:" then return {string.sub(ck, 3)} end
+  local list = rcall("HGET", K.cfg_chains, string.sub(ck, 3)) or ""
+  local models = {}
+  for m in string.gmatch(list, "[^,]+") do models[#models + 1] = m end
+  return models
+end
+
+-- The first usable model of chain key `ck` and its provider; else nil, nil and the reason of
+-- the chain's first model. `cache` (a table) remembers each model's answer within one call.
+local function pick_model(K, P, now, ck, cache)
+  local first_reason = "model_quota_reached"
+  for i, model in ipairs(chain_models(K, ck)) do
+    local c = cache[model]
+    if not c then
+      local reason, provider = check_model(K, P, now, model)
+      c = {reason, provider}
+      cache[model] = c
+    end
+    if not c[1] then return model, c[2], nil end
+    if i == 1 then first_reason = c[1] end
+  end
+  return nil, nil, first_reason
+end
+
 -- Put board `b` in exactly one index, by its state:
 --   idle     no queued task                       (no index)
 --   paused   paused, with queued work             K.idx_paused

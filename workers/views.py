@@ -1,9 +1,8 @@
-"""What ``clawq simulate`` shows: live progress (rich) while it runs, and the verdict at the end."""
+"""Terminal views (rich): the queue at a glance for ``clawq top`` and ``clawq simulate``, and the verdict."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console, Group
@@ -12,19 +11,43 @@ from rich.table import Table
 
 from broker import Broker
 
-__all__ = ["LiveView", "print_report"]
+__all__ = ["LiveView", "print_report", "queue_view"]
 
 _EVENT_TYPES = ("claimed", "completed", "follow_up", "failed", "timeout", "rate_limit", "quota_reached", "released")
 
 
 def _boards_table(health: dict[str, Any]) -> Table:
     table = Table(title="boards", expand=False)
-    for col in ("board", "done/h", "queued", "running", "state"):
+    for col in ("board", "done/h", "queued", "running", "why waiting"):
         table.add_column(col)
     for name, b in health["boards"].items():
-        running = str(b["running_task"]) if b["running_task"] is not None else "-"
-        table.add_row(name, str(b["completed_last_hour"]), str(b["queue_depth"]), running, b["state"])
+        run = b.get("running")
+        running = f"#{run['task_id']} {run['model']} {run['elapsed_s'] or 0:.0f}s" if run else "-"
+        table.add_row(name, str(b["completed_last_hour"]), str(b["queue_depth"]), running,
+                      b.get("why_waiting", b["state"]))
     return table
+
+
+def _header(health: dict[str, Any]) -> str:
+    g = health["global"]
+    mode = "night" if g["night"] else "day"
+    return f"[bold]clawq[/bold] {mode}: {g['in_progress']}/{g['max_concurrent']} in progress"
+
+
+def _errors_table(health: dict[str, Any]) -> Table:
+    table = Table(title="recent errors", expand=False)
+    for col in ("reason", "task", "board", "model", "message"):
+        table.add_column(col)
+    for e in health["recent_errors"][:6]:
+        table.add_row(e["reason"], str(e["task_id"]), e["board"], e["model"], str(e["message"])[:60])
+    return table
+
+
+def queue_view(broker: Broker) -> Group:
+    """One frame of `clawq top`: header, boards, models, recent events and errors."""
+    health = broker.health()
+    return Group(_header(health), _boards_table(health), _models_table(health), _events_table(broker),
+                 _errors_table(health))
 
 
 def _models_table(health: dict[str, Any]) -> Table:
@@ -103,4 +126,3 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
                   f"[red]a criterion failed[/red] (process logs in {report['logs']})")
 
 
-ViewFactory = Callable[[], LiveView]

@@ -1,0 +1,50 @@
+--[[
+  explain_boards: why each given board's head is not running now (read-only). Uses the
+  same rules as claim_task (lib/core.lua), so `clawq health` can never disagree with a claim.
+
+  KEYS[1]  cfg_chains          HASH
+  KEYS[2]  cfg_model_cap       HASH
+  KEYS[3]  cfg_provider_cap    HASH
+  KEYS[4]  cfg_model_provider  HASH
+  KEYS[5]  inflight_model      HASH
+  KEYS[6]  inflight_provider   HASH
+  KEYS[7]  running             ZSET
+  KEYS[8]  idx_busy            SET
+  KEYS[9]  idx_paused          SET
+  KEYS[10] idx_backoff         ZSET
+  KEYS[11] ready_chains        SET
+  Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, cooldown:<model>
+
+  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] global cap  ARGV[4..] board names
+
+  Returns {0, reason, reason, ...}, one per board, each one of:
+    idle (nothing queued), running (its task runs, nothing else queued), board_busy,
+    board_paused, backoff, global_cap, model_rate_limited, model_quota_reached,
+    provider_quota_reached, ready (it may run: the next claim can take it)
+]]
+local rcall = redis.call
+--- @include "core"
+
+local K = {cfg_chains = KEYS[1], cfg_model_cap = KEYS[2], cfg_provider_cap = KEYS[3],
+           cfg_model_provider = KEYS[4], inflight_model = KEYS[5], inflight_provider = KEYS[6]}
+local P, now = ARGV[1], tonumber(ARGV[2])
+local full = rcall("ZCARD", KEYS[7]) >= tonumber(ARGV[3])
+local cache = {}
+
+local function explain(b)
+  local state, ck = state_of(P, b, now)
+  if state == "idle" then
+    return rcall("HEXISTS", board_key(P, b), "running") == 1 and "running" or "idle"
+  end
+  if state == "busy" then return "board_busy" end
+  if state == "paused" then return "board_paused" end
+  if state == "backoff" then return "backoff" end
+  if full then return "global_cap" end
+  local model, _, reason = pick_model(K, P, now, ck, cache)
+  if model then return "ready" end
+  return reason
+end
+
+local out = {0}
+for i = 4, #ARGV do out[#out + 1] = explain(ARGV[i]) end
+return out
