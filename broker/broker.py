@@ -130,6 +130,9 @@ class Broker:
         """Before the first change: write the schema version and the seed config if there are none."""
         if self._ready:
             return
+        if self._config is not None and self._config_version:  # a stored config: the namespace exists
+            self._ready = True
+            return
         with _redis_errors(self._where):
             self.client.hsetnx(self.keys.meta, "schema_version", SCHEMA_VERSION)
             self._check_schema(self.client.hget(self.keys.meta, "schema_version"))

@@ -151,6 +151,8 @@ class Dispatcher:
 
     # -- notifications ---------------------------------------------------------------------------
     def _maybe_summary(self) -> None:
+        if self._active and self.broker.client.exists(self.broker.keys.summary_lock):
+            return  # this interval's summary went out already: skip reading the whole queue
         health = self.broker.health()
         active = health["global"]["in_progress"] > 0 or any(b["queue_depth"] for b in health["boards"].values())
         self._active = active

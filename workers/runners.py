@@ -105,14 +105,18 @@ def _feed(stdin: IO[bytes], data: bytes) -> None:
 def _wait(proc: subprocess.Popen[bytes], ctx: RunContext) -> str | None:
     """Wait for the agent; returns "stopped" or "timeout" when it had to be killed."""
     deadline = time.monotonic() + ctx.timeout_s
-    while proc.poll() is None:
-        if ctx.stop.wait(_POLL_S):
+    while True:
+        try:  # returns as soon as the agent exits; checks stop and the timeout between waits
+            proc.wait(timeout=_POLL_S)
+            return None
+        except subprocess.TimeoutExpired:
+            pass
+        if ctx.stop.is_set():
             _kill_group(proc)
             return "stopped"
         if time.monotonic() > deadline:
             _kill_group(proc)
             return "timeout"
-    return None
 
 
 def _expect(ctx: RunContext) -> tuple[int, str]:
@@ -175,8 +179,11 @@ def run_python(spec: str, ctx: RunContext) -> AgentResult | None:
     thread = threading.Thread(target=target, daemon=True, name="clawq-python-agent")
     thread.start()
     deadline = time.monotonic() + ctx.timeout_s
-    while thread.is_alive():
-        if ctx.stop.wait(_POLL_S):
+    while True:
+        thread.join(timeout=_POLL_S)  # returns as soon as the agent returns
+        if not thread.is_alive():
+            break
+        if ctx.stop.is_set():
             return None
         if time.monotonic() > deadline:
             return Failed(error=f"agent still running after {ctx.timeout_s:.0f}s", cause="timeout")

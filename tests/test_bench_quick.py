@@ -1,0 +1,74 @@
+"""The benchmarks' quick modes run and write their JSON (no timing is asserted: machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_KEYS = {
+    "claim_cost": {"usec_per_call", "claim_breakdown", "complete_breakdown"},
+    "scaling": {"levels", "ratios", "memory_per_task", "task_hash_fields"},
+    "e2e": {"variants", "job_profile"},
+    "latency": {"results"},
+}
+GOAL_KEYS = {"name", "measured", "limit", "unit", "met"}
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def _strict(text: str) -> dict[str, object]:
+    """Parse as strict JSON: NaN and Infinity are not JSON."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    doc = json.loads(text, parse_constant=refuse)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _check_doc(doc: dict[str, object], name: str) -> None:
+    assert doc["bench"] == name
+    assert doc["mode"] == "quick"
+    machine = doc["machine"]
+    assert isinstance(machine, dict)
+    assert {"nproc", "cpu_model", "redis_server"} <= set(machine)
+    goals = doc["goals"]
+    assert isinstance(goals, list) and goals
+    for goal in goals:
+        assert set(goal) >= GOAL_KEYS
+        assert isinstance(goal["met"], bool)
+    details = doc["details"]
+    assert isinstance(details, dict)
+    assert BENCH_KEYS[name] <= set(details)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", sorted(BENCH_KEYS))
+def test_quick_mode_runs_and_writes_json(name: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{name}.json"
+    proc = _run(["-m", f"bench.{name}", "--quick", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_doc(_strict(out.read_text()), name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_run_all_only_one(tmp_path: Path) -> None:
+    out = tmp_path / "all.json"
+    proc = _run(["bench/run_all.py", "--quick", "--only", "claim_cost", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = _strict(out.read_text())
+    assert doc["failed"] == []
+    benches = doc["benches"]
+    assert isinstance(benches, dict)
+    _check_doc(benches["claim_cost"], "claim_cost")
