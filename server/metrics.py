@@ -1,0 +1,243 @@
+"""Prometheus metrics of one namespace, read from Redis at scrape time (``GET /metrics``).
+
+:class:`ClawqCollector` reads :meth:`broker.Broker.health` (the document ``clawq health --json`` prints)
+and the ``stats:*`` keys in one scrape, so the gauges always agree with ``clawq health``; it lives in its
+own :class:`prometheus_client.CollectorRegistry` (:func:`make_registry`), never the global one.
+
+:func:`observe_claim_to_start` records one claim-to-start observation the way the collector reads it: the
+HASH ``stats:claim_to_start`` holds NON-cumulative counts per bucket upper bound (fields ``"0.005"`` …
+``"60"``, ``"+Inf"``) plus ``sum`` and ``count``. It needs only redis, so the workers can call it without
+the ``clawq[server]`` extra installed (prometheus-client is imported only when a registry is built).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from broker import Broker, InputError, Keys, RedisUnavailable, ScriptError
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import CollectorRegistry
+
+__all__ = [
+    "CLAIM_TO_START_BUCKETS",
+    "CONTENT_TYPE",
+    "ClawqCollector",
+    "Stats",
+    "bucket_field",
+    "make_registry",
+    "observe_claim_to_start",
+    "read_stats",
+    "render",
+]
+
+#: Upper bounds (s) of the claim-to-start histogram buckets, the last one +Inf.
+CLAIM_TO_START_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, math.inf,
+)
+#: The text exposition format ``generate_latest`` writes (0.0.4), whatever prometheus-client's default.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def bucket_field(bound: float) -> str:
+    """The HASH field of a bucket bound: ``"0.005"``, ``"1"``, ``"2.5"``, ``"60"``, ``"+Inf"``."""
+    return "+Inf" if math.isinf(bound) else f"{bound:g}"
+
+
+@contextmanager
+def _redis_errors(client: redis.Redis) -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        raise RedisUnavailable(f"cannot reach Redis: {' '.join(str(err).split())}") from None
+    except redis.ResponseError as err:
+        raise ScriptError(f"Redis refused a clawq command: {' '.join(str(err).split())}") from None
+
+
+def observe_claim_to_start(client: redis.Redis, keys: Keys, seconds: float) -> None:
+    """Record that a claimed run waited ``seconds`` for its worker (negative, from clock skew, counts as 0)."""
+    if not math.isfinite(seconds):
+        raise InputError(f"bad claim-to-start duration {seconds!r}: a finite number of seconds")
+    seconds = max(0.0, float(seconds))
+    bound = next(b for b in CLAIM_TO_START_BUCKETS if seconds <= b)
+    key = keys.stats_claim_to_start
+    with _redis_errors(client):
+        pipe = client.pipeline(transaction=True)
+        pipe.hincrby(key, bucket_field(bound), 1)
+        pipe.hincrbyfloat(key, "sum", seconds)
+        pipe.hincrby(key, "count", 1)
+        pipe.execute()
+
+
+def _s(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _num(value: Any) -> float:
+    try:
+        number = float(_s(value))
+    except ValueError:
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _strs(mapping: Mapping[Any, Any]) -> dict[str, float]:
+    return {_s(k): _num(v) for k, v in mapping.items()}
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The counters of the ``stats:*`` keys."""
+
+    completed: dict[str, float]  #: board -> outcomes recorded
+    failures: dict[tuple[str, str], float]  #: (model, reason) -> failed runs
+    skips: dict[str, float]  #: skip reason -> boards refused
+    claims: float  #: successful claims
+    claim_to_start: dict[str, float]  #: bucket field / "sum" / "count" -> value
+
+
+def read_stats(broker: Broker) -> Stats:
+    """Every ``stats:*`` key of the namespace, in one transaction."""
+    keys = broker.keys
+    with _redis_errors(broker.client):
+        pipe = broker.client.pipeline(transaction=True)
+        pipe.hgetall(keys.stats_completed)
+        pipe.hgetall(keys.stats_failures)
+        pipe.hgetall(keys.stats_skips)
+        pipe.get(keys.stats_claims)
+        pipe.hgetall(keys.stats_claim_to_start)
+        completed, failures, skips, claims, histogram = pipe.execute()
+    per_reason: dict[tuple[str, str], float] = {}
+    for field, n in _strs(failures).items():
+        model, _, reason = field.partition("|")
+        per_reason[(model, reason)] = per_reason.get((model, reason), 0.0) + n
+    return Stats(
+        completed=_strs(completed),
+        failures=per_reason,
+        skips=_strs(skips),
+        claims=_num(claims) if claims is not None else 0.0,
+        claim_to_start=_strs(histogram),
+    )
+
+
+def histogram_buckets(fields: Mapping[str, float]) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative ``(le, count)`` pairs (Prometheus order, +Inf last) and the sum, from the stored HASH."""
+    counts = [0.0] * len(CLAIM_TO_START_BUCKETS)
+    for field, n in fields.items():
+        if field in ("sum", "count"):
+            continue
+        try:
+            bound = float(field)
+        except ValueError:
+            continue
+        if math.isnan(bound):
+            continue
+        counts[next(i for i, b in enumerate(CLAIM_TO_START_BUCKETS) if bound <= b)] += n
+    buckets: list[tuple[str, float]] = []
+    total = 0.0
+    for bound, n in zip(CLAIM_TO_START_BUCKETS, counts, strict=True):
+        total += n
+        buckets.append(("+Inf" if math.isinf(bound) else repr(bound), total))  # Prometheus' "le" spelling
+    return buckets, fields.get("sum", 0.0)
+
+
+class ClawqCollector:
+    """A custom collector: every scrape reads the namespace's health document and stats keys."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing is read from Redis when the collector is registered
+
+    def collect(self) -> Iterator[Metric]:
+        health = self.broker.health()
+        stats = read_stats(self.broker)
+        yield from _board_metrics(health["boards"], stats)
+        yield from _model_metrics(health["models"], health["providers"], stats)
+        yield from _claim_metrics(stats)
+
+
+def _board_metrics(boards: dict[str, Any], stats: Stats) -> Iterator[Metric]:
+    from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+    depth = GaugeMetricFamily("clawq_board_queue_depth", "Tasks up next on the board.", labels=["board"])
+    running = GaugeMetricFamily("clawq_board_in_progress", "Runs in progress on the board (0 or 1).",
+                                labels=["board"])
+    waiting = GaugeMetricFamily("clawq_board_oldest_waiting_seconds",
+                                "How long the board's head task has been waiting.", labels=["board"])
+    for name, doc in boards.items():
+        depth.add_metric([name], doc["queue_depth"])
+        running.add_metric([name], doc["in_progress"])
+        waiting.add_metric([name], doc["oldest_waiting_s"])
+    completed = CounterMetricFamily("clawq_board_completed", "Run outcomes recorded on the board.",
+                                    labels=["board"])
+    for name in sorted(set(boards) | set(stats.completed)):
+        completed.add_metric([name], stats.completed.get(name, 0.0))
+    yield from (depth, running, completed, waiting)
+
+
+def _model_metrics(models: dict[str, Any], providers: dict[str, Any], stats: Stats) -> Iterator[Metric]:
+    from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+    inflight = GaugeMetricFamily("clawq_model_inflight", "Runs in progress on the model.", labels=["model"])
+    cap = GaugeMetricFamily("clawq_model_cap", "The model's max inflight runs (models without a cap omitted).",
+                            labels=["model"])
+    cooling = GaugeMetricFamily("clawq_model_cooldown_remaining_seconds",
+                                "Seconds left in the model's rate-limit cooldown (0 when not cooling).",
+                                labels=["model"])
+    for name, doc in models.items():
+        inflight.add_metric([name], doc["inflight"])
+        if doc["cap"] is not None:
+            cap.add_metric([name], doc["cap"])
+        cooling.add_metric([name], doc["cooldown_remaining_s"])
+    p_inflight = GaugeMetricFamily("clawq_provider_inflight", "Runs in progress on the provider.",
+                                   labels=["provider"])
+    p_cap = GaugeMetricFamily("clawq_provider_cap", "The provider's max inflight runs (uncapped omitted).",
+                              labels=["provider"])
+    for name, doc in providers.items():
+        p_inflight.add_metric([name], doc["inflight"])
+        if doc["cap"] is not None:
+            p_cap.add_metric([name], doc["cap"])
+    failures = CounterMetricFamily("clawq_model_failures", "Failed runs by model and reason.",
+                                   labels=["model", "reason"])
+    for (model, reason), n in sorted(stats.failures.items()):
+        failures.add_metric([model, reason], n)
+    yield from (inflight, cap, p_inflight, p_cap, cooling, failures)
+
+
+def _claim_metrics(stats: Stats) -> Iterator[Metric]:
+    from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+
+    skips = CounterMetricFamily("clawq_skips", "Boards a claim passed over, by reason.", labels=["reason"])
+    for reason, n in sorted(stats.skips.items()):
+        skips.add_metric([reason], n)
+    yield skips
+    yield CounterMetricFamily("clawq_claims", "Successful claims.", value=stats.claims)
+    buckets, total = histogram_buckets(stats.claim_to_start)
+    yield HistogramMetricFamily("clawq_claim_to_start_seconds", "Seconds from a claim to its run starting.",
+                                buckets=buckets, sum_value=total)
+
+
+def make_registry(broker: Broker) -> CollectorRegistry:
+    """A private registry holding only the clawq collector of ``broker``."""
+    from prometheus_client.registry import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    collector: Any = ClawqCollector(broker)  # Collector is an ABC in older prometheus-client, a Protocol now
+    registry.register(collector)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in the Prometheus text format (:data:`CONTENT_TYPE`)."""
+    from prometheus_client.exposition import generate_latest
+
+    return generate_latest(registry)
