@@ -558,6 +558,23 @@ def simulate(tasks: int, boards: int, seed: int, speed: float, workers: int | No
         sys.exit(1)
 
 
+@cli.command()
+@click.option("--repair", is_flag=True, help="Rebuild the derived state from the task hashes and queues.")
+@command_options
+def doctor(obj: Ctx, repair: bool) -> None:
+    """Check every queue invariant; --repair rebuilds counters, indexes and refs. Exit 1 if problems remain."""
+    doc = obj.broker().doctor(repair=repair)
+    lines = [f"problem: {p}" for p in doc["problems"]]
+    lines += [f"repaired: {f}" for f in doc["repaired"]]
+    if repair:
+        lines += [f"remaining: {p}" for p in doc["remaining"]]
+    lines.append("ok" if doc["ok"] else f"{len(doc['remaining'])} problem(s)"
+                 + ("" if repair else "; run `clawq doctor --repair`"))
+    emit(obj, doc, "\n".join(lines))
+    if not doc["ok"]:
+        sys.exit(1)
+
+
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 

@@ -530,6 +530,25 @@ class Broker:
         with _redis_errors(self._where):
             return collect_health(self)
 
+    def doctor(self, repair: bool = False) -> dict[str, Any]:
+        """Check every invariant (one atomic script); with ``repair`` rebuild the derived state.
+
+        Returns ``{"ok", "problems", "repaired", "remaining"}``: the problems found, what the repair
+        changed, and what a check after the repair still finds (``ok`` when that is empty).
+        """
+        from .doctor import doctor_report, parse_reply
+
+        def run(fix: bool) -> Any:
+            with _redis_errors(self._where):
+                reply = self._scripts.call("doctor", [self.keys.prefix, _ms(self.now()), int(fix)])
+            return parse_reply(reply)
+
+        found = run(repair)
+        remaining = found.problems
+        if repair and found.problems:
+            remaining = run(False).problems
+        return doctor_report(found, remaining)
+
 
 def root_cause(message: str, now: float) -> str:
     """The root cause of a failure message: timeout, overloaded, billing, pairing, or failed."""

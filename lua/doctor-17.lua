@@ -1,0 +1,369 @@
+--[[
+  doctor: check every invariant of a namespace and, with ARGV[3] = 1, rebuild the derived
+  state from the source of truth, atomically (a live queue is never half-repaired).
+  An O(N) admin operation over the `tasks` zset and the `boards` set; never on the claim path.
+
+  Source of truth: each task hash's status, the board queues, `running` and the status zsets.
+  Checked (and repaired):
+    - each task is in exactly the place its status names (board queue / running /
+      status:in_review / status:failed / status:cancelled); a missing place is restored,
+      an extra place is dropped; a place listing a task with no hash is cleaned
+    - `tasks` lists every task hash; `boards` lists every task's board
+    - inflight:model / inflight:provider = in-progress tasks by their model / provider
+    - board:<b>.running = the board's in-progress task
+    - refs = unfinished (up_next, in_progress) tasks per chain key
+    - each board is in exactly the index its state implies (reindex_board's rules; a due
+      backoff still in idx:backoff is fine: the next claim moves it) and board.state/ck agree
+    - ready:chains = the chain keys whose ready line is not empty
+  Not repairable (reported only): an unknown status, two tasks of one board in progress.
+
+  KEYS[1]  tasks               ZSET
+  KEYS[2]  boards              SET
+  KEYS[3]  running             ZSET
+  KEYS[4]  in_review           ZSET
+  KEYS[5]  failed              ZSET
+  KEYS[6]  cancelled           ZSET
+  KEYS[7]  inflight_model      HASH
+  KEYS[8]  inflight_provider   HASH
+  KEYS[9]  ready_chains        SET
+  KEYS[10] ready_seq           STRING
+  KEYS[11] idx_busy            SET
+  KEYS[12] idx_paused          SET
+  KEYS[13] idx_backoff         ZSET
+  KEYS[14] refs                HASH
+  KEYS[15] cfg_chains          HASH   (candidate chain keys c:<chain>)
+  KEYS[16] cfg_model_provider  HASH   (candidate chain keys m:<model>)
+  KEYS[17] events              STREAM (a `doctor` event when something was repaired)
+  Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, ready:<ck>
+
+  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] repair (1/0)
+
+  Returns {0, n, problem_1 .. problem_n, repaired_1 .. repaired_m} -- the problems found
+  (before any repair) and, in repair mode, one line per change made
+]]
+local rcall = redis.call
+--- @include "core"
+
+local K = {tasks = KEYS[1], boards = KEYS[2], running = KEYS[3], in_review = KEYS[4], failed = KEYS[5],
+           cancelled = KEYS[6], inflight_model = KEYS[7], inflight_provider = KEYS[8],
+           ready_chains = KEYS[9], ready_seq = KEYS[10], idx_busy = KEYS[11], idx_paused = KEYS[12],
+           idx_backoff = KEYS[13], refs = KEYS[14], cfg_chains = KEYS[15], cfg_model_provider = KEYS[16],
+           events = KEYS[17]}
+local P, now, repair = ARGV[1], tonumber(ARGV[2]), ARGV[3] == "1"
+
+local problems, fixed = {}, {}
+local function problem(msg) problems[#problems + 1] = msg end
+local function fix(msg) fixed[#fixed + 1] = msg end
+
+local function set_of(list)
+  local s = {}
+  for _, v in ipairs(list) do s[v] = true end
+  return s
+end
+
+local function sorted_keys(t, numeric)
+  local out = {}
+  for k in pairs(t) do out[#out + 1] = k end
+  if numeric then
+    table.sort(out, function(a, b) return tonumber(a) < tonumber(b) end)
+  else
+    table.sort(out)
+  end
+  return out
+end
+
+-- 1. Places -------------------------------------------------------------------------------------
+local STATUS_PLACE = {in_progress = K.running, in_review = K.in_review, failed = K.failed,
+                      cancelled = K.cancelled}
+local PLACE_NAME = {[K.running] = "running", [K.in_review] = "status:in_review",
+                    [K.failed] = "status:failed", [K.cancelled] = "status:cancelled"}
+local function place_name(key)
+  return PLACE_NAME[key] or ("queue of board " .. string.sub(key, #P + 7, -7))
+end
+
+local listed = set_of(rcall("ZRANGE", K.tasks, 0, -1))
+local board_set = set_of(rcall("SMEMBERS", K.boards))
+local boards = {}
+for b in pairs(board_set) do boards[b] = true end
+
+local where, tasks = {}, {}   -- id -> {place key -> score}; id -> fields (false: no hash)
+local function at(id, key, score)
+  where[id] = where[id] or {}
+  where[id][key] = score
+end
+local function load(id)
+  if tasks[id] ~= nil then return end
+  local v = rcall("HMGET", task_key(P, id), "board", "status", "ck", "model", "provider",
+                  "lease_deadline", "finished_at")
+  if not v[1] and not v[2] and rcall("EXISTS", task_key(P, id)) == 0 then
+    tasks[id] = false
+    return
+  end
+  tasks[id] = {board = v[1], status = v[2], ck = v[3], model = v[4], provider = v[5],
+               lease_deadline = v[6], finished_at = v[7]}
+  if v[1] then boards[v[1]] = true end
+end
+
+for id in pairs(listed) do load(id) end
+for _, key in ipairs({K.running, K.in_review, K.failed, K.cancelled}) do
+  local r = rcall("ZRANGE", key, 0, -1, "WITHSCORES")
+  for i = 1, #r, 2 do
+    at(r[i], key, r[i + 1])
+    load(r[i])
+  end
+end
+for _, b in ipairs(sorted_keys(boards)) do
+  local q = queue_key(P, b)
+  for _, id in ipairs(rcall("ZRANGE", q, 0, -1)) do
+    at(id, q, id)
+    load(id)
+  end
+end
+
+local counts = {model = {}, provider = {}, refs = {}}
+local runs_on = {}        -- board -> list of in-progress task ids
+local cks = {}            -- candidate chain keys of ready lines
+local function bump(t, k) if k and k ~= "" then t[k] = (t[k] or 0) + 1 end end
+
+for _, id in ipairs(sorted_keys(tasks, true)) do
+  local t = tasks[id]
+  local places = where[id] or {}
+  if not t then
+    problem("task " .. id .. " has no hash but is listed in " ..
+            (listed[id] and "tasks" or place_name(next(places))))
+    if repair then
+      if listed[id] then rcall("ZREM", K.tasks, id) end
+      for key in pairs(places) do rcall("ZREM", key, id) end
+      fix("dropped task " .. id .. " (no hash) from every index")
+    end
+  else
+    if not listed[id] then
+      problem("task " .. id .. " is missing from the tasks index")
+      if repair then
+        rcall("ZADD", K.tasks, id, id)
+        fix("added task " .. id .. " to the tasks index")
+      end
+    end
+    if t.board and not board_set[t.board] then
+      board_set[t.board] = true
+      problem("board " .. t.board .. " (of task " .. id .. ") is missing from the boards set")
+      if repair then
+        rcall("SADD", K.boards, t.board)
+        fix("added board " .. t.board .. " to the boards set")
+      end
+    end
+    local expected
+    if t.status == "up_next" then
+      if t.board then expected = queue_key(P, t.board) end
+    else
+      expected = STATUS_PLACE[t.status or ""]
+    end
+    if not expected then
+      problem("task " .. id .. " has unknown status '" .. tostring(t.status) .. "' (not repairable)")
+    else
+      for _, key in ipairs(sorted_keys(places)) do
+        if key ~= expected then
+          problem("task " .. id .. " (" .. t.status .. ") is also in " .. place_name(key))
+          if repair then
+            rcall("ZREM", key, id)
+            fix("removed task " .. id .. " from " .. place_name(key))
+          end
+        end
+      end
+      if not places[expected] then
+        problem("task " .. id .. " (" .. t.status .. ") is missing from " .. place_name(expected))
+        if repair then
+          local score = id
+          if expected == K.running then
+            score = t.lease_deadline or int(now)
+          elseif t.status ~= "up_next" then
+            score = t.finished_at or int(now)
+          end
+          rcall("ZADD", expected, score, id)
+          fix("put task " .. id .. " back in " .. place_name(expected))
+        end
+      elseif expected == K.running and t.lease_deadline and
+             tonumber(places[expected]) ~= tonumber(t.lease_deadline) then
+        problem("task " .. id .. " is in running until " .. places[expected] ..
+                ", its lease_deadline says " .. t.lease_deadline)
+        if repair then
+          rcall("ZADD", K.running, t.lease_deadline, id)
+          fix("set task " .. id .. "'s running score to its lease_deadline")
+        end
+      end
+    end
+    if t.status == "in_progress" then
+      bump(counts.model, t.model)
+      bump(counts.provider, t.provider)
+      runs_on[t.board or ""] = runs_on[t.board or ""] or {}
+      table.insert(runs_on[t.board or ""], id)
+    end
+    if t.status == "up_next" or t.status == "in_progress" then bump(counts.refs, t.ck) end
+    if t.ck and t.ck ~= "" then cks[t.ck] = true end
+  end
+end
+
+-- 2. Counters: inflight, refs -----------------------------------------------------------------
+local function sync_counts(key, label, expected)
+  local actual = {}
+  local raw = rcall("HGETALL", key)
+  for i = 1, #raw, 2 do actual[raw[i]] = raw[i + 1] end
+  local fields = {}
+  for f in pairs(actual) do fields[f] = true end
+  for f in pairs(expected) do fields[f] = true end
+  for _, f in ipairs(sorted_keys(fields)) do
+    local want = expected[f]
+    if actual[f] ~= (want and tostring(want) or nil) then
+      problem(label .. " " .. f .. " is " .. (actual[f] or "absent") .. ", expected " .. (want or "absent"))
+      if repair then
+        if want then rcall("HSET", key, f, want) else rcall("HDEL", key, f) end
+        fix("set " .. label .. " " .. f .. " to " .. (want or "absent"))
+      end
+    end
+  end
+end
+sync_counts(K.inflight_model, "inflight:model", counts.model)
+sync_counts(K.inflight_provider, "inflight:provider", counts.provider)
+sync_counts(K.refs, "refs", counts.refs)
+
+-- 3. Board running slots ----------------------------------------------------------------------
+local board_list = sorted_keys(board_set)
+for _, b in ipairs(board_list) do
+  local ids = runs_on[b] or {}
+  local actual = rcall("HGET", board_key(P, b), "running")
+  if #ids > 1 then
+    problem("board " .. b .. " has " .. #ids .. " tasks in progress: " .. table.concat(ids, ",") ..
+            " (not repairable)")
+  else
+    local want = ids[1]
+    if actual ~= (want or false) then
+      problem("board " .. b .. " running slot is " .. (actual or "empty") .. ", expected " .. (want or "empty"))
+      if repair then
+        if want then rcall("HSET", board_key(P, b), "running", want)
+        else rcall("HDEL", board_key(P, b), "running") end
+        fix("set board " .. b .. " running slot to " .. (want or "empty"))
+      end
+    end
+  end
+end
+
+-- 4. Board indexes ----------------------------------------------------------------------------
+for _, ck in ipairs(rcall("SMEMBERS", K.ready_chains)) do cks[ck] = true end
+for _, f in ipairs(rcall("HKEYS", K.refs)) do cks[f] = true end
+for _, f in ipairs(rcall("HKEYS", K.cfg_chains)) do cks["c:" .. f] = true end
+for _, f in ipairs(rcall("HKEYS", K.cfg_model_provider)) do cks["m:" .. f] = true end
+for _, b in ipairs(board_list) do
+  local ck = rcall("HGET", board_key(P, b), "ck")
+  if ck then cks[ck] = true end
+end
+local ck_list = sorted_keys(cks)
+
+-- index name -> members (ready lines as "ready:<ck>")
+local function memberships()
+  local of = {}
+  local function add(b, name, score)
+    of[b] = of[b] or {}
+    of[b][name] = score or true
+  end
+  for _, ck in ipairs(ck_list) do
+    for _, b in ipairs(rcall("ZRANGE", ready_key(P, ck), 0, -1)) do add(b, "ready:" .. ck) end
+  end
+  for _, b in ipairs(rcall("SMEMBERS", K.idx_busy)) do add(b, "idx:busy") end
+  for _, b in ipairs(rcall("SMEMBERS", K.idx_paused)) do add(b, "idx:paused") end
+  local r = rcall("ZRANGE", K.idx_backoff, 0, -1, "WITHSCORES")
+  for i = 1, #r, 2 do add(r[i], "idx:backoff", tonumber(r[i + 1])) end
+  return of
+end
+
+local function leave(b, name)
+  if name == "idx:busy" then rcall("SREM", K.idx_busy, b)
+  elseif name == "idx:paused" then rcall("SREM", K.idx_paused, b)
+  elseif name == "idx:backoff" then rcall("ZREM", K.idx_backoff, b)
+  else rcall("ZREM", ready_key(P, string.sub(name, 7)), b) end
+end
+
+local of = memberships()
+for _, b in ipairs(sorted_keys(of)) do
+  if not board_set[b] then
+    for _, name in ipairs(sorted_keys(of[b])) do
+      problem(name .. " lists board " .. b .. ", which is not in the boards set")
+      if repair then
+        leave(b, name)
+        fix("removed board " .. b .. " from " .. name)
+      end
+    end
+  end
+end
+
+local INDEX = {busy = "idx:busy", paused = "idx:paused", backoff = "idx:backoff"}
+for _, b in ipairs(board_list) do
+  local state, ck, until_ms = state_of(P, b, now)
+  local in_idx = of[b] or {}
+  if state == "ready" and type(in_idx["idx:backoff"]) == "number" then
+    -- a due backoff: the next claim moves the board to its ready line
+    local head = rcall("ZRANGE", queue_key(P, b), 0, 0)[1]
+    local bu = num(rcall("HGET", task_key(P, head), "backoff_until"), 0)
+    if bu > 0 and bu == in_idx["idx:backoff"] then state, ck, until_ms = "backoff", nil, bu end
+  end
+  local want = INDEX[state] or (state == "ready" and "ready:" .. ck) or nil
+  for _, name in ipairs(sorted_keys(in_idx)) do
+    local score_ok = name ~= "idx:backoff" or in_idx[name] == until_ms
+    if name ~= want or not score_ok then
+      problem("board " .. b .. " (" .. state .. ") is in " .. name ..
+              (name == want and " with the wrong backoff end" or ""))
+      if repair then
+        leave(b, name)
+        fix("removed board " .. b .. " from " .. name)
+      end
+      in_idx[name] = nil
+    end
+  end
+  local bf = rcall("HMGET", board_key(P, b), "state", "ck")
+  if want and not in_idx[want] then
+    problem("board " .. b .. " (" .. state .. ") is missing from " .. want)
+    if repair then
+      rcall("HDEL", board_key(P, b), "state", "ck")
+      reindex_board(K, P, b, now)
+      fix("put board " .. b .. " in " .. want)
+    end
+  elseif (bf[1] or "idle") ~= state or (state == "ready" and bf[2] ~= ck) then
+    problem("board " .. b .. " says state " .. (bf[1] or "none") .. (bf[2] and (" ck " .. bf[2]) or "") ..
+            ", expected " .. state .. (ck and (" ck " .. ck) or ""))
+    if repair then
+      if ck then rcall("HSET", board_key(P, b), "state", state, "ck", ck)
+      else
+        rcall("HSET", board_key(P, b), "state", state)
+        rcall("HDEL", board_key(P, b), "ck")
+      end
+      fix("set board " .. b .. " state to " .. state)
+    end
+  end
+end
+
+-- 5. ready:chains = the non-empty ready lines -------------------------------------------------
+for _, ck in ipairs(ck_list) do
+  local filled = rcall("ZCARD", ready_key(P, ck)) > 0
+  local member = rcall("SISMEMBER", K.ready_chains, ck) == 1
+  if filled and not member then
+    problem("ready:chains is missing " .. ck .. ", whose line is not empty")
+    if repair then
+      rcall("SADD", K.ready_chains, ck)
+      fix("added " .. ck .. " to ready:chains")
+    end
+  elseif member and not filled then
+    problem("ready:chains lists " .. ck .. ", whose line is empty")
+    if repair then
+      rcall("SREM", K.ready_chains, ck)
+      fix("removed " .. ck .. " from ready:chains")
+    end
+  end
+end
+
+if repair and #fixed > 0 then
+  emit(K, now, "doctor", {"problems", #problems, "repaired", #fixed})
+end
+
+local out = {0, #problems}
+for _, p in ipairs(problems) do out[#out + 1] = p end
+for _, f in ipairs(fixed) do out[#out + 1] = f end
+return out

@@ -1,0 +1,234 @@
+"""``clawq doctor``: every invariant checked in one atomic script; --repair rebuilds the derived state.
+
+Each test runs a mixed workload, tampers with one derived key, and asserts that the doctor names it, that
+the repair fixes it (the doctor is then clean and ``test_rules.check`` passes) and that the queue still
+behaves: draining it claims every board's head in order, the tampered board included.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis
+from test_rules import Clock, check, config, follow, rc
+
+import cli
+from broker import Broker, NothingToClaim, Outcome
+
+DONE = Outcome(summary="finished")
+
+
+def workload(broker: Broker, clock: Clock) -> None:
+    """add / claim / complete / follow-up / fail / rate-limit / cancel / pause, ending with tasks everywhere."""
+    broker.load_config(config())
+    broker.add("web", "one", chain="coding")  # 1 -> in_review
+    broker.add("web", "two", chain="coding")  # 2
+    broker.add("api", "plan", chain="planning")  # 3 -> follow-up
+    broker.add("api", "bulk", chain="bulk")  # 4
+    broker.add("docs", "pinned", model="glm")  # 5 -> rate limited
+    broker.add("ops", "x", chain="coding")  # 6 -> failed once, backoff
+    broker.add("ops", "y", chain="coding")  # 7 -> cancelled
+    broker.add("p", "z", chain="bulk")  # 8, board paused
+    broker.pause("p")
+    claims = {}
+    while True:
+        try:
+            c = broker.claim()
+        except NothingToClaim:
+            break
+        claims[c.task_id] = c
+    assert set(claims) == {1, 3, 5, 6}
+    broker.complete(1, claims[1].run_id, DONE)
+    broker.complete(3, claims[3].run_id, follow("step 2", "did step 1"))
+    broker.fail(6, claims[6].run_id, "boom")
+    broker.rate_limited(5, claims[5].run_id, retry_after=600)
+    broker.cancel(7)
+    clock.advance(5)
+    assert broker.claim().task_id in (2, 3)  # one run stays in progress
+    check(broker)
+
+
+def snapshot(r: redis.Redis) -> dict[Any, Any]:
+    return {k: r.dump(k) for k in r.keys("*")}
+
+
+def drain(broker: Broker) -> list[int]:
+    """Claim and complete until nothing is claimable; every claim is its board's head; returns the ids."""
+    c = rc(broker)
+    claimed: list[int] = []
+    for _ in range(50):
+        check(broker)
+        try:
+            claim = broker.claim()
+        except NothingToClaim:
+            break
+        queued = [int(x) for x in c.zrange(broker.keys.queue(claim.board), 0, -1)]
+        assert not queued or claim.task_id < min(queued), "claimed behind the head of its board"
+        claimed.append(claim.task_id)
+        broker.complete(claim.task_id, claim.run_id, DONE)
+    check(broker)
+    return claimed
+
+
+def repaired(broker: Broker, *expected: str) -> dict[str, Any]:
+    """The doctor names each expected problem; the repair fixes everything; the queue checks out."""
+    found = broker.doctor()
+    assert not found["ok"]
+    for text in expected:
+        assert any(text in p for p in found["problems"]), (text, found["problems"])
+    doc = broker.doctor(repair=True)
+    assert doc["ok"], doc
+    assert doc["problems"] and set(doc["problems"]) <= set(found["problems"])  # no cascade after a fix
+    assert doc["repaired"] and doc["remaining"] == []
+    assert broker.doctor() == {"ok": True, "problems": [], "repaired": [], "remaining": []}
+    check(broker)
+    return doc
+
+
+# -- healthy -------------------------------------------------------------------------------------
+
+
+def test_a_healthy_queue_has_no_problems_and_repair_changes_nothing(
+    broker: Broker, clock: Clock, r: redis.Redis
+) -> None:
+    workload(broker, clock)
+    assert broker.doctor() == {"ok": True, "problems": [], "repaired": [], "remaining": []}
+    before = snapshot(r)
+    assert broker.doctor(repair=True) == {"ok": True, "problems": [], "repaired": [], "remaining": []}
+    assert snapshot(r) == before
+
+
+def test_a_due_backoff_still_in_its_index_is_healthy(broker: Broker, clock: Clock, r: redis.Redis) -> None:
+    workload(broker, clock)
+    clock.advance(10 * 60)  # ops' backoff ended; the next claim moves it
+    before = snapshot(r)
+    assert broker.doctor(repair=True)["problems"] == []
+    assert snapshot(r) == before
+
+
+def test_an_empty_namespace_is_healthy_and_untouched(broker: Broker, r: redis.Redis) -> None:
+    assert broker.doctor(repair=True)["ok"]
+    assert r.keys("*") == []
+
+
+# -- one tamper each -----------------------------------------------------------------------------
+
+
+def test_board_deleted_from_its_ready_line(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    solo = broker.add("solo", "head", model="opus")
+    rc(broker).zrem(broker.keys.ready("m:opus"), "solo")
+    assert "ready:chains lists m:opus, whose line is empty" in broker.doctor()["problems"]
+    with pytest.raises(NothingToClaim):  # lost: every other board is claimed, solo never
+        while broker.claim().board != "solo":
+            pass
+    doc = repaired(broker, "board solo (ready) is missing from ready:m:opus")
+    assert "put board solo in ready:m:opus" in doc["repaired"]
+    assert solo in drain(broker)
+
+
+def test_inflight_model_bumped(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    rc(broker).hincrby(broker.keys.inflight_model, "glm", 1)
+    doc = repaired(broker, "inflight:model glm is 1, expected absent")
+    assert doc["repaired"] == ["set inflight:model glm to absent"]
+    clock.advance(3600)  # cooldowns and backoffs over
+    broker.resume("p")
+    assert set(drain(broker)) >= {4, 5, 6, 8}  # 2 or 3 still runs from the workload
+
+
+def test_task_removed_from_its_queue_is_put_back_as_head(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    first = broker.add("solo", "first", chain="bulk")
+    second = broker.add("solo", "second", chain="bulk")
+    rc(broker).zrem(broker.keys.queue("solo"), first)
+    doc = repaired(broker, f"task {first} (up_next) is missing from queue of board solo")
+    assert f"put task {first} back in queue of board solo" in doc["repaired"]
+    order = [t for t in drain(broker) if t in (first, second)]
+    assert order == [first, second]
+
+
+def test_task_in_two_places_keeps_the_place_of_its_status(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    rc(broker).zadd(broker.keys.queue("web"), {"1": 1})  # task 1 is in_review
+    repaired(broker, "task 1 (in_review) is also in queue of board web")
+    assert broker.get_task(1).status == "in_review"
+    clock.advance(3600)
+    assert 1 not in drain(broker)
+
+
+def test_wrong_refs(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    rc(broker).hset(broker.keys.refs, mapping={"c:coding": 42, "m:opus": 1})
+    doc = repaired(broker, "refs c:coding is 42, expected ", "refs m:opus is 1, expected absent")
+    assert "set refs m:opus to absent" in doc["repaired"]
+    clock.advance(3600)
+    drain(broker)
+
+
+def test_stale_board_running_slot(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    head = broker.add("solo", "head", chain="bulk")
+    rc(broker).hset(broker.keys.board("solo"), "running", "999")
+    repaired(broker, "board solo running slot is 999, expected empty")
+    assert head in drain(broker)
+
+
+def test_ready_chains_member_with_an_empty_line(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    rc(broker).sadd(broker.keys.ready_chains, "m:opus")
+    doc = repaired(broker, "ready:chains lists m:opus, whose line is empty")
+    assert doc["repaired"] == ["removed m:opus from ready:chains"]
+    drain(broker)
+
+
+def test_task_missing_from_the_tasks_index(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    rc(broker).zrem(broker.keys.tasks, "4")
+    doc = repaired(broker, "task 4 is missing from the tasks index")
+    assert doc["repaired"] == ["added task 4 to the tasks index"]
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def clawq(capsys: pytest.CaptureFixture[str], url: str, ns: str, *args: str) -> tuple[int, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--redis-url", url, "--namespace", ns, *args])
+    code = exc.value.code
+    assert isinstance(code, int)
+    return code, capsys.readouterr().out
+
+
+def test_cli_json_shape_and_exit_codes(
+    broker: Broker, clock: Clock, redis_url: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workload(broker, clock)
+    code, out = clawq(capsys, redis_url, namespace, "doctor", "--json")
+    assert code == 0
+    assert json.loads(out) == {"ok": True, "problems": [], "repaired": [], "remaining": []}
+
+    rc(broker).hincrby(broker.keys.inflight_model, "glm", 1)
+    rc(broker).sadd(broker.keys.ready_chains, "m:opus")
+    code, out = clawq(capsys, redis_url, namespace, "doctor", "--json")
+    doc = json.loads(out)
+    assert code == 1
+    assert set(doc) == {"ok", "problems", "repaired", "remaining"}
+    assert doc["ok"] is False and len(doc["problems"]) == 2 and doc["repaired"] == []
+
+    code, out = clawq(capsys, redis_url, namespace, "doctor")  # text: one line per problem
+    assert code == 1
+    assert [line for line in out.splitlines() if line.startswith("problem: ")] == [
+        f"problem: {p}" for p in doc["problems"]
+    ]
+
+    code, out = clawq(capsys, redis_url, namespace, "doctor", "--repair", "--json")
+    fixed = json.loads(out)
+    assert code == 0
+    assert fixed["ok"] is True and fixed["problems"] == doc["problems"] and len(fixed["repaired"]) == 2
+
+    code, out = clawq(capsys, redis_url, namespace, "doctor")
+    assert (code, out.strip()) == (0, "ok")
