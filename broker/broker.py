@@ -34,16 +34,15 @@ from .keys import BOARD_RE, NAMESPACE_RE, Keys
 from .models import MAX_TEXT_BYTES, Claim, Completion, Outcome, Task, TaskStatus
 from .scripts import Scripts
 from .signals import MAX_RESET_SECONDS, SignalClass, parse_signal
+from .stats import observe_claim_to_start
 
-__all__ = ["SCHEMA_VERSION", "Broker", "redact_url"]
+__all__ = ["SCHEMA_VERSION", "Broker", "redact_url", "redis_errors"]
 
 #: Layout version of a namespace's keys; written to the meta hash on first use, checked on connect.
 SCHEMA_VERSION = 1
 #: Leases the reaper handles per script call (it loops until none is left).
 REAP_BATCH = 500
 _MAX_TITLE = 1024
-#: Upper bounds (s) of the claim-to-start histogram buckets; counts are stored per bucket, not cumulative.
-CLAIM_TO_START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Task ids stay below 10**14: Lua prints larger numbers in exponent form (and JSON would lose digits).
 MAX_TASK_ID = 10**14
 #: Root causes that give the run back without using an attempt: the agent runtime, not the task, failed.
@@ -70,12 +69,16 @@ def _opt_float_s(value: str | None) -> float | None:
 
 @contextmanager
 def _redis_errors(where: str) -> Iterator[None]:
+    """Translate redis-py's connection and response errors into clawq's (one line, no traceback)."""
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as err:
         raise RedisUnavailable(f"cannot reach Redis at {where}: {' '.join(str(err).split())}") from None
     except redis.ResponseError as err:
         raise ScriptError(f"Redis refused a clawq command: {' '.join(str(err).split())}") from None
+
+
+redis_errors = _redis_errors  #: the same translation, for the layers above the broker (HTTP)
 
 
 class Broker:
@@ -504,14 +507,8 @@ class Broker:
 
     def observe_claim_to_start(self, seconds: float) -> None:
         """Record how long a claimed run waited for its worker (the claim-to-start histogram)."""
-        bucket = next((b for b in CLAIM_TO_START_BUCKETS if seconds <= b), None)
-        field = "+Inf" if bucket is None else f"{bucket:g}"
         with _redis_errors(self._where):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hincrby(self.keys.stats_claim_to_start, field, 1)
-            pipe.hincrbyfloat(self.keys.stats_claim_to_start, "sum", max(0.0, seconds))
-            pipe.hincrby(self.keys.stats_claim_to_start, "count", 1)
-            pipe.execute()
+            observe_claim_to_start(self.client, self.keys, seconds)
 
     def next_deadline(self) -> float | None:
         """The nearest time something becomes due: a lease deadline, a backoff end or a cooldown end."""

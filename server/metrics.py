@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import redis
-
-from broker import Broker, InputError, Keys, RedisUnavailable, ScriptError
+from broker import Broker
+from broker.broker import redis_errors
+from broker.stats import CLAIM_TO_START_BUCKETS, bucket_field, observe_claim_to_start
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -38,42 +37,9 @@ __all__ = [
     "render",
 ]
 
-#: Upper bounds (s) of the claim-to-start histogram buckets, the last one +Inf.
-CLAIM_TO_START_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, math.inf,
-)
 #: The text exposition format ``generate_latest`` writes (0.0.4), whatever prometheus-client's default.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-
-def bucket_field(bound: float) -> str:
-    """The HASH field of a bucket bound: ``"0.005"``, ``"1"``, ``"2.5"``, ``"60"``, ``"+Inf"``."""
-    return "+Inf" if math.isinf(bound) else f"{bound:g}"
-
-
-@contextmanager
-def _redis_errors(client: redis.Redis) -> Iterator[None]:
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as err:
-        raise RedisUnavailable(f"cannot reach Redis: {' '.join(str(err).split())}") from None
-    except redis.ResponseError as err:
-        raise ScriptError(f"Redis refused a clawq command: {' '.join(str(err).split())}") from None
-
-
-def observe_claim_to_start(client: redis.Redis, keys: Keys, seconds: float) -> None:
-    """Record that a claimed run waited ``seconds`` for its worker (negative, from clock skew, counts as 0)."""
-    if not math.isfinite(seconds):
-        raise InputError(f"bad claim-to-start duration {seconds!r}: a finite number of seconds")
-    seconds = max(0.0, float(seconds))
-    bound = next(b for b in CLAIM_TO_START_BUCKETS if seconds <= b)
-    key = keys.stats_claim_to_start
-    with _redis_errors(client):
-        pipe = client.pipeline(transaction=True)
-        pipe.hincrby(key, bucket_field(bound), 1)
-        pipe.hincrbyfloat(key, "sum", seconds)
-        pipe.hincrby(key, "count", 1)
-        pipe.execute()
 
 
 def _s(value: Any) -> str:
@@ -106,7 +72,7 @@ class Stats:
 def read_stats(broker: Broker) -> Stats:
     """Every ``stats:*`` key of the namespace, in one transaction."""
     keys = broker.keys
-    with _redis_errors(broker.client):
+    with redis_errors("Redis"):
         pipe = broker.client.pipeline(transaction=True)
         pipe.hgetall(keys.stats_completed)
         pipe.hgetall(keys.stats_failures)
