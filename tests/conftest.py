@@ -95,7 +95,8 @@ class FakeClock:
     """A clock the test moves by hand; starts at the real time (cooldown TTLs stay sane)."""
 
     def __init__(self, start: float | None = None) -> None:
-        self.t = time.time() if start is None else start
+        # Whole seconds: every ms value the broker derives from the clock is exact.
+        self.t = float(int(time.time())) if start is None else start
 
     def __call__(self) -> float:
         return self.t

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 import redis
+from conftest import FakeClock as Clock
+from helpers import rc
 
 from broker import (
     Broker,
@@ -30,24 +32,6 @@ from broker.models import MAX_TEXT_BYTES
 LEASE_S = 23 * 60
 DONE = Outcome(summary="done")
 FOLLOW = Outcome(needs_follow_up=True, next_prompt="continue", summary="wip")
-
-
-class Clock(Protocol):
-    t: float
-
-    def __call__(self) -> float: ...
-
-    def advance(self, seconds: float) -> float: ...
-
-
-def rc(broker: Broker) -> Any:
-    """The broker's client, untyped: redis-py's reply types are unions of bytes and str."""
-    return broker.client
-
-
-@pytest.fixture(autouse=True)
-def _whole_second_clock(clock: Clock) -> None:
-    clock.t = float(int(clock.t))
 
 
 def read_key(r: redis.Redis, key: bytes) -> Any:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 import redis
+from conftest import FakeClock as Clock
+from helpers import ms, rc
 
 from broker import (
     Broker,
@@ -39,28 +41,6 @@ PLACE_STATUS = {
     "running": "in_progress", "in_review": "in_review", "failed": "failed", "cancelled": "cancelled"
 }
 MAP_FIELDS = ("models", "chains")
-
-
-class Clock(Protocol):
-    t: float
-
-    def __call__(self) -> float: ...
-
-    def advance(self, seconds: float) -> float: ...
-
-
-def rc(broker: Broker) -> Any:
-    """The broker's client, untyped: redis-py's reply types are unions of bytes and str."""
-    return broker.client
-
-
-@pytest.fixture(autouse=True)
-def _whole_second_clock(clock: Clock) -> None:
-    clock.t = float(int(clock.t))
-
-
-def ms(seconds: float) -> int:
-    return int(seconds * 1000)
 
 
 def config(**changes: Any) -> Config:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 import redis
+from conftest import FakeClock as Clock
+from helpers import ms, rc
 
 from broker import (
     Broker,
@@ -37,30 +39,7 @@ DONE = Outcome(summary="all done")
 FOLLOW = Outcome(needs_follow_up=True, next_prompt="do the rest", summary="half done")
 
 
-class Clock(Protocol):
-    t: float
-
-    def __call__(self) -> float: ...
-
-    def advance(self, seconds: float) -> float: ...
-
-
-def rc(broker: Broker) -> Any:
-    """The broker's client, untyped: redis-py's reply types are unions of bytes and str."""
-    return broker.client
-
-
-@pytest.fixture(autouse=True)
-def _whole_second_clock(clock: Clock) -> None:
-    # Whole seconds: every ms value the broker derives from the clock is exact.
-    clock.t = float(int(clock.t))
-
-
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def ms(seconds: float) -> int:
-    return int(seconds * 1000)
 
 
 def raw(
