@@ -15,7 +15,7 @@
   KEYS[12] events              STREAM
   Built from ARGV[1]: task:<id>, board:<b>, board:<b>:queue, ready:<ck>
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] task id, or "" for the next from task_seq
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id, or "" for the next from task_seq
   ARGV[4] board  ARGV[5] title  ARGV[6] prompt  ARGV[7] chain name or ""  ARGV[8] pinned model or ""
 
   Returns {0, task_id} | {4, task_id} duplicate id | {5, message} unknown chain or model
@@ -26,7 +26,7 @@ local rcall = redis.call
 
 local K = {refs = KEYS[6], ready_chains = KEYS[7], ready_seq = KEYS[8], idx_busy = KEYS[9],
            idx_paused = KEYS[10], idx_backoff = KEYS[11], events = KEYS[12]}
-local P, now, board, chain, pinned = ARGV[1], tonumber(ARGV[2]), ARGV[4], ARGV[7], ARGV[8]
+local P, now, board, chain, pinned = ARGV[1], clock_ms(ARGV[2]), ARGV[4], ARGV[7], ARGV[8]
 
 local ck
 if chain ~= "" then

@@ -9,7 +9,7 @@
            stats_failures stats_completed
   Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue, ready:<ck>
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] task id
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id
 
   Returns {0, previous status} | {1, detail} no such task | {3, detail} already cancelled
 ]]
@@ -17,7 +17,7 @@ local rcall = redis.call
 --- @include "core"
 
 local K = keys_from(RUN_END_KEYS, 2)
-local P, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local P, now, id = ARGV[1], clock_ms(ARGV[2]), ARGV[3]
 local t = task_fields(P, id)
 if not t then return {1, "task not found"} end
 local was = t.status

@@ -31,7 +31,7 @@
   Built from ARGV[1]: ready:<ck>, board:<b>, board:<b>:queue, task:<id>, task:<id>:runs,
   task:<id>:lease, cooldown:<model>
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] run id (new UUID)  ARGV[4] global cap
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] run id (new UUID)  ARGV[4] global cap
   ARGV[5] night (1/0)  ARGV[6] config version the caller computed ARGV[4] from
 
   Returns
@@ -48,7 +48,7 @@ local K = {cfg_settings = KEYS[1], cfg_chains = KEYS[2], cfg_model_cap = KEYS[3]
            ready_seq = KEYS[10], idx_busy = KEYS[11], idx_paused = KEYS[12],
            idx_backoff = KEYS[13], events = KEYS[14], stats_skips = KEYS[15], stats_claims = KEYS[16]}
 local P = ARGV[1]
-local now = tonumber(ARGV[2])
+local now = clock_ms(ARGV[2])
 local run_id = ARGV[3]
 local global_cap = tonumber(ARGV[4])
 

@@ -14,7 +14,7 @@
   Built from ARGV[1]: task:<id>:runs, task:<id>:context, task:<id>:lease, board:<b>,
   board:<b>:queue, board:<b>:done, ready:<ck>
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] task id  ARGV[4] run id  ARGV[5] follow up (1/0)
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id  ARGV[5] follow up (1/0)
   ARGV[6] next prompt  ARGV[7] summary  ARGV[8] extra outcome fields (JSON object)
   ARGV[9] digest of the outcome (to recognise a repeat)
 
@@ -25,7 +25,7 @@ local rcall = redis.call
 --- @include "core"
 
 local K = keys_from(RUN_END_KEYS, 2)
-local P, now, id, run_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local P, now, id, run_id = ARGV[1], clock_ms(ARGV[2]), ARGV[3], ARGV[4]
 
 local t, code, detail = active_run(P, id, run_id)
 if not t then

@@ -36,7 +36,7 @@
   KEYS[17] events              STREAM (a `doctor` event when something was repaired)
   Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, ready:<ck>
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] repair (1/0)
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] repair (1/0)
 
   Returns {0, n, problem_1 .. problem_n, repaired_1 .. repaired_m} -- the problems found
   (before any repair) and, in repair mode, one line per change made
@@ -49,7 +49,7 @@ local K = {tasks = KEYS[1], boards = KEYS[2], running = KEYS[3], in_review = KEY
            ready_chains = KEYS[9], ready_seq = KEYS[10], idx_busy = KEYS[11], idx_paused = KEYS[12],
            idx_backoff = KEYS[13], refs = KEYS[14], cfg_chains = KEYS[15], cfg_model_provider = KEYS[16],
            events = KEYS[17]}
-local P, now, repair = ARGV[1], tonumber(ARGV[2]), ARGV[3] == "1"
+local P, now, repair = ARGV[1], clock_ms(ARGV[2]), ARGV[3] == "1"
 
 local problems, fixed = {}, {}
 local function problem(msg) problems[#problems + 1] = msg end

@@ -15,7 +15,7 @@
   KEYS[11] ready_chains        SET
   Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, cooldown:<model>
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] global cap  ARGV[4..] board names
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] global cap  ARGV[4..] board names
 
   Returns {0, reason, reason, ...}, one per board, each one of:
     idle (nothing queued), running (its task runs, nothing else queued), board_busy,
@@ -27,7 +27,7 @@ local rcall = redis.call
 
 local K = {cfg_chains = KEYS[1], cfg_model_cap = KEYS[2], cfg_provider_cap = KEYS[3],
            cfg_model_provider = KEYS[4], inflight_model = KEYS[5], inflight_provider = KEYS[6]}
-local P, now = ARGV[1], tonumber(ARGV[2])
+local P, now = ARGV[1], clock_ms(ARGV[2])
 local full = rcall("ZCARD", KEYS[7]) >= tonumber(ARGV[3])
 local cache = {}
 

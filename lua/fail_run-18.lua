@@ -10,7 +10,7 @@
            stats_failures stats_completed
   Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue, ready:<ck>
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] task id  ARGV[4] run id
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id
   ARGV[5] root cause (failed, timeout, overloaded, billing, ...)  ARGV[6] message
   ARGV[7] retry (1/0)
 
@@ -20,7 +20,7 @@ local rcall = redis.call
 --- @include "core"
 
 local K = keys_from(RUN_END_KEYS, 2)
-local P, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local P, now, id = ARGV[1], clock_ms(ARGV[2]), ARGV[3]
 local t, code, detail = active_run(P, id, ARGV[4])
 if not t then return {code, detail} end
 local status, attempts = fail_run(K, P, id, t, now, ARGV[5], ARGV[6], ARGV[7] == "1", true)

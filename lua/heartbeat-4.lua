@@ -8,14 +8,14 @@
   KEYS[3] running                   ZSET task id -> lease deadline
   KEYS[4] cfg_settings              HASH (heartbeat_ms)
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] task id  ARGV[4] run id
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id
 
   Returns {0, lease_deadline_ms} | {1, detail} no such task | {2, detail} fenced
 ]]
 local rcall = redis.call
 --- @include "core"
 
-local P, now, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local P, now, id = ARGV[1], clock_ms(ARGV[2]), ARGV[3]
 local t, code, detail = active_run(P, id, ARGV[4])
 if not t then return {code, detail} end
 local ms = num(rcall("HGET", KEYS[4], "heartbeat_ms"), 1200000)

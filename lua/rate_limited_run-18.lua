@@ -12,7 +12,7 @@
   Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue,
   ready:<ck>, cooldown:<model>
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] task id  ARGV[4] run id
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id
   ARGV[5] cooldown end (ms)  ARGV[6] class: rate_limit | quota_reached  ARGV[7] message
 
   Returns {0, model, cooldown_end_ms} | {1, detail} no such task | {2, detail} fenced
@@ -21,7 +21,7 @@ local rcall = redis.call
 --- @include "core"
 
 local K = keys_from(RUN_END_KEYS, 2)
-local P, now, id, reason, message = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[6], ARGV[7]
+local P, now, id, reason, message = ARGV[1], clock_ms(ARGV[2]), ARGV[3], ARGV[6], ARGV[7]
 local t, code, detail = active_run(P, id, ARGV[4])
 if not t then return {code, detail} end
 

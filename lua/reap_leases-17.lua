@@ -10,7 +10,7 @@
   Built from ARGV[1]: task:<id>, task:<id>:runs, task:<id>:lease, board:<b>,
   board:<b>:queue, ready:<ck>
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] at most this many leases per call
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] at most this many leases per call
 
   A lease whose task hash is gone (deleted by hand) is cleared from what its run record
   says (board, model, provider): its counters and its board slot are released, event "lost".
@@ -21,7 +21,7 @@ local rcall = redis.call
 --- @include "core"
 
 local K = keys_from(RUN_END_KEYS, 1)
-local P, now = ARGV[1], tonumber(ARGV[2])
+local P, now = ARGV[1], clock_ms(ARGV[2])
 -- The task hash is gone: release what the run record says the run held.
 local function lost(id)
   rcall("ZREM", K.running, id)

@@ -11,7 +11,7 @@
   KEYS[7] events        STREAM
   Built from ARGV[1]: board:<b>, board:<b>:queue, ready:<ck>
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] board  ARGV[4] paused (1/0)
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] board  ARGV[4] paused (1/0)
 
   Returns {0, state} -- the board's index state afterwards (idle, paused, busy, backoff, ready)
 ]]
@@ -20,7 +20,7 @@ local rcall = redis.call
 
 local K = {ready_chains = KEYS[2], ready_seq = KEYS[3], idx_busy = KEYS[4], idx_paused = KEYS[5],
            idx_backoff = KEYS[6], events = KEYS[7]}
-local P, now, b = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local P, now, b = ARGV[1], clock_ms(ARGV[2]), ARGV[3]
 rcall("SADD", KEYS[1], b)
 rcall("HSET", board_key(P, b), "paused", ARGV[4])
 local state = reindex_board(K, P, b, now)

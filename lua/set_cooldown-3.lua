@@ -6,14 +6,14 @@
   KEYS[2] cfg_model_provider           HASH (the model must be known)
   KEYS[3] events                       STREAM
 
-  ARGV[1] prefix  ARGV[2] now (ms)  ARGV[3] model  ARGV[4] cooldown end (ms; <= now clears)
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] model  ARGV[4] cooldown end (ms; <= now clears)
 
   Returns {0, cooldown_end_ms} | {5, detail} unknown model
 ]]
 local rcall = redis.call
 --- @include "core"
 
-local P, now, model, until_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local P, now, model, until_ms = ARGV[1], clock_ms(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 if rcall("HEXISTS", KEYS[2], model) == 0 then return {5, "unknown model '" .. model .. "'"} end
 local K = {events = KEYS[3]}
 local result = cool_model(P, model, now, until_ms, "manual", false)

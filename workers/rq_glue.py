@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any
 
 import redis
@@ -13,6 +15,8 @@ from broker import Broker, Claim
 from .job import run_task
 
 __all__ = ["job_meta", "rq_enqueuer", "run_worker"]
+
+log = logging.getLogger("clawq.worker")
 
 #: Extra time RQ gives a job beyond agent.timeout_minutes (our own timeout fires first).
 _JOB_TIMEOUT_MARGIN_S = 300
@@ -47,13 +51,31 @@ def rq_enqueuer(broker: Broker, connection: redis.Redis) -> Any:
 
 def run_worker(redis_url: str, queue: str, *, rq_url: str | None = None, burst: bool = False,
                name: str | None = None, with_scheduler: bool = False, simple: bool = False) -> bool:
-    """Run an RQ worker on ``queue``; its jobs find clawq's Redis through CLAWQ_REDIS_URL."""
+    """Run an RQ worker on ``queue``; its jobs find clawq's Redis through CLAWQ_REDIS_URL.
+
+    RQ's worker dies when Redis goes away while it watches a job; this loop starts a new one, with
+    backoff, saying so once, so a Redis restart never shrinks the fleet.
+    """
     os.environ["CLAWQ_REDIS_URL"] = redis_url
-    connection = redis.Redis.from_url(rq_url or redis_url)
     cls: Any = Worker
     if simple:
         from rq import SimpleWorker
 
         cls = SimpleWorker
-    worker = cls([Queue(queue, connection=connection)], connection=connection, name=name)
-    return bool(worker.work(burst=burst, with_scheduler=with_scheduler))
+    backoff, outage = 1.0, False
+    worker: Any = None
+    while True:
+        connection = redis.Redis.from_url(rq_url or redis_url)
+        try:
+            if worker is not None:  # the dead worker's registration survives in Redis: clear it first
+                worker.register_death()
+            worker = cls([Queue(queue, connection=connection)], connection=connection, name=name)
+            return bool(worker.work(burst=burst, with_scheduler=with_scheduler))
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            if not outage:
+                log.error("Redis went away (%s): restarting the worker with backoff", err)
+            outage = True
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+        finally:
+            connection.close()

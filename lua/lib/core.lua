@@ -27,6 +27,15 @@ local function num(v, default)
   return tonumber(v) or default
 end
 
+-- The script's clock in ms: ARGV's value when the caller gives one (tests drive a fake clock), else
+-- the server's TIME, read once per call, so every client's events are stamped in the order Redis ran
+-- them, whatever the clients' clock skew.
+local function clock_ms(arg)
+  if arg ~= "" then return tonumber(arg) end
+  local t = rcall("TIME")
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 -- Integer text for ids and millisecond times (tostring would use exponent notation past 1e14).
 local function int(v)
   return string.format("%d", v)
