@@ -75,6 +75,14 @@ def command_options(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def _clean(text: str) -> str:
+    """User text for a terminal: control characters shown escaped (no forged lines, no escape sequences)."""
+    return text.translate(_CONTROL)
+
+
 def emit(obj: Ctx, doc: Any, text: str) -> None:
     """Print ``doc`` as JSON with --json, else the human line(s) ``text``."""
     click.echo(json.dumps(doc, default=str) if obj.as_json else text)
@@ -208,12 +216,12 @@ def show(obj: Ctx, task_id: int) -> None:
     """Show TASK with its context and run history."""
     task = obj.broker().get_task(task_id)
     doc = task.model_dump(mode="json")
-    lines = [f"task {task.task_id} [{task.status.value}] on {task.board}: {task.title}",
+    lines = [f"task {task.task_id} [{task.status.value}] on {task.board}: {_clean(task.title)}",
              f"  chain {task.chain or '-'}  model {task.model or '-'}  runs {task.run_count}  "
              f"attempts {task.attempts}"]
     lines += [f"  run {r.get('run_id')} {r.get('model')} -> {r.get('outcome', 'running')}" for r in task.runs]
     if task.last_error:
-        lines.append(f"  last error ({task.last_error_reason}): {task.last_error}")
+        lines.append(f"  last error ({task.last_error_reason}): {_clean(task.last_error)}")
     emit(obj, doc, "\n".join(lines))
 
 
@@ -225,7 +233,7 @@ def ls_(obj: Ctx, board: str | None, status: str | None) -> None:
     """List tasks (id order)."""
     tasks = obj.broker().list_tasks(board=board, status=TaskStatus(status) if status else None)
     doc = [t.model_dump(mode="json", exclude={"context", "runs", "prompt"}) for t in tasks]
-    text = "\n".join(f"{t.task_id:>6}  {t.status.value:<11}  {t.board:<16}  {t.title}" for t in tasks)
+    text = "\n".join(f"{t.task_id:>6}  {t.status.value:<11}  {t.board:<16}  {_clean(t.title)}" for t in tasks)
     emit(obj, doc, text or "no tasks")
 
 
@@ -434,7 +442,7 @@ def _print_event(obj: Ctx, row: dict[str, Any]) -> None:
     if obj.as_json:
         click.echo(json.dumps(row))
         return
-    extras = " ".join(f"{k}={v}" for k, v in row.items() if k not in ("id", "type", "at"))
+    extras = " ".join(f"{k}={_clean(str(v))}" for k, v in row.items() if k not in ("id", "type", "at"))
     click.echo(f"{_when(row['at'])}  {row['type']:<14} {extras}")
 
 
@@ -454,7 +462,7 @@ def health(obj: Ctx) -> None:
                      f"  failures {m['failures']}{cool}")
     for e in doc["recent_errors"][:5]:
         lines.append(f"  error {e['reason']:<13} task {e['task_id']} ({e['board']}, {e['model']}): "
-                     f"{e['message']}")
+                     f"{_clean(str(e['message']))}")
     emit(obj, doc, "\n".join(lines))
 
 
@@ -473,14 +481,13 @@ def _setup_logging(level: str) -> None:
 @command_options
 def dispatch(obj: Ctx, once: bool, rq_redis_url: str | None, log_level: str) -> None:
     """Claim tasks the moment they may run and hand each to an RQ worker (until SIGTERM)."""
-    import redis
-
+    from broker.connection import rq_connection
     from workers.dispatcher import Dispatcher
     from workers.rq_glue import rq_enqueuer
 
     _setup_logging(log_level)
     b = obj.broker()
-    rq_conn = redis.Redis.from_url(rq_redis_url or obj.redis_url)
+    rq_conn = rq_connection(rq_redis_url or obj.redis_url)
     d = Dispatcher(b, rq_enqueuer(b, rq_conn))
     if once:
         requeued_and_claimed = d.step()

@@ -12,12 +12,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis
+from redis.exceptions import RedisClusterException
+from redis.sentinel import MasterNotFoundError
 
 from .agent_output import AgentResult, Done, RateLimited
 from .config import DEFAULT_CONFIG, Config, parse_config
+from .connection import Client, client_from_url, client_url
 from .errors import (
     ConfigError,
     InputError,
@@ -50,13 +54,23 @@ RELEASE_CAUSES = frozenset({"pairing", "agent_unreachable"})
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for logs and errors)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    """The URL with any password replaced by ``***`` (for logs and errors): in its credentials and in a
+    ``password=`` (or ``*_password=``) query argument."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, _, host = netloc.rpartition("@")
+        user, colon, _ = creds.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"{user}@{host}"
+    query = "&".join(
+        f"{k}=***" if k.lower().endswith("password") else (f"{k}={v}" if v or "=" in pair else k)
+        for pair in parts.query.split("&") if pair
+        for k, _, v in [pair.partition("=")]
+    )
+    if "://" not in url:
         return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + (
+        f"#{parts.fragment}" if parts.fragment else "")
 
 
 def _ms(seconds: float) -> int:
@@ -72,10 +86,14 @@ def _redis_errors(where: str) -> Iterator[None]:
     """Translate redis-py's connection and response errors into clawq's (one line, no traceback)."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as err:
+    except MasterNotFoundError:
+        raise RedisUnavailable(f"cannot reach Redis at {where}: no primary for this service (Sentinel)") from None
+    except (redis.ConnectionError, redis.TimeoutError, RedisClusterException) as err:
         raise RedisUnavailable(f"cannot reach Redis at {where}: {' '.join(str(err).split())}") from None
     except redis.ResponseError as err:
         raise ScriptError(f"Redis refused a clawq command: {' '.join(str(err).split())}") from None
+    except redis.RedisError as err:  # anything else redis-py says (e.g. a setting it cannot use)
+        raise RedisUnavailable(f"Redis at {where}: {' '.join(str(err).split())}") from None
 
 
 redis_errors = _redis_errors  #: the same translation, for the layers above the broker (HTTP)
@@ -86,7 +104,7 @@ class Broker:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         namespace: str = "default",
         *,
         clock: Callable[[], float] = time.time,
@@ -98,18 +116,21 @@ class Broker:
         self.keys = Keys(namespace)
         self.clock = clock
         self._where = redact_url(_client_url(client))
-        self._scripts = Scripts(client, self.keys)
+        self._scripts = Scripts(cast(redis.Redis, client), self.keys)  # a RedisCluster has the same surface
         self._config: Config | None = None
         self._config_version = ""
         self._ready = False
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "default", **kwargs: Any) -> Broker:
-        """Connect to ``url`` (redis://, rediss://, unix://) and check the namespace's schema."""
-        try:
-            client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
-        except ValueError as err:
-            raise InputError(f"bad Redis URL {redact_url(url)}: {err}") from None
+        """Connect to ``url`` and check the namespace's schema.
+
+        ``url``: redis://, rediss://, unix://, a cluster (``redis+cluster://host:port[,host:port...]/``) or
+        a Sentinel-managed primary (``redis+sentinel://host:port[,host:port...]/<service>[/<db>]``); see
+        :mod:`broker.connection`.
+        """
+        with _redis_errors(redact_url(url)):
+            client = client_from_url(url)
         broker = cls(client, namespace, **kwargs)
         broker.connect()
         return broker
@@ -147,6 +168,10 @@ class Broker:
 
     def now(self) -> float:
         return self.clock()
+
+    def _now_arg(self) -> str | int:
+        """The scripts' clock: "" (the Redis server's TIME) with the real clock, the fake one's ms in tests."""
+        return "" if self.clock is time.time else _ms(self.clock())
 
     def _call(self, name: str, args: list[str | int | float], **kw: Any) -> list[Any]:
         self._ensure_ready()
@@ -225,7 +250,7 @@ class Broker:
             _check_task_id(task_id)
         self._check_known(chain=chain, model=model)
         args: list[str | int | float] = [
-            _ms(self.now()), "" if task_id is None else task_id, board, title, prompt,
+            self._now_arg(), "" if task_id is None else task_id, board, title, prompt,
             chain or "", model or "",
         ]
         reply = self._call("add_task", args)
@@ -250,7 +275,7 @@ class Broker:
             now = self.now()
             cap, night = self.config().global_cap_at(now)
             run_id = str(uuid.uuid4())
-            args: list[str | int | float] = [_ms(now), run_id, cap, int(night), self._config_version]
+            args: list[str | int | float] = [self._now_arg(), run_id, cap, int(night), self._config_version]
             reply = self._call("claim_task", args)
             status = Status(reply[0])
             if status is Status.CONFIG_STALE:
@@ -268,7 +293,7 @@ class Broker:
     def _run_call(self, name: str, task_id: int, run_id: str, args: list[str | int | float]) -> list[Any]:
         _check_task_id(task_id)
         _check_run_id(run_id)
-        reply = self._call(name, [_ms(self.now()), task_id, run_id, *args], task_id=task_id)
+        reply = self._call(name, [self._now_arg(), task_id, run_id, *args], task_id=task_id)
         status = Status(reply[0])
         if status not in (Status.OK, Status.REPEATED):
             raise error_for(status, task_id, run_id, str(reply[1]))
@@ -278,7 +303,7 @@ class Broker:
         """Extend the run's lease; returns the new deadline (epoch seconds). Raises RunFenced."""
         _check_task_id(task_id)
         _check_run_id(run_id)
-        reply = self._call("heartbeat", [_ms(self.now()), task_id, run_id], task_id=task_id)
+        reply = self._call("heartbeat", [self._now_arg(), task_id, run_id], task_id=task_id)
         status = Status(reply[0])
         if status is not Status.OK:
             raise error_for(status, task_id, run_id, str(reply[1]))
@@ -372,7 +397,7 @@ class Broker:
         """Requeue every task whose lease deadline passed; returns their ids."""
         requeued: list[int] = []
         while True:
-            reply = self._call("reap_leases", [_ms(self.now()), REAP_BATCH])
+            reply = self._call("reap_leases", [self._now_arg(), REAP_BATCH])
             requeued.extend(int(reply[i]) for i in range(2, len(reply), 2))
             if int(reply[1]) < REAP_BATCH:
                 return requeued
@@ -380,7 +405,7 @@ class Broker:
     def cancel(self, task_id: int) -> TaskStatus:
         """Cancel a task wherever it is; returns the status it had."""
         _check_task_id(task_id)
-        reply = self._call("cancel_task", [_ms(self.now()), task_id], task_id=task_id)
+        reply = self._call("cancel_task", [self._now_arg(), task_id], task_id=task_id)
         status = Status(reply[0])
         if status is not Status.OK:
             raise error_for(status, task_id, "", str(reply[1]))
@@ -395,7 +420,7 @@ class Broker:
 
     def _set_paused(self, board: str, paused: bool) -> str:
         _check_board(board)
-        reply = self._call("set_board_paused", [_ms(self.now()), board, int(paused)])
+        reply = self._call("set_board_paused", [self._now_arg(), board, int(paused)])
         return str(reply[1])
 
     def set_cooldown(self, model: str, seconds: float) -> float:
@@ -404,7 +429,7 @@ class Broker:
             raise InputError(f"bad cooldown {seconds}: seconds in [0, {MAX_RESET_SECONDS}]")
         self._check_known(model=model)
         now = self.now()
-        reply = self._call("set_cooldown", [_ms(now), model, _ms(now + seconds)], model=model)
+        reply = self._call("set_cooldown", [self._now_arg(), model, _ms(now + seconds)], model=model)
         if Status(reply[0]) is not Status.OK:
             raise UnknownChain(str(reply[1]))
         return int(reply[1]) / 1000
@@ -502,13 +527,13 @@ class Broker:
         if not boards:
             return []
         with _redis_errors(self._where):
-            reply = self._scripts.call("explain_boards", [self.keys.prefix, _ms(self.now()), global_cap, *boards])
+            reply = self._scripts.call("explain_boards", [self.keys.prefix, self._now_arg(), global_cap, *boards])
         return [str(x) for x in reply[1:]]
 
     def observe_claim_to_start(self, seconds: float) -> None:
         """Record how long a claimed run waited for its worker (the claim-to-start histogram)."""
         with _redis_errors(self._where):
-            observe_claim_to_start(self.client, self.keys, seconds)
+            observe_claim_to_start(cast(redis.Redis, self.client), self.keys, seconds)
 
     def next_deadline(self) -> float | None:
         """The nearest time something becomes due: a lease deadline, a backoff end or a cooldown end."""
@@ -537,7 +562,7 @@ class Broker:
 
         def run(fix: bool) -> Any:
             with _redis_errors(self._where):
-                reply = self._scripts.call("doctor", [self.keys.prefix, _ms(self.now()), int(fix)])
+                reply = self._scripts.call("doctor", [self.keys.prefix, self._now_arg(), int(fix)])
             return parse_reply(reply)
 
         found = run(repair)
@@ -555,16 +580,14 @@ def root_cause(message: str, now: float) -> str:
     return "failed"
 
 
-def _client_url(client: redis.Redis) -> str:
-    kw = client.connection_pool.connection_kwargs
-    if "path" in kw:
-        return f"unix://{_str(kw['path'])}"
-    return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+def _client_url(client: Client) -> str:
+    return client_url(client)
 
 
 def _check_board(board: str) -> None:
     if not isinstance(board, str) or not BOARD_RE.match(board):
-        raise InputError(f"bad board name {board!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        shown = repr(board) if len(str(board)) <= 80 else repr(str(board)[:80]) + f"… ({len(board)} chars)"
+        raise InputError(f"bad board name {shown}: use 1-64 letters, digits, '.', '_' or '-'")
 
 
 def _check_text(name: str, value: str, limit: int, *, required: bool = False) -> None:

@@ -47,6 +47,8 @@ class Claim(BaseModel):
 def _check_size(name: str, value: str | None) -> None:
     if value is not None and len(value.encode("utf-8")) > MAX_TEXT_BYTES:
         raise ValueError(f"{name} is larger than {MAX_TEXT_BYTES} bytes")
+    if value is not None and "\x00" in value:
+        raise ValueError(f"{name} contains a NUL character")
 
 
 class Outcome(BaseModel):

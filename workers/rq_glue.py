@@ -11,6 +11,7 @@ import redis
 from rq import Queue, Worker
 
 from broker import Broker, Claim
+from broker.connection import rq_connection
 
 from .job import run_task
 
@@ -65,7 +66,7 @@ def run_worker(redis_url: str, queue: str, *, rq_url: str | None = None, burst: 
     backoff, outage = 1.0, False
     worker: Any = None
     while True:
-        connection = redis.Redis.from_url(rq_url or redis_url)
+        connection = rq_connection(rq_url or redis_url)
         try:
             if worker is not None:  # the dead worker's registration survives in Redis: clear it first
                 worker.register_death()

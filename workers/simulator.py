@@ -198,10 +198,12 @@ class Fleet:
     kills: list[dict[str, Any]] = field(default_factory=list)
 
     def _start(self, name: str, *args: str) -> None:
-        cmd = [sys.executable, "-m", "cli", "--redis-url", self.url, "--namespace", self.namespace, *args]
+        # The URL goes through the environment, not argv: a password must not show in `ps`.
+        cmd = [sys.executable, "-m", "cli", "--namespace", self.namespace, *args]
         out = (self.logdir / f"{name}.log").open("ab")
+        env = {**_child_env(), "CLAWQ_REDIS_URL": self.url}
         self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=_child_env(), start_new_session=True)
+                                            env=env, start_new_session=True)
         out.close()
 
     def start(self, workers: int) -> None:

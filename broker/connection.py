@@ -1,0 +1,168 @@
+"""Redis clients from URLs: standalone, Redis Cluster and Sentinel-managed primaries.
+
+Schemes (the password, if any, is never printed: see :func:`broker.broker.redact_url`):
+
+* ``redis://``, ``rediss://``, ``unix://`` -- one server, as :meth:`redis.Redis.from_url` reads them.
+* ``redis+cluster://[user:password@]host:port[,host:port...][/0]`` -- a Redis Cluster, reached through any of
+  the listed seed nodes (``rediss+cluster://`` for TLS). A cluster has only database 0. Every key of a clawq
+  namespace carries the hash tag ``{namespace}`` (:mod:`broker.keys`), so a namespace lives in one slot and
+  its scripts and MULTI/EXEC pipelines run on one node.
+* ``redis+sentinel://[user:password@]host:port[,host:port...]/<service_name>[/<db>]`` -- the primary that the
+  listed Sentinels name for ``service_name`` (``rediss+sentinel://`` for TLS to the data nodes). The
+  user/password authenticate to the data nodes; ``?sentinel_password=...`` (and ``sentinel_username``)
+  to the Sentinels. After a failover the client asks the Sentinels again and reconnects to the new primary;
+  redis-py's ``Script`` objects reload a script that the new primary lacks (NOSCRIPT).
+
+Query options common to all of them: ``socket_timeout`` and ``socket_connect_timeout`` (seconds).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+from .errors import InputError
+
+__all__ = ["CLUSTER_SCHEMES", "SENTINEL_SCHEMES", "Client", "client_from_url", "client_url", "rq_connection"]
+
+#: What a Broker talks to: one server (possibly Sentinel-managed) or a cluster.
+Client = redis.Redis | RedisCluster
+
+CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
+SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel"})
+_CONNECT_TIMEOUT_S = 5.0
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower()
+
+
+def _hosts(netloc: str, url: str) -> list[tuple[str, int]]:
+    """``host:port[,host:port...]`` (the part after any ``user:password@``)."""
+    hosts: list[tuple[str, int]] = []
+    for item in netloc.rpartition("@")[2].split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise InputError(f"bad Redis URL {_redacted(url)}: give host:port[,host:port...], got {item!r}")
+        hosts.append((host.strip("[]"), int(port)))
+    return hosts
+
+
+def _credentials(netloc: str) -> tuple[str | None, str | None]:
+    creds, at, _ = netloc.rpartition("@")
+    if not at:
+        return None, None
+    user, colon, password = creds.partition(":")
+    if not colon:  # "password@" alone is how redis:// URLs give a password without a user
+        return None, unquote(user) or None
+    return unquote(user) or None, unquote(password) or None
+
+
+def _options(query: str) -> dict[str, Any]:
+    raw = {k: v[-1] for k, v in parse_qs(query).items()}
+    out: dict[str, Any] = {"socket_connect_timeout": _CONNECT_TIMEOUT_S}
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        if name in raw:
+            out[name] = float(raw[name])
+    for name in ("sentinel_password", "sentinel_username"):
+        if name in raw:
+            out[name] = raw[name]
+    return out
+
+
+def _redacted(url: str) -> str:
+    from .broker import redact_url
+
+    return redact_url(url)
+
+
+def client_from_url(url: str, *, decode_responses: bool = True) -> Client:
+    """A client for ``url`` (any scheme in the module docstring); raises InputError on a bad URL.
+
+    A cluster client contacts a seed node here (redis-py reads the slot map on creation): an unreachable
+    cluster raises :class:`redis.exceptions.RedisClusterException`.
+    """
+    scheme = _scheme(url)
+    reqs = parse_qs(urlsplit(url).query).get("ssl_cert_reqs", [])
+    if any(r.lower() not in ("none", "optional", "required") for r in reqs):
+        raise InputError(f"bad Redis URL {_redacted(url)}: ssl_cert_reqs must be none, optional or required")
+    try:
+        if scheme in CLUSTER_SCHEMES:
+            return _cluster_client(url, decode_responses)
+        if scheme in SENTINEL_SCHEMES:
+            return _sentinel_client(url, decode_responses)
+        return redis.Redis.from_url(url, decode_responses=decode_responses, socket_connect_timeout=_CONNECT_TIMEOUT_S)
+    except ValueError as err:
+        raise InputError(f"bad Redis URL {_redacted(url)}: {err}") from None
+
+
+def _cluster_client(url: str, decode_responses: bool) -> RedisCluster:
+    parts = urlsplit(url)
+    if parts.path.strip("/") not in ("", "0"):
+        raise InputError(f"bad Redis URL {_redacted(url)}: a cluster has only database 0")
+    user, password = _credentials(parts.netloc)
+    opts = _options(parts.query)
+    opts.pop("sentinel_password", None)
+    opts.pop("sentinel_username", None)
+    nodes = [ClusterNode(host, port) for host, port in _hosts(parts.netloc, url)]  # type: ignore[no-untyped-call]
+    return RedisCluster(
+        startup_nodes=nodes, username=user, password=password, ssl=_scheme(url) == "rediss+cluster",
+        decode_responses=decode_responses, **opts,
+    )
+
+
+def _sentinel_client(url: str, decode_responses: bool) -> redis.Redis:
+    parts = urlsplit(url)
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise InputError(f"bad Redis URL {_redacted(url)}: give redis+sentinel://host:port[,...]/<service>[/<db>]")
+    service, db = unquote(path[0]), int(path[1]) if len(path) == 2 else 0
+    user, password = _credentials(parts.netloc)
+    opts = _options(parts.query)
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": opts["socket_connect_timeout"]}
+    if "sentinel_password" in opts:
+        sentinel_kwargs["password"] = opts.pop("sentinel_password")
+    if "sentinel_username" in opts:
+        sentinel_kwargs["username"] = opts.pop("sentinel_username")
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        _hosts(parts.netloc, url), sentinel_kwargs=sentinel_kwargs, **opts
+    )
+    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        service, db=db, username=user, password=password, decode_responses=decode_responses,
+        ssl=_scheme(url) == "rediss+sentinel",
+    )
+    return master
+
+
+def rq_connection(url: str) -> redis.Redis:
+    """A bytes client for RQ's queue on ``url`` (RQ needs one server: not a cluster)."""
+    if _scheme(url) in CLUSTER_SCHEMES:
+        raise InputError("RQ cannot use a Redis Cluster: give --rq-redis-url (a standalone or Sentinel Redis)")
+    client = client_from_url(url, decode_responses=False)
+    assert isinstance(client, redis.Redis)
+    return client
+
+
+def client_url(client: Any) -> str:
+    """Where ``client`` connects, as a URL without the password (for error messages)."""
+    if isinstance(client, RedisCluster):
+        nodes = client.get_nodes()  # type: ignore[no-untyped-call]
+        names = sorted(node.name for node in nodes) or ["?"]
+        return f"redis+cluster://{','.join(names)}/"
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
+    if isinstance(pool, SentinelConnectionPool):
+        sentinels = pool.sentinel_manager.sentinels
+        hosts = ",".join(
+            f"{s.connection_pool.connection_kwargs.get('host')}:{s.connection_pool.connection_kwargs.get('port')}"
+            for s in sentinels
+        )
+        return f"redis+sentinel://{hosts}/{pool.service_name}/{kw.get('db', 0)}"
+    if "path" in kw:
+        path = kw["path"]
+        return f"unix://{path.decode() if isinstance(path, bytes) else path}"
+    return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
