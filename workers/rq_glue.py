@@ -50,6 +50,28 @@ def rq_enqueuer(broker: Broker, connection: redis.Redis) -> Any:
     return enqueue
 
 
+class _OncePerOutage(logging.Filter):
+    """RQ logs every reconnection attempt; let the first through and drop repeats until Redis is back."""
+
+    _PREFIX = "could not connect to Redis"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self._PREFIX not in message:
+            if self.down:
+                self.down = False
+                log.warning("Redis is reachable again: the worker resumes")
+            return True
+        if self.down:
+            return False
+        self.down = True
+        return True
+
+
 def run_worker(redis_url: str, queue: str, *, rq_url: str | None = None, burst: bool = False,
                name: str | None = None, with_scheduler: bool = False, simple: bool = False) -> bool:
     """Run an RQ worker on ``queue``; its jobs find clawq's Redis through CLAWQ_REDIS_URL.
@@ -58,6 +80,7 @@ def run_worker(redis_url: str, queue: str, *, rq_url: str | None = None, burst: 
     backoff, saying so once, so a Redis restart never shrinks the fleet.
     """
     os.environ["CLAWQ_REDIS_URL"] = redis_url
+    logging.getLogger("rq.worker").addFilter(_OncePerOutage())
     cls: Any = Worker
     if simple:
         from rq import SimpleWorker
