@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import (
     Broker,
+    Claim,
     ClawqError,
     Completion,
     DuplicateTask,
@@ -106,18 +107,10 @@ class AddTaskOut(BaseModel):
     status: TaskStatus
 
 
-class ClaimOut(BaseModel):
+class ClaimOut(Claim):
     """A claim: run ``task_id`` on ``model`` as run ``run_id`` until ``lease_deadline`` (epoch s)."""
 
     claimed: Literal[True] = True
-    task_id: int
-    board: str
-    model: str
-    provider: str
-    run_id: str
-    run_count: int
-    attempt: int
-    lease_deadline: float
 
 
 class HeartbeatIn(BaseModel):
