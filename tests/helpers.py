@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+import cli
 from broker import Broker
 
 
@@ -14,3 +17,13 @@ def rc(broker: Broker) -> Any:
 
 def ms(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of ``clawq argv``, run in-process."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    assert isinstance(exc.value.code, int)
+    return exc.value.code, out, err

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import run_cli as _run_cli
 from test_cli import assert_one_line_error, snapshot
 
-import cli
 from broker import Broker
 from broker.agent_output import Failed, parse_agent_output
 from server.app import create_app
@@ -274,13 +274,6 @@ def client(broker: Broker) -> Iterator[TestClient]:
         yield c
 
 
-def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    out, err = capsys.readouterr()
-    assert isinstance(exc.value.code, int)
-    return exc.value.code, out, err
 
 
 @pytest.mark.parametrize("case", _params(CASES))

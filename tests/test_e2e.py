@@ -26,6 +26,7 @@ from redis_servers import RedisServer
 
 from broker import Broker, TaskStatus
 from broker.config import Config
+from workers.simulator import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -47,28 +48,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                kids.append(int(entry.name))
-    return kids
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for kid in _children(todo.pop()):
-            found.append(kid)
-            todo.append(kid)
-    return found
 
 
 def _kill(pid: int) -> None:
@@ -113,7 +92,7 @@ class Fleet:
         return "\n".join(parts)
 
     def stop_all(self) -> None:
-        family = {kid for p in self.procs.values() for kid in _descendants(p.pid)}
+        family = {kid for p in self.procs.values() for kid in descendants(p.pid)}
         family |= {e["pid"] for e in read_log(self.agent_log) if e["ev"] == "start" and _is_agent(e["pid"])}
         for proc in self.procs.values():
             if proc.poll() is None:

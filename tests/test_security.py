@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 import redis
 from conftest import REDIS_BINARIES
+from helpers import run_cli as _cli
 from redis_servers import HOST, free_port
 from test_cli import assert_one_line_error
 
-import cli
 from broker import Broker, Outcome, TaskStatus, parse_config, redact_url
 from workers.runners import RunContext, agent_env, run_agent, run_command
 
@@ -86,13 +86,6 @@ class _Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    out, err = capsys.readouterr()
-    assert isinstance(exc.value.code, int)
-    return exc.value.code, out, err
 
 
 def _cli_proc(argv: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:

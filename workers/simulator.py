@@ -174,17 +174,28 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc); the RQ work-horse of a busy worker."""
     kids = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            ppid = next(ln for ln in status.read_text().splitlines() if ln.startswith("PPid:"))
-        except (OSError, StopIteration):
-            continue
-        if int(ppid.split()[1]) == pid:
-            kids.append(int(status.parent.name))
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                kids.append(int(entry.name))
     return kids
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs, …)."""
+    found, todo = [], [pid]
+    while todo:
+        for kid in children(todo.pop()):
+            found.append(kid)
+            todo.append(kid)
+    return found
 
 
 @dataclass
@@ -217,7 +228,7 @@ class Fleet:
         for name, proc in list(self.procs.items()):
             if not name.startswith("worker") or proc.poll() is not None:
                 continue
-            horses = _children(proc.pid)
+            horses = children(proc.pid)
             if not horses:
                 continue
             for pid in (*horses, proc.pid):
@@ -243,7 +254,7 @@ class Fleet:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         for proc in self.procs.values():
-            for kid in _children(proc.pid):
+            for kid in children(proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(kid, signal.SIGKILL)
 

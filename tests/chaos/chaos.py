@@ -46,6 +46,7 @@ from broker import Broker, ClawqError, Task
 from broker.config import Config
 from tests.redis_servers import RedisServer, redis_binaries
 from workers.checker import Run, TaskFinal, Timeline, check_all
+from workers.simulator import children, descendants
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = str(Path(__file__).resolve().parent / "agent.py")
@@ -74,28 +75,6 @@ class Options:
 
 
 # -- processes -------------------------------------------------------------------------------------------
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                kids.append(int(entry.name))
-    return kids
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for kid in _children(todo.pop()):
-            found.append(kid)
-            todo.append(kid)
-    return found
-
-
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
@@ -135,12 +114,12 @@ class Fleet:
 
     def kill_worker(self, rng: random.Random) -> dict[str, Any] | None:
         """SIGKILL a busy worker (one with a work-horse), its horse and agent; start a replacement."""
-        busy = [n for n in self.alive("worker") if _children(self.procs[n].pid)]
+        busy = [n for n in self.alive("worker") if children(self.procs[n].pid)]
         if not busy:
             return None
         name = rng.choice(busy)
         proc = self.procs[name]
-        family = _descendants(proc.pid)
+        family = descendants(proc.pid)
         for pid in (*family, proc.pid):
             _kill(pid)
         proc.wait()
@@ -168,7 +147,7 @@ class Fleet:
             self.start(kind)
 
     def stop(self) -> None:
-        family = {kid for p in self.procs.values() if p.poll() is None for kid in _descendants(p.pid)}
+        family = {kid for p in self.procs.values() if p.poll() is None for kid in descendants(p.pid)}
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
