@@ -45,8 +45,8 @@ EMPTY = "return 1"
 #: Truncation points: (label of the section that ends there, the line it ends before); cumulative, in order.
 CLAIM_ANCHORS = (
     ("+ core library (inlined lib/core.lua)", "local K = {cfg_settings"),
-    ("+ its own prelude", 'if rcall("HGET", K.cfg_settings, "version") ~= ARGV[6]'),
-    ("+ version check, backoff sweep", 'local chains = rcall("SMEMBERS", K.ready_chains)'),
+    ("+ its own prelude", 'local settings = rcall("HMGET", K.cfg_settings, "version", "lease_ms")'),
+    ("+ version check, backoff sweep", "-- Nothing claimable: every waiting board counts once"),
     ("+ selection", "-- Claim the head of the chosen board."),
 )
 COMPLETE_ANCHORS = (
@@ -54,39 +54,13 @@ COMPLETE_ANCHORS = (
     ("+ its own prelude", "local t, code, detail = active_run(P, id, run_id)"),
     ("+ fence check", 'local follow_up = ARGV[5] == "1"'),
 )
-#: What-if (a copy, not the broker's script): the model and chain look-ups of one claim read the five small
-#: config/inflight hashes and the chains hash once (HGETALL) instead of one HGET per model and field.
-WHATIF_LOOKUPS = """-- what-if: batched look-ups
-local function tomap(flat)
-  local m = {}
-  for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
-  return m
-end
-local LK = nil
-local function lookups()
-  if not LK then
-    LK = {provider = tomap(rcall("HGETALL", K.cfg_model_provider)), cap = tomap(rcall("HGETALL", K.cfg_model_cap)),
-          pcap = tomap(rcall("HGETALL", K.cfg_provider_cap)), inflight = tomap(rcall("HGETALL", K.inflight_model)),
-          pinflight = tomap(rcall("HGETALL", K.inflight_provider)), chains = tomap(rcall("HGETALL", K.cfg_chains))}
-  end
-  return LK
-end
-local function check_model(model)
-  local lk = lookups()
-  local provider = lk.provider[model]
-  if not provider then return "model_quota_reached", nil end
-  if cooling(P, model, now) then return "model_rate_limited", nil end
-  local cap = tonumber(lk.cap[model])
-  if cap and num(lk.inflight[model], 0) >= cap then return "model_quota_reached", nil end
-  local pcap = tonumber(lk.pcap[provider])
-  if pcap and num(lk.pinflight[provider], 0) >= pcap then return "provider_quota_reached", nil end
-  return nil, provider
-end
-
-"""
-WHATIF = "claim:what-if batched look-ups, + selection"
-WHATIF_SPAN = ("-- Why a model cannot take a task now", "-- The same model often appears")
-WHATIF_CHAINS = ('rcall("HGET", K.cfg_chains, string.sub(ck, 3))', "lookups().chains[string.sub(ck, 3)]")
+#: The fewest redis.call()s any claim and complete that keep the queue's rules and its observability could
+#: make, with no reads beyond what a decision needs. Claim (14): the config version, SMEMBERS of the ready lines,
+#: ZCARD running, the model blocks, one line's front, ZPOPMIN of the board queue, ZADD running, HSET of the task,
+#: SET of the lease, HINCRBY of the model and of the provider counters, HSET of the board, ZREM from its ready
+#: line, XADD of the event. Complete (10): HMGET of the task (fence), ZREM running, HINCRBY x2, HDEL of the board
+#: slot, DEL of the lease, HSET of the task, ZADD to its next place, RPUSH of the context, XADD of the event.
+FLOOR_CALLS = {"claim": 14, "complete": 10}
 CALIBRATION = """for i = 1, tonumber(ARGV[1]) do redis.call("HGET", KEYS[1], "version") end
 return 1
 """
@@ -183,7 +157,7 @@ def _complete(b: Bench, claims: list[Claim]) -> Callable[[], int]:
 def run_round(b: Bench) -> dict[str, Any]:
     """One round: every phase once; the truncated copies run while their input is there (they write nothing)."""
     row: dict[str, Any] = {"trivial": _trivial(b, "trivial"), "empty": _trivial(b, "empty")}
-    for label in ["claim:empty", *(f"claim:{a}" for a, _ in CLAIM_ANCHORS), WHATIF]:
+    for label in ["claim:empty", *(f"claim:{a}" for a, _ in CLAIM_ANCHORS)]:
         if label in b.shas:
             row[label], stats = _claim_variant(b, label)
             row[f"{label} calls"] = inner_calls(stats, b.per_round)
@@ -217,9 +191,6 @@ def _setup(srv: BenchServer, boards: int, tasks: int, per_round: int) -> Bench:
         b.load(f"claim:{label}", source)
     for label, source in truncated_variants("complete_run", COMPLETE_ANCHORS).items():
         b.load(f"complete:{label}", source)
-    whatif = _whatif(truncated_variants("claim_task", CLAIM_ANCHORS).get("+ selection", ""))
-    if whatif:
-        b.load(WHATIF, whatif)
     b.load("claim:empty", EMPTY)
     b.load("calibration", CALIBRATION)
     for name, calls in _record(srv).items():
@@ -248,14 +219,6 @@ def _record(srv: BenchServer) -> dict[str, list[list[Any]]]:
                 FOLLOW_UP.digest()]
         out["complete"] = client.eval(complete_src, len(keys), *keys, *args)
     return out
-
-
-def _whatif(source: str) -> str:
-    """The truncated-at-selection claim with batched look-ups; "" when the script no longer has the spans."""
-    start, end = (source.find(a) for a in WHATIF_SPAN)
-    if start < 0 or end < 0 or WHATIF_CHAINS[0] not in source:
-        return ""
-    return source[:start] + WHATIF_LOOKUPS + source[end:].replace(*WHATIF_CHAINS)
 
 
 def _med(rounds: list[dict[str, Any]], key: str) -> float:
@@ -305,11 +268,15 @@ def cost_model(summary: dict[str, float], claim_rows: list[dict[str, Any]], repl
     for name, calls in replay_calls.items():
         out[f"replay_{name}_calls"] = float(calls)
         out[f"{name}_logic_usec"] = summary[name] - summary[f"replay:{name}"]
+        price = (summary[f"replay:{name}"] - summary["empty"]) / calls  # one call at this script's replay price
+        out[f"floor_{name}_usec"] = summary["empty"] + FLOOR_CALLS[name] * price
+    if all(f"floor_{name}_usec" in out for name in FLOOR_CALLS):
+        out["floor_ratio"] = sum(out[f"floor_{name}_usec"] for name in FLOOR_CALLS) / summary["trivial"]
     return out
 
 
 def _print_model(summary: dict[str, float], m: dict[str, float]) -> None:
-    sel, alt = "claim:+ selection", WHATIF
+    sel = "claim:+ selection"
     print_table("where the µs go: the script vs a replay of its redis.call()s (literal arguments, no logic)",
                 ["part", "µs", "calls"], [
         ["EVALSHA floor (empty script)", summary["empty"], 0],
@@ -323,8 +290,10 @@ def _print_model(summary: dict[str, float], m: dict[str, float]) -> None:
          m.get("replay_complete_calls", "")],
         ["  => complete's logic", m.get("complete_logic_usec", float("nan")), ""],
         ["claim up to + selection, as is", summary.get(sel, float("nan")), summary.get(f"{sel} calls", "")],
-        ["  same, what-if copy with batched look-ups", summary.get(alt, float("nan")),
-         summary.get(f"{alt} calls", "")],
+        ["floor: the fewest calls a rule-keeping claim makes, no logic", m.get("floor_claim_usec", float("nan")),
+         FLOOR_CALLS["claim"]],
+        ["floor: the same for a complete", m.get("floor_complete_usec", float("nan")), FLOOR_CALLS["complete"]],
+        ["  => (claim floor + complete floor) / trivial", m.get("floor_ratio", float("nan")), ""],
     ])
 
 

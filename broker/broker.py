@@ -220,6 +220,7 @@ class Broker:
             json.dumps(config.models),
             json.dumps(config.chains),
             int(only_if_absent),
+            self.keys.prefix,
         ]
         with _redis_errors(self._where):
             reply = self._scripts.call("load_config", args)

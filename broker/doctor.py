@@ -1,4 +1,4 @@
-"""``clawq doctor``: turn the reply of ``lua/doctor-17.lua`` into a report.
+"""``clawq doctor``: turn the reply of ``lua/doctor-20.lua`` into a report.
 
 The script checks every invariant of a namespace (see its header) and, in repair mode, rebuilds the
 derived state -- counters, board running slots, indexes, refs, ``ready:chains``, the ``tasks`` index --

@@ -129,6 +129,12 @@ class Keys:
         return self._k("inflight", "provider")
 
     @property
+    def blocked(self) -> str:
+        """HASH: why a model may not take a task, kept as caps are crossed and cooldowns set:
+        ``m:<model>`` / ``p:<provider>`` -> the quota reason, ``c:<model>`` -> ``<until_ms>|<reason>``."""
+        return self._k("blocked")
+
+    @property
     def ready_chains(self) -> str:
         """SET: chain keys (``c:<chain>`` / ``m:<model>``) whose ready line is not empty."""
         return self._k("ready", "chains")

@@ -3,7 +3,10 @@
 A script file is ``lua/<name>-<numkeys>.lua``. Its header lists ``KEYS[i] <name>``, where ``<name>`` is an
 attribute of :class:`broker.keys.Keys`; the wrapper builds KEYS from those names, so the header is the one
 place that says which key goes where, and the count is checked against the file name at import.
-``--- @include "core"`` lines are replaced by ``lua/lib/core.lua`` (static text: no Lua is generated).
+``--- @include "core"`` lines are replaced by the definitions of ``lua/lib/core.lua`` that the script uses,
+directly or through other definitions, in the library's order (static text: no Lua is generated). Redis runs
+a script's whole body on every call, so a library function a script never calls would still cost a closure
+per call.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ _KEY_RE = re.compile(r"^\s*KEYS\[(\d+)\]\s+(\w+)", re.MULTILINE)
 _RANGE_RE = re.compile(r"^\s*KEYS\[(\d+)\.\.(\d+)\]", re.MULTILINE)
 _INCLUDE_RE = re.compile(r'^--- @include "(\w+)"$', re.MULTILINE)
 _RUN_END_RE = re.compile(r"local RUN_END_KEYS = \{([^}]*)\}", re.DOTALL)
+_DEF_RE = re.compile(r"^local (?:function )?(\w+)")
+_NAME_RE = re.compile(r"[A-Za-z_]\w*")
 
 #: Keys that belong to one task or one model: built with that id / name.
 _TASK_KEYS = frozenset({"task", "runs", "context", "lease"})
@@ -57,6 +62,48 @@ def _run_end_keys(core: str) -> list[str]:
     return re.findall(r'"(\w+)"', match.group(1))
 
 
+@dataclass(frozen=True)
+class _Def:
+    """One top-level definition of a library: its name, its text (with the comment above it), the names it uses."""
+
+    name: str
+    text: str
+    uses: frozenset[str]
+
+
+def _definitions(lib: str) -> list[_Def]:
+    """Split a library at its top-level ``local`` definitions; each keeps the comment lines just above it."""
+    chunks: list[tuple[str, list[str]]] = []
+    pending: list[str] = []
+    for line in lib.splitlines(keepends=True):
+        match = _DEF_RE.match(line)
+        if match:
+            chunks.append((match[1], [*pending, line]))
+            pending = []
+        elif (line.startswith("--") and not line.startswith("--[[")) or (pending and not line.strip()):
+            pending.append(line)
+        elif chunks:
+            chunks[-1][1].extend([*pending, line])
+            pending = []
+        else:
+            pending = []  # the library's header comment
+    return [_Def(name, "".join(lines), frozenset(_NAME_RE.findall("".join(lines))) - {name})
+            for name, lines in chunks]
+
+
+def _shake(defs: list[_Def], text: str) -> str:
+    """The definitions ``text`` needs, transitively, in library order."""
+    by_name = {d.name: d for d in defs}
+    needed: set[str] = set()
+    todo = [n for n in set(_NAME_RE.findall(text)) if n in by_name]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(n for n in by_name[name].uses if n in by_name)
+    return "".join(d.text for d in defs if d.name in needed)
+
+
 def _key_names(header: str, numkeys: int, run_end: list[str], fname: str) -> tuple[str, ...]:
     slots: dict[int, str] = {int(i): name for i, name in _KEY_RE.findall(header)}
     for first, last in _RANGE_RE.findall(header):
@@ -70,14 +117,15 @@ def _key_names(header: str, numkeys: int, run_end: list[str], fname: str) -> tup
     return names
 
 
-def _spec(path: Path, libs: dict[str, str], run_end: list[str]) -> ScriptSpec:
+def _spec(path: Path, libs: dict[str, list[_Def]], run_end: list[str]) -> ScriptSpec:
     match = _FILE_RE.match(path.name)
     if not match:
         raise RuntimeError(f"bad script file name {path.name}")
     text = path.read_text(encoding="utf-8")
     header = text.split("]]", 1)[0]
     names = _key_names(header, int(match["numkeys"]), run_end, path.name)
-    source = _INCLUDE_RE.sub(lambda m: libs[m.group(1)], text)
+    body = _INCLUDE_RE.sub("", text)
+    source = _INCLUDE_RE.sub(lambda m: _shake(libs[m.group(1)], body), text)
     return ScriptSpec(match["name"], names, source)
 
 
@@ -85,8 +133,9 @@ def _spec(path: Path, libs: dict[str, str], run_end: list[str]) -> ScriptSpec:
 def load_specs() -> dict[str, ScriptSpec]:
     """Every script of the package, by name (read once per process)."""
     root = _lua_dir()
-    libs = {p.stem: p.read_text(encoding="utf-8") for p in sorted((root / "lib").glob("*.lua"))}
-    run_end = _run_end_keys(libs["core"])
+    texts = {p.stem: p.read_text(encoding="utf-8") for p in sorted((root / "lib").glob("*.lua"))}
+    run_end = _run_end_keys(texts["core"])
+    libs = {name: _definitions(text) for name, text in texts.items()}
     specs = [_spec(p, libs, run_end) for p in sorted(root.glob("*.lua"))]
     return {s.name: s for s in specs}
 

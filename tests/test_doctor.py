@@ -184,6 +184,33 @@ def test_ready_chains_member_with_an_empty_line(broker: Broker, clock: Clock) ->
     drain(broker)
 
 
+def test_a_stale_model_block_is_removed(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    rc(broker).hset(broker.keys.blocked, "m:gemini3_flash", "model_quota_reached")
+    doc = repaired(broker, "blocked m:gemini3_flash is model_quota_reached, expected absent")
+    assert doc["repaired"] == ["set blocked m:gemini3_flash to absent"]
+
+
+def test_missing_cap_and_cooldown_blocks_are_restored(broker: Broker, clock: Clock) -> None:
+    broker.load_config(config(limits={"model_max_inflight": {"codex": 1}}))
+    broker.add("a", "x", chain="coding")
+    broker.add("b", "y", chain="coding")
+    assert broker.claim().model == "codex"
+    broker.set_cooldown("sonnet", 600)
+    until = rc(broker).hget(broker.keys.blocked, "c:sonnet")
+    rc(broker).delete(broker.keys.blocked)
+    doc = repaired(broker, "blocked c:sonnet is absent", "blocked m:codex is absent")
+    assert f"set blocked c:sonnet to {until}" in doc["repaired"]
+    assert broker.claim().model == "gemini3", "codex is at its cap and sonnet cools: the chain's third model"
+
+
+def test_an_ended_cooldown_still_listed_is_healthy(broker: Broker, clock: Clock, r: redis.Redis) -> None:
+    workload(broker, clock)
+    clock.advance(3600)  # glm's cooldown is over; its entry stays until the next cooldown
+    assert rc(broker).hexists(broker.keys.blocked, "c:glm")
+    assert broker.doctor()["problems"] == []
+
+
 def test_task_missing_from_the_tasks_index(broker: Broker, clock: Clock) -> None:
     workload(broker, clock)
     rc(broker).zrem(broker.keys.tasks, "4")

@@ -111,6 +111,27 @@ def check_running(broker: Broker) -> dict[str, str]:
     return by_board
 
 
+def check_blocks(broker: Broker) -> None:
+    """The `blocked` index says what the caps, counters and live cooldowns say (ended cooldowns may linger)."""
+    c, k = rc(broker), broker.keys
+    now_ms = int(broker.now() * 1000)
+    expected: dict[str, str] = {}
+    for kind, caps, counts, reason in (
+        ("m", k.cfg_model_cap, k.inflight_model, "model_quota_reached"),
+        ("p", k.cfg_provider_cap, k.inflight_provider, "provider_quota_reached"),
+    ):
+        for name, cap in c.hgetall(caps).items():
+            if int(c.hget(counts, name) or 0) >= int(cap):
+                expected[f"{kind}:{name}"] = reason
+    for model in c.hkeys(k.cfg_model_provider):
+        value = c.get(k.cooldown(model))
+        if value and int(value.split("|")[0]) > now_ms:
+            expected[f"c:{model}"] = value
+    actual = c.hgetall(k.blocked)
+    ended = {f for f, v in actual.items() if f.startswith("c:") and int(v.split("|")[0]) <= now_ms}
+    assert {f: v for f, v in actual.items() if f not in ended} == expected
+
+
 def check_refs(broker: Broker) -> None:
     c, k = rc(broker), broker.keys
     expected: Counter[str] = Counter()
@@ -183,6 +204,7 @@ def check(broker: Broker) -> dict[int, str]:
     """Every invariant; returns the places of all tasks."""
     where = places(broker)
     check_running(broker)
+    check_blocks(broker)
     check_refs(broker)
     check_indexes(broker)
     return where

@@ -74,7 +74,7 @@ def test_run_end_key_ranges_match_core() -> None:
 
 
 def test_lua_dir_is_the_source_tree_or_package_data() -> None:
-    assert (_lua_dir() / "claim_task-16.lua").exists()
+    assert (_lua_dir() / "claim_task-17.lua").exists()
 
 
 @pytest.mark.slow
@@ -105,3 +105,17 @@ def test_scripts_load_from_an_installed_copy(tmp_path: Path, redis_url: str) -> 
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(len(load_specs())), "1"]
+
+
+def test_a_script_includes_only_the_core_definitions_it_uses() -> None:
+    specs = load_specs()
+    defined = re.findall(r"^local (?:function )?(\w+)", CORE, re.MULTILINE)
+    for name in defined:  # each one is used somewhere, and included only where used
+        holders = [s.name for s in specs.values() if re.search(rf"^local (?:function )?{name}\b", s.source, re.M)]
+        assert holders, f"core's {name} is used by no script"
+    heartbeat = specs["heartbeat"].source
+    assert "local function active_run" in heartbeat and "local function reindex_board" not in heartbeat
+    claim = specs["claim_task"].source
+    for needed in ("pick_model", "check_model", "cooldown_end", "model_view", "hash_table", "note_inflight"):
+        assert f"local function {needed}(" in claim, needed
+    assert claim.index("local function hash_table(") < claim.index("local function model_view(")

@@ -159,6 +159,17 @@ def _zmap(rows: list[tuple[str, float]]) -> dict[str, int]:
     return {m: int(s) for m, s in rows}
 
 
+def _blocks(raw: dict[str, str], now: int) -> dict[str, str | int]:
+    """The `blocked` index as it acts at ``now``: a cooldown entry counts while it lasts (by its end)."""
+    out: dict[str, str | int] = {}
+    for field, value in raw.items():
+        if not field.startswith("c:"):
+            out[field] = value
+        elif (until := _cooling(value, now)) is not None:
+            out[field] = until
+    return out
+
+
 def _cooling(raw: str | None, now: int) -> int | None:
     if raw is None:
         return None
@@ -176,7 +187,7 @@ def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> d
     p.zrange(k.running, 0, -1, withscores=True)
     for place in (k.in_review, k.failed, k.cancelled):
         p.zrange(place, 0, -1)
-    for h in (k.inflight_model, k.inflight_provider, k.refs):
+    for h in (k.inflight_model, k.inflight_provider, k.refs, k.blocked):
         p.hgetall(h)
     p.smembers(k.ready_chains)
     p.smembers(k.idx_busy)
@@ -201,6 +212,7 @@ def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> d
         "inflight_model": {m: int(n) for m, n in next(it).items()},
         "inflight_provider": {m: int(n) for m, n in next(it).items()},
         "refs": {m: int(n) for m, n in next(it).items()},
+        "blocked": _blocks(next(it), now),
         "ready_chains": set(next(it)), "idx_busy": set(next(it)), "idx_paused": set(next(it)),
         "idx_backoff": _zmap(next(it)),
     }
@@ -235,6 +247,16 @@ def _model_boards(m: QueueModel) -> dict[str, Any]:
     }
 
 
+def _model_blocks(m: QueueModel, now: int) -> dict[str, str | int]:
+    """What `blocked` must say: every capped model / provider at its cap, every model cooling."""
+    r = m.rules
+    out: dict[str, str | int] = {f"c:{name}": until for name, until in m.cooldowns.items() if until > now}
+    models, providers = m.inflight_models(), m.inflight_providers()
+    out |= {f"m:{x}": "model_quota_reached" for x, cap in r.model_caps.items() if models[x] >= cap}
+    out |= {f"p:{x}": "provider_quota_reached" for x, cap in r.provider_caps.items() if providers[x] >= cap}
+    return out
+
+
 def expected_snapshot(m: QueueModel, now: int) -> dict[str, Any]:
     by_status = {s: {t.id for t in m.tasks.values() if t.status == s} for s in (IN_REVIEW, FAILED, CANCELLED)}
     snap: dict[str, Any] = {
@@ -244,6 +266,7 @@ def expected_snapshot(m: QueueModel, now: int) -> dict[str, Any]:
         "inflight_model": dict(m.inflight_models()), "inflight_provider": dict(m.inflight_providers()),
         "refs": dict(m.refs()),
         "cooling": {name: until for name, until in m.cooldowns.items() if until > now},
+        "blocked": _model_blocks(m, now),
         "task": {t.id: {"board": t.board, "ck": t.ck, "status": t.status, "run_count": t.run_count,
                         "attempts": t.attempts, "backoff_until": t.backoff_until, "run_id": t.run_id,
                         "model": t.model, "provider": t.provider, "lease_deadline": t.deadline,

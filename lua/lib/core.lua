@@ -65,70 +65,119 @@ local function record_error(K, now, reason, id, t, message)
   end
 end
 
--- The cooldown of a model: `<until_ms>|<reason>` with a TTL to that time. Returns the
--- reason while it is cooling at `now`, else nil (the stored time decides, not the TTL).
-local function cooling(P, model, now)
-  local v = rcall("GET", cooldown_key(P, model))
-  if not v then return nil end
+-- Rule 3, model choice, reads one small index instead of every counter: `blocked` (HASH) holds
+--   m:<model>     model_quota_reached     while inflight:model[model] >= its model cap
+--   p:<provider>  provider_quota_reached  while inflight:provider[provider] >= its provider cap
+--   c:<model>     <until_ms>|<reason>     the model's cooldown; it blocks while until_ms > now
+-- (cooldown:<model> keeps the same value with a TTL, for redis-cli and the health view). It is kept
+-- where its inputs change: a counter crossing its cap (note_inflight), a cooldown (cool_model), a
+-- config load and doctor --repair (derived_blocks). Each rule has its reason here, nowhere else.
+local BLOCK_REASON = {m = "model_quota_reached", p = "provider_quota_reached"}
+
+-- inflight:<kind>[name] just moved by one to n (kind m = model, p = provider; up = it grew):
+-- block it when it reached its cap, unblock it when it fell below. K needs blocked and the caps.
+local function note_inflight(K, kind, name, n, up)
+  local cap = tonumber(rcall("HGET", kind == "m" and K.cfg_model_cap or K.cfg_provider_cap, name))
+  if not cap then return end
+  if up and n >= cap then
+    rcall("HSET", K.blocked, kind .. ":" .. name, BLOCK_REASON[kind])
+  elseif not up and n == cap - 1 then
+    rcall("HDEL", K.blocked, kind .. ":" .. name)
+  end
+end
+
+-- The end time of a cooldown value `<until_ms>|<reason>` (0 when malformed).
+local function cooldown_end(v)
   local sep = string.find(v, "|", 1, true)
-  if not sep then return nil end
-  if num(string.sub(v, 1, sep - 1), 0) > now then return string.sub(v, sep + 1) end
-  return nil
+  if not sep then return 0 end
+  return num(string.sub(v, 1, sep - 1), 0)
 end
 
 -- Cool `model` until `until_ms`. grow_only: a cooldown never shrinks (max-merge).
--- Returns the cooldown end in force afterwards.
-local function cool_model(P, model, now, until_ms, reason, grow_only)
+-- Returns the cooldown end in force afterwards. K needs blocked.
+local function cool_model(K, P, model, now, until_ms, reason, grow_only)
   local key = cooldown_key(P, model)
   if grow_only then
     local v = rcall("GET", key)
     if v then
-      local old = num(string.sub(v, 1, (string.find(v, "|", 1, true) or 1) - 1), 0)
+      local old = cooldown_end(v)
       if old >= until_ms then return old end
     end
   end
   if until_ms <= now then
     rcall("DEL", key)
+    rcall("HDEL", K.blocked, "c:" .. model)
     return now
   end
-  rcall("SET", key, int(until_ms) .. "|" .. reason, "PX", int(until_ms - now))
+  local v = int(until_ms) .. "|" .. reason
+  rcall("SET", key, v, "PX", int(until_ms - now))
+  rcall("HSET", K.blocked, "c:" .. model, v)
   return until_ms
 end
 
--- Rule 3, model choice. Why `model` cannot take a task at `now`, or nil and its provider.
--- K needs cfg_model_provider, cfg_model_cap, cfg_provider_cap, inflight_model, inflight_provider.
-local function check_model(K, P, now, model)
-  local provider = rcall("HGET", K.cfg_model_provider, model)
-  if not provider then return "model_quota_reached", nil end
-  if cooling(P, model, now) then return "model_rate_limited", nil end
-  local cap = tonumber(rcall("HGET", K.cfg_model_cap, model))
-  if cap and num(rcall("HGET", K.inflight_model, model), 0) >= cap then return "model_quota_reached", nil end
-  local pcap = tonumber(rcall("HGET", K.cfg_provider_cap, provider))
-  if pcap and num(rcall("HGET", K.inflight_provider, provider), 0) >= pcap then
-    return "provider_quota_reached", nil
+-- What `blocked` must hold at `now`, derived from the caps, counters and cooldown keys of the
+-- configured models (a config load writes it; doctor compares and repairs with it).
+local function derived_blocks(K, P, now)
+  local want = {}
+  for kind, keys in pairs({m = {K.cfg_model_cap, K.inflight_model}, p = {K.cfg_provider_cap, K.inflight_provider}}) do
+    local caps = rcall("HGETALL", keys[1])
+    for i = 1, #caps, 2 do
+      if num(rcall("HGET", keys[2], caps[i]), 0) >= tonumber(caps[i + 1]) then
+        want[kind .. ":" .. caps[i]] = BLOCK_REASON[kind]
+      end
+    end
   end
+  for _, model in ipairs(rcall("HKEYS", K.cfg_model_provider)) do
+    local v = rcall("GET", cooldown_key(P, model))
+    if v and cooldown_end(v) > now then want["c:" .. model] = v end
+  end
+  return want
+end
+
+-- A HASH as a Lua table.
+local function hash_table(key)
+  local flat, t = rcall("HGETALL", key), {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+
+-- What model choice reads, once per call: the blocks, each model's provider, the chains.
+-- K needs blocked, cfg_model_provider, cfg_chains.
+local function model_view(K)
+  return {blocked = hash_table(K.blocked), provider = hash_table(K.cfg_model_provider),
+          chains = hash_table(K.cfg_chains), models = {}}
+end
+
+-- Why `model` cannot take a task at `now`, or nil and its provider. An unknown model (dropped
+-- from the config) counts as quota reached.
+local function check_model(V, now, model)
+  local provider = V.provider[model]
+  if not provider then return "model_quota_reached", nil end
+  local c = V.blocked["c:" .. model]
+  if c and cooldown_end(c) > now then return "model_rate_limited", nil end
+  local reason = V.blocked["m:" .. model] or V.blocked["p:" .. provider]
+  if reason then return reason, nil end
   return nil, provider
 end
 
 -- The models of a chain key, in fallback order: `c:<chain>` from the config, `m:<model>` pinned.
-local function chain_models(K, ck)
+local function chain_models(V, ck)
   if string.sub(ck, 1, 2) == "m:" then return {string.sub(ck, 3)} end
-  local list = rcall("HGET", K.cfg_chains, string.sub(ck, 3)) or ""
   local models = {}
-  for m in string.gmatch(list, "[^,]+") do models[#models + 1] = m end
+  for m in string.gmatch(V.chains[string.sub(ck, 3)] or "", "[^,]+") do models[#models + 1] = m end
   return models
 end
 
 -- The first usable model of chain key `ck` and its provider; else nil, nil and the reason of
--- the chain's first model. `cache` (a table) remembers each model's answer within one call.
-local function pick_model(K, P, now, ck, cache)
+-- the chain's first model. V (a model_view) remembers each model's answer within one call.
+local function pick_model(V, now, ck)
   local first_reason = "model_quota_reached"
-  for i, model in ipairs(chain_models(K, ck)) do
-    local c = cache[model]
+  for i, model in ipairs(chain_models(V, ck)) do
+    local c = V.models[model]
     if not c then
-      local reason, provider = check_model(K, P, now, model)
+      local reason, provider = check_model(V, now, model)
       c = {reason, provider}
-      cache[model] = c
+      V.models[model] = c
     end
     if not c[1] then return model, c[2], nil end
     if i == 1 then first_reason = c[1] end
@@ -144,8 +193,8 @@ end
 --   ready    head may run                         ready:<ck of head> (score = place in line)
 -- A ready board that stays ready on the same line keeps its place; a board that
 -- becomes ready joins the back of the line (round-robin across boards).
-local function state_of(P, b, now)
-  local st = rcall("HMGET", board_key(P, b), "running", "paused")
+local function state_of(P, b, now, st)
+  st = st or rcall("HMGET", board_key(P, b), "running", "paused")
   local head = rcall("ZRANGE", queue_key(P, b), 0, 0)[1]
   if not head then return "idle", nil, nil end
   if st[2] == "1" then return "paused", nil, nil end
@@ -185,8 +234,9 @@ end
 
 local function reindex_board(K, P, b, now)
   local bk = board_key(P, b)
-  local old = rcall("HMGET", bk, "state", "ck")
-  local state, ck, until_ms = state_of(P, b, now)
+  local old = rcall("HMGET", bk, "running", "paused", "state", "ck")
+  local state, ck, until_ms = state_of(P, b, now, old)
+  old = {old[3], old[4]}
   if old[1] == state and (state ~= "ready" or old[2] == ck) and state ~= "backoff" then
     return state
   end
@@ -201,6 +251,22 @@ local function reindex_board(K, P, b, now)
   return state
 end
 
+-- A claim took the head of ready board `b` (from line `ck`; so not paused, nothing running) and
+-- gave it task `id`: reindex_board's rules for the one transition whose facts the claim knows,
+-- without reading them back. The board is busy while more is queued, else idle.
+local function board_claimed(K, P, b, ck, id, now)
+  local rk, bk = ready_key(P, ck), board_key(P, b)
+  rcall("ZREM", rk, b)
+  if rcall("ZCARD", rk) == 0 then rcall("SREM", K.ready_chains, ck) end
+  local state = "idle"
+  if rcall("EXISTS", queue_key(P, b)) == 1 then
+    state = "busy"
+    rcall("SADD", K.idx_busy, b)
+  end
+  rcall("HSET", bk, "running", id, "served_at", int(now), "state", state)
+  rcall("HDEL", bk, "ck")
+end
+
 local function task_fields(P, id)
   local v = rcall("HMGET", task_key(P, id), "board", "status", "run_id", "model", "provider",
                   "run_count", "attempts", "ck", "last_run_id", "last_digest")
@@ -211,7 +277,16 @@ local function task_fields(P, id)
 end
 
 local function counter_down(hash, field)
-  if field and rcall("HINCRBY", hash, field, -1) <= 0 then rcall("HDEL", hash, field) end
+  if not field then return nil end
+  local n = rcall("HINCRBY", hash, field, -1)
+  if n <= 0 then rcall("HDEL", hash, field) end
+  return n
+end
+
+-- A run of `model` on `provider` ended: both counters go down, and their blocks follow.
+local function inflight_down(K, model, provider)
+  if model then note_inflight(K, "m", model, counter_down(K.inflight_model, model), false) end
+  if provider then note_inflight(K, "p", provider, counter_down(K.inflight_provider, provider), false) end
 end
 
 -- End the active run of in-progress task `id`: its lease, counters and board slot are
@@ -219,20 +294,17 @@ end
 -- caller puts it in its next place in the same script.
 local function end_run(K, P, id, t, now, outcome, detail)
   rcall("ZREM", K.running, id)
-  counter_down(K.inflight_model, t.model)
-  counter_down(K.inflight_provider, t.provider)
+  inflight_down(K, t.model, t.provider)
   rcall("HDEL", board_key(P, t.board), "running")
   rcall("DEL", lease_key(P, id))
   local rk = runs_key(P, id)
+  -- Close the run's history entry (a JSON object from the claim) by appending members to it, rather
+  -- than decoding and re-encoding it.
   local raw = rcall("LINDEX", rk, -1)
-  if raw then
-    local entry = cjson.decode(raw)
-    if entry.run_id == t.run_id then
-      entry.ended_at = now / 1000
-      entry.outcome = outcome
-      if detail and detail ~= "" then entry.error = detail end
-      rcall("LSET", rk, -1, cjson.encode(entry))
-    end
+  if raw and string.find(raw, '"run_id":' .. cjson.encode(t.run_id), 1, true) then
+    local tail = ',"ended_at":' .. cjson.encode(now / 1000) .. ',"outcome":' .. cjson.encode(outcome)
+    if detail and detail ~= "" then tail = tail .. ',"error":' .. cjson.encode(detail) end
+    rcall("LSET", rk, -1, string.sub(raw, 1, -2) .. tail .. "}")
   end
   rcall("HDEL", task_key(P, id), "run_id", "lease_deadline")
   rcall("HSET", task_key(P, id), "last_run_id", t.run_id, "updated_at", int(now))
@@ -278,7 +350,8 @@ end
 
 -- The namespace keys of every script that ends or changes a run, in KEYS order after the
 -- task's own keys (each such script's header lists them; tests/test_scripts_meta.py checks).
-local RUN_END_KEYS = {"cfg_settings", "running", "inflight_model", "inflight_provider", "ready_chains",
+local RUN_END_KEYS = {"cfg_settings", "cfg_model_cap", "cfg_provider_cap", "blocked",
+                      "running", "inflight_model", "inflight_provider", "ready_chains",
                       "ready_seq", "idx_busy", "idx_paused", "idx_backoff", "refs", "in_review", "failed",
                       "cancelled", "events", "errors", "stats_failures", "stats_completed"}
 

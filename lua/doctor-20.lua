@@ -10,6 +10,7 @@
       an extra place is dropped; a place listing a task with no hash is cleaned
     - `tasks` lists every task hash; `boards` lists every task's board
     - inflight:model / inflight:provider = in-progress tasks by their model / provider
+    - blocked = what the caps, the (repaired) counters and the cooldown keys imply
     - board:<b>.running = the board's in-progress task
     - refs = unfinished (up_next, in_progress) tasks per chain key
     - each board is in exactly the index its state implies (reindex_board's rules; a due
@@ -34,7 +35,10 @@
   KEYS[15] cfg_chains          HASH   (candidate chain keys c:<chain>)
   KEYS[16] cfg_model_provider  HASH   (candidate chain keys m:<model>)
   KEYS[17] events              STREAM (a `doctor` event when something was repaired)
-  Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, ready:<ck>
+  KEYS[18] cfg_model_cap       HASH
+  KEYS[19] cfg_provider_cap    HASH
+  KEYS[20] blocked             HASH
+  Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, ready:<ck>, cooldown:<model>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] repair (1/0)
 
@@ -48,7 +52,7 @@ local K = {tasks = KEYS[1], boards = KEYS[2], running = KEYS[3], in_review = KEY
            cancelled = KEYS[6], inflight_model = KEYS[7], inflight_provider = KEYS[8],
            ready_chains = KEYS[9], ready_seq = KEYS[10], idx_busy = KEYS[11], idx_paused = KEYS[12],
            idx_backoff = KEYS[13], refs = KEYS[14], cfg_chains = KEYS[15], cfg_model_provider = KEYS[16],
-           events = KEYS[17]}
+           events = KEYS[17], cfg_model_cap = KEYS[18], cfg_provider_cap = KEYS[19], blocked = KEYS[20]}
 local P, now, repair = ARGV[1], clock_ms(ARGV[2]), ARGV[3] == "1"
 
 local problems, fixed = {}, {}
@@ -225,6 +229,13 @@ end
 sync_counts(K.inflight_model, "inflight:model", counts.model)
 sync_counts(K.inflight_provider, "inflight:provider", counts.provider)
 sync_counts(K.refs, "refs", counts.refs)
+-- The model blocks follow the counters (repaired above), the caps and the cooldown keys. An ended
+-- cooldown still listed blocks nothing, so it is left alone.
+local blocks = derived_blocks(K, P, now)
+for f, v in pairs(hash_table(K.blocked)) do
+  if string.sub(f, 1, 2) == "c:" and not blocks[f] and cooldown_end(v) <= now then blocks[f] = v end
+end
+sync_counts(K.blocked, "blocked", blocks)
 
 -- 3. Board running slots ----------------------------------------------------------------------
 local board_list = sorted_keys(board_set)

@@ -4,7 +4,8 @@
 
   KEYS[1] cooldown (cooldown:<model>)  STRING `<until_ms>|<reason>` with TTL
   KEYS[2] cfg_model_provider           HASH (the model must be known)
-  KEYS[3] events                       STREAM
+  KEYS[3] blocked                      HASH (c:<model> mirrors the cooldown)
+  KEYS[4] events                       STREAM
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] model  ARGV[4] cooldown end (ms; <= now clears)
 
@@ -15,8 +16,8 @@ local rcall = redis.call
 
 local P, now, model, until_ms = ARGV[1], clock_ms(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 if rcall("HEXISTS", KEYS[2], model) == 0 then return {5, "unknown model '" .. model .. "'"} end
-local K = {events = KEYS[3]}
-local result = cool_model(P, model, now, until_ms, "manual", false)
+local K = {blocked = KEYS[3], events = KEYS[4]}
+local result = cool_model(K, P, model, now, until_ms, "manual", false)
 if until_ms > now then
   emit(K, now, "cooldown_set", {"model", model, "until", int(until_ms)})
 else

@@ -5,10 +5,10 @@
   the next claim falls to the next model of its chain.
 
   KEYS[1]  task (task:<id>)   HASH
-  KEYS[2..18] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
-           cfg_settings running inflight_model inflight_provider ready_chains ready_seq
-           idx_busy idx_paused idx_backoff refs in_review failed cancelled events errors
-           stats_failures stats_completed
+  KEYS[2..21] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
+           cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
+           inflight_provider ready_chains ready_seq idx_busy idx_paused idx_backoff refs
+           in_review failed cancelled events errors stats_failures stats_completed
   Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue,
   ready:<ck>, cooldown:<model>
 
@@ -25,7 +25,7 @@ local P, now, id, reason, message = ARGV[1], clock_ms(ARGV[2]), ARGV[3], ARGV[6]
 local t, code, detail = active_run(P, id, ARGV[4])
 if not t then return {code, detail} end
 
-local until_ms = cool_model(P, t.model, now, tonumber(ARGV[5]), reason, true)
+local until_ms = cool_model(K, P, t.model, now, tonumber(ARGV[5]), reason, true)
 end_run(K, P, id, t, now, reason, message)
 rcall("HSET", task_key(P, id), "last_error", message, "last_error_reason", reason)
 record_error(K, now, reason, id, t, message)

@@ -3,10 +3,10 @@
   stopped heart-beating). Each goes back to its board head with no backoff, attempts + 1
   (failed after max_attempts); its run loses the lease, so a late report is refused.
 
-  KEYS[1..17] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
-           cfg_settings running inflight_model inflight_provider ready_chains ready_seq
-           idx_busy idx_paused idx_backoff refs in_review failed cancelled events errors
-           stats_failures stats_completed
+  KEYS[1..20] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
+           cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
+           inflight_provider ready_chains ready_seq idx_busy idx_paused idx_backoff refs
+           in_review failed cancelled events errors stats_failures stats_completed
   Built from ARGV[1]: task:<id>, task:<id>:runs, task:<id>:lease, board:<b>,
   board:<b>:queue, ready:<ck>
 
@@ -30,8 +30,7 @@ local function lost(id)
   if not raw then return end
   local run = cjson.decode(raw)
   if run.ended_at or not run.board then return end
-  counter_down(K.inflight_model, run.model)
-  counter_down(K.inflight_provider, run.provider)
+  inflight_down(K, run.model, run.provider)
   if rcall("HGET", board_key(P, run.board), "running") == id then
     rcall("HDEL", board_key(P, run.board), "running")
   end

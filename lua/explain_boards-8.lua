@@ -3,17 +3,14 @@
   same rules as claim_task (lib/core.lua), so `clawq health` can never disagree with a claim.
 
   KEYS[1]  cfg_chains          HASH
-  KEYS[2]  cfg_model_cap       HASH
-  KEYS[3]  cfg_provider_cap    HASH
-  KEYS[4]  cfg_model_provider  HASH
-  KEYS[5]  inflight_model      HASH
-  KEYS[6]  inflight_provider   HASH
-  KEYS[7]  running             ZSET
-  KEYS[8]  idx_busy            SET
-  KEYS[9]  idx_paused          SET
-  KEYS[10] idx_backoff         ZSET
-  KEYS[11] ready_chains        SET
-  Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, cooldown:<model>
+  KEYS[2]  cfg_model_provider  HASH
+  KEYS[3]  blocked             HASH
+  KEYS[4]  running             ZSET
+  KEYS[5]  idx_busy            SET
+  KEYS[6]  idx_paused          SET
+  KEYS[7]  idx_backoff         ZSET
+  KEYS[8]  ready_chains        SET
+  Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] global cap  ARGV[4..] board names
 
@@ -25,11 +22,10 @@
 local rcall = redis.call
 --- @include "core"
 
-local K = {cfg_chains = KEYS[1], cfg_model_cap = KEYS[2], cfg_provider_cap = KEYS[3],
-           cfg_model_provider = KEYS[4], inflight_model = KEYS[5], inflight_provider = KEYS[6]}
+local K = {cfg_chains = KEYS[1], cfg_model_provider = KEYS[2], blocked = KEYS[3]}
 local P, now = ARGV[1], clock_ms(ARGV[2])
-local full = rcall("ZCARD", KEYS[7]) >= tonumber(ARGV[3])
-local cache = {}
+local full = rcall("ZCARD", KEYS[4]) >= tonumber(ARGV[3])
+local view = model_view(K)
 
 local function explain(b)
   local state, ck = state_of(P, b, now)
@@ -40,7 +36,7 @@ local function explain(b)
   if state == "paused" then return "board_paused" end
   if state == "backoff" then return "backoff" end
   if full then return "global_cap" end
-  local model, _, reason = pick_model(K, P, now, ck, cache)
+  local model, _, reason = pick_model(view, now, ck)
   if model then return "ready" end
   return reason
 end
