@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 from typing import Any
 
@@ -9,7 +10,7 @@ import redis
 
 from broker import Broker
 
-__all__ = ["dict_bucket_bytes", "field_savings", "lp_entry_bytes", "per_task_breakdown", "used_memory"]
+__all__ = ["LEFT_OUT", "dict_bucket_bytes", "field_savings", "lp_entry_bytes", "per_task_breakdown", "used_memory"]
 
 _SAMPLE = 200
 
@@ -43,12 +44,11 @@ def per_task_breakdown(broker: Broker, boards: int, tasks: int, delta: int,
     ``shared`` holds measured bytes that are not per task (the capped events stream, the main dict's buckets).
     """
     c, k = broker.client, broker.keys
-    tids = [str(x) for x in c.zrandmember(k.tasks, _SAMPLE) or []]
+    tids = _sample_ids(broker)
     bnames = [str(x) for x in c.srandmember(k.boards, _SAMPLE) or []]
     lines = [str(x) for x in c.smembers(k.ready_chains)]
     rows = [
-        ("task hash (task:<id>, one per task)", _mean_usage(c, [k.task(int(t)) for t in tids])),
-        ("tasks ZSET entry (every task id)", _usage(c, k.tasks, samples=0) / tasks),
+        ("task hash (task:<id>, one per task)", _mean_usage(c, [k.task(t) for t in tids])),
         ("board queue ZSET entry (board:<b>:queue)", _mean_usage(c, [k.queue(b) for b in bnames]) * boards / tasks),
         ("board hash (board:<b>), shared by its tasks", _mean_usage(c, [k.board(b) for b in bnames]) * boards / tasks),
         ("boards SET entry, shared", _usage(c, k.boards, samples=0) / tasks),
@@ -63,9 +63,32 @@ def per_task_breakdown(broker: Broker, boards: int, tasks: int, delta: int,
     return out
 
 
-#: Fields whose value at add time is a default or is already in another field or in the key name.
-REDUNDANT = ("id", "prompt", "chain", "model_pin", "run_count", "attempts", "backoff_until", "updated_at",
-             "queued_at")
+def _sample_ids(broker: Broker) -> list[int]:
+    """Up to _SAMPLE task ids, at random from 1..seq:task (the benchmark's ids are the dense auto ids)."""
+    seq = int(broker.client.get(broker.keys.task_seq) or 0)
+    return sorted(random.Random(seq).sample(range(1, seq + 1), min(_SAMPLE, seq)))
+
+
+#: The fields add_task leaves out (``Keys.task``): their value is a default, the key's id or another field.
+LEFT_OUT = ("id", "prompt", "chain", "model_pin", "run_count", "attempts", "backoff_until", "updated_at",
+            "queued_at")
+
+
+def _layout_before(tid: int, fields: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """The steps back to the hash add_task used to write: ``at`` named created_at again, then each LEFT_OUT
+    field with the value a reader derives for it."""
+    kind, _, name = fields.get("ck", "").partition(":")
+    added = fields.get("at", "0")
+    derived = {"id": str(tid), "prompt": "", "chain": name if kind == "c" else "",
+               "model_pin": name if kind == "m" else "", "run_count": "0", "attempts": "0", "backoff_until": "0",
+               "updated_at": added, "queued_at": added}
+    current = {("created_at" if f == "at" else f): v for f, v in fields.items()}
+    steps = [("created_at (for at)", dict(current))]
+    for field in LEFT_OUT:
+        if field not in current:
+            current[field] = derived[field]
+            steps.append((field, dict(current)))
+    return steps
 
 
 #: listpack integer encodings: (lowest, highest, bytes)
@@ -92,23 +115,23 @@ def lp_entry_bytes(text: str) -> int:
 
 
 def field_savings(broker: Broker) -> dict[str, Any]:
-    """MEMORY USAGE of one queued task's hash; each field's listpack bytes; the hash as redundant fields go.
+    """MEMORY USAGE of the last queued task's hash; each field's listpack bytes; the hash as the fields add_task
+    leaves out are put back one after another (the layout before), to show what leaving them out saves.
 
-    jemalloc rounds the listpack up to a size class, so one field alone often saves nothing: the cumulative
-    column is what leaving out the redundant fields one after another really saves.
+    jemalloc rounds the listpack up to a size class, so one field alone often costs nothing: the cumulative
+    column is what the fields cost together.
     """
     c = broker.client
-    tid = int(str(c.zrange(broker.keys.tasks, -1, -1)[0]))
+    tid = int(c.get(broker.keys.task_seq) or 0)
     fields = {str(f): str(v) for f, v in c.hgetall(broker.keys.task(tid)).items()}
     # MEMORY USAGE counts the key name: copies go under a scratch name of the same length
     scratch = broker.keys.task(tid).replace(":task:", ":tasx:")
-    base = _copy_usage(c, scratch, fields, set())
+    base = _copy_usage(c, scratch, fields)
     encoding = str(c.object("encoding", scratch))
     rows = []
-    for i, name in enumerate(REDUNDANT):
-        if name in fields:
-            left = _copy_usage(c, scratch, fields, set(REDUNDANT[: i + 1]))
-            rows.append({"field": name, "dropped_so_far": i + 1, "hash_bytes": left, "saved_bytes": base - left})
+    for step, layout in _layout_before(tid, fields):
+        size = _copy_usage(c, scratch, layout)
+        rows.append({"field": step, "hash_bytes": size, "extra_bytes": size - base})
     c.delete(scratch)
     raw: list[dict[str, Any]] = [
         {"field": f, "value": v[:24], "listpack_bytes": lp_entry_bytes(f) + lp_entry_bytes(v)}
@@ -116,10 +139,10 @@ def field_savings(broker: Broker) -> dict[str, Any]:
     ]
     return {"task_id": tid, "hash_bytes": base, "original_hash_bytes": _usage(c, broker.keys.task(tid)),
             "encoding": encoding, "listpack_payload_bytes": sum(r["listpack_bytes"] for r in raw) + 7,
-            "fields": raw, "cumulative_drop": rows}
+            "fields": raw, "cumulative_add_back": rows}
 
 
-def _copy_usage(c: redis.Redis, key: str, fields: dict[str, str], leave_out: set[str]) -> int:
+def _copy_usage(c: redis.Redis, key: str, fields: dict[str, str]) -> int:
     c.delete(key)
-    c.hset(key, mapping={f: v for f, v in fields.items() if f not in leave_out})
+    c.hset(key, mapping=fields)
     return _usage(c, key)

@@ -193,9 +193,9 @@ def _print(levels: list[Level], ratios: dict[str, float], memory: list[dict[str,
                 f"{fields['listpack_payload_bytes']} bytes); each field's listpack bytes",
                 ["field", "value", "listpack bytes"], [[r["field"], r["value"], r["listpack_bytes"]]
                                                       for r in fields["fields"]])
-    print_table("task hash as the redundant fields are left out, one after another (jemalloc size classes)",
-                ["+ left out", "hash bytes", "saved"],
-                [[r["field"], r["hash_bytes"], r["saved_bytes"]] for r in fields["cumulative_drop"]])
+    print_table("task hash with the fields add_task leaves out put back, one after another (the layout before; "
+                "jemalloc size classes)", ["+ put back", "hash bytes", "extra"],
+                [[r["field"], r["hash_bytes"], r["extra_bytes"]] for r in fields["cumulative_add_back"]])
 
 
 def _print_profiles(small: Level, large: Level) -> None:

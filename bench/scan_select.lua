@@ -40,8 +40,9 @@ local function usable(model)
   return ok
 end
 
-local function models_of(chain, pinned)
-  if pinned and pinned ~= "" then return {pinned} end
+local function models_of(ck)
+  if string.sub(ck, 1, 2) == "m:" then return {string.sub(ck, 3)} end
+  local chain = string.sub(ck, 3)
   local list = chain_cache[chain]
   if not list then
     list = {}
@@ -54,9 +55,9 @@ end
 local function head_model(b)
   local head = rcall("ZRANGE", P .. "board:" .. b .. ":queue", 0, 0)[1]
   if not head then return nil end
-  local t = rcall("HMGET", P .. "task:" .. head, "chain", "model_pin", "backoff_until")
-  if (tonumber(t[3]) or 0) > now then return nil end
-  for _, m in ipairs(models_of(t[1], t[2])) do
+  local t = rcall("HMGET", P .. "task:" .. head, "ck", "backoff_until")
+  if (tonumber(t[2]) or 0) > now then return nil end
+  for _, m in ipairs(models_of(t[1])) do
     if usable(m) then return m end
   end
   return nil

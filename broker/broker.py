@@ -43,12 +43,15 @@ from .stats import observe_claim_to_start
 __all__ = ["SCHEMA_VERSION", "Broker", "redact_url", "redis_errors"]
 
 #: Layout version of a namespace's keys; written to the meta hash on first use, checked on connect.
-SCHEMA_VERSION = 1
+#: 2: lean task hashes (``at``, derived fields left out), no ``tasks`` zset, the ``blocked`` model index.
+SCHEMA_VERSION = 2
 #: Leases the reaper handles per script call (it loops until none is left).
 REAP_BATCH = 500
 _MAX_TITLE = 1024
 #: Task ids stay below 10**14: Lua prints larger numbers in exponent form (and JSON would lose digits).
 MAX_TASK_ID = 10**14
+#: Task hashes read per pipeline by ``list_tasks``.
+LIST_BATCH = 1000
 #: Root causes that give the run back without using an attempt: the agent runtime, not the task, failed.
 RELEASE_CAUSES = frozenset({"pairing", "agent_unreachable"})
 
@@ -147,7 +150,7 @@ class Broker:
         if str(_text(found)) != str(SCHEMA_VERSION):
             raise SchemaMismatch(
                 f"namespace {self.namespace!r} has schema version {_text(found)}, this clawq speaks "
-                f"{SCHEMA_VERSION}: upgrade clawq or use another namespace"
+                f"{SCHEMA_VERSION}: use the clawq version that wrote it, or another namespace"
             )
 
     def _ensure_ready(self) -> None:
@@ -465,7 +468,7 @@ class Broker:
             fields, context, runs, logs = pipe.execute()
         if not fields:
             raise TaskNotFound(task_id)
-        task = _task_from(_texts(fields), context, runs)
+        task = _task_from(task_id, _texts(fields), context, runs)
         for run in task.runs:
             log = _texts(logs).get(str(run.get("run_id")))
             if log:
@@ -473,20 +476,40 @@ class Broker:
         return task
 
     def list_tasks(self, *, board: str | None = None, status: TaskStatus | None = None) -> list[Task]:
-        """Tasks in id order, optionally of one board and/or one status."""
+        """Tasks in id order, optionally of one board and/or one status.
+
+        A task is always in exactly one place (a board queue, ``running`` or a status ZSET), so the places
+        of the statuses asked for list every such task; each is then read from its hash, which decides.
+        """
         if board is not None:
             _check_board(board)
         with _redis_errors(self._where):
-            ids = [int(_text(x)) for x in self.client.zrange(self.keys.tasks, 0, -1)]
-            pipe = self.client.pipeline(transaction=False)
-            for tid in ids:
-                pipe.hgetall(self.keys.task(tid))
-            rows = pipe.execute()
-        tasks = [_task_from(_texts(f), [], []) for f in rows if f]
+            ids = self._placed_ids(board, status)
+            rows: list[Any] = []
+            for start in range(0, len(ids), LIST_BATCH):
+                pipe = self.client.pipeline(transaction=False)
+                for tid in ids[start : start + LIST_BATCH]:
+                    pipe.hgetall(self.keys.task(tid))
+                rows += pipe.execute()
+        tasks = [_task_from(tid, _texts(f), [], []) for tid, f in zip(ids, rows, strict=True) if f]
         return [
             t for t in tasks
             if (board is None or t.board == board) and (status is None or t.status is status)
         ]
+
+    def _placed_ids(self, board: str | None, status: TaskStatus | None) -> list[int]:
+        """The ids in the places of ``status`` (every status when None), of ``board``'s queue only when given."""
+        k = self.keys
+        places = {TaskStatus.IN_PROGRESS: k.running, TaskStatus.IN_REVIEW: k.in_review,
+                  TaskStatus.FAILED: k.failed, TaskStatus.CANCELLED: k.cancelled}
+        keys = [key for st, key in places.items() if status in (None, st)]
+        if status in (None, TaskStatus.UP_NEXT):
+            boards = [board] if board is not None else sorted(_str(b) for b in self.client.smembers(k.boards))
+            keys += [k.queue(b) for b in boards]
+        pipe = self.client.pipeline(transaction=True)  # one moment: a task moving between places is seen once
+        for key in keys:
+            pipe.zrange(key, 0, -1)
+        return sorted({int(_text(x)) for members in pipe.execute() for x in members})
 
     def events(self, count: int = 100, after: str = "-") -> list[dict[str, Any]]:
         """Events oldest first, after stream id ``after`` (exclusive when given)."""
@@ -626,14 +649,23 @@ def _texts(fields: dict[Any, Any]) -> dict[str, str]:
     return {str(_text(k)): str(_text(v)) for k, v in fields.items()}
 
 
-def _task_from(f: dict[str, str], context: list[Any], runs: list[Any]) -> Task:
+def _route(ck: str) -> tuple[str | None, str | None]:
+    """(chain, pinned model) from a chain key: ``c:<chain>`` or ``m:<model>``."""
+    kind, _, name = ck.partition(":")
+    return (name or None, None) if kind == "c" else (None, name or None)
+
+
+def _task_from(task_id: int, f: dict[str, str], context: list[Any], runs: list[Any]) -> Task:
+    """A task from its hash; a field left out (see ``Keys.task``) takes its default."""
+    chain, model = _route(f.get("ck", ""))
+    created = int(f.get("at") or f.get("created_at") or 0)  # created_at: a hash written before `at`
     return Task(
-        task_id=int(f["id"]),
+        task_id=task_id,
         board=f["board"],
         title=f.get("title", ""),
         prompt=f.get("prompt", ""),
-        chain=f.get("chain") or None,
-        model=f.get("model_pin") or None,
+        chain=chain,
+        model=model,
         status=TaskStatus(f["status"]),
         run_count=int(f.get("run_count", 0)),
         attempts=int(f.get("attempts", 0)),
@@ -644,8 +676,8 @@ def _task_from(f: dict[str, str], context: list[Any], runs: list[Any]) -> Task:
         backoff_until=_opt_float_s(f.get("backoff_until")),
         last_error=f.get("last_error") or None,
         last_error_reason=f.get("last_error_reason") or None,
-        created_at=int(f.get("created_at", 0)) / 1000,
-        updated_at=int(f.get("updated_at", 0)) / 1000,
+        created_at=created / 1000,
+        updated_at=int(f.get("updated_at", created)) / 1000,
         context=[json.loads(_text(x)) for x in context],
         runs=[json.loads(_text(x)) for x in runs],
     )

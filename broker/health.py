@@ -93,16 +93,24 @@ def _running(fields: dict[int, dict[str, str]], tid: int, now: float) -> dict[st
             "elapsed_s": round(max(0.0, now - claimed), 3) if claimed else None}
 
 
+_TASK_FIELDS = ("title", "queued_at", "at", "created_at", "claimed_at", "model", "provider")
+
+
 def _task_fields(broker: Broker, ids: set[int]) -> dict[int, dict[str, str]]:
     order = sorted(ids)
     if not order:
         return {}
     pipe = broker.client.pipeline(transaction=False)
     for tid in order:
-        pipe.hmget(broker.keys.task(tid), "title", "queued_at", "claimed_at", "model", "provider")
-    names = ("title", "queued_at", "claimed_at", "model", "provider")
-    return {tid: {n: _t(v) for n, v in zip(names, row, strict=True) if v is not None}
-            for tid, row in zip(order, pipe.execute(), strict=True)}
+        pipe.hmget(broker.keys.task(tid), *_TASK_FIELDS)
+    out: dict[int, dict[str, str]] = {}
+    for tid, row in zip(order, pipe.execute(), strict=True):
+        f = {n: _t(v) for n, v in zip(_TASK_FIELDS, row, strict=True) if v is not None}
+        added = f.get("at") or f.get("created_at")  # created_at: a hash written before `at`
+        if added:
+            f.setdefault("queued_at", added)  # absent until the task is first requeued
+        out[tid] = f
+    return out
 
 
 def _models(broker: Broker, inflight: dict[Any, Any], failures: dict[Any, Any], now: float) -> dict[str, Any]:

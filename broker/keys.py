@@ -89,11 +89,6 @@ class Keys:
         return self._k("seq", "ready")
 
     @property
-    def tasks(self) -> str:
-        """ZSET: every task id (score = id), whatever its status."""
-        return self._k("tasks")
-
-    @property
     def boards(self) -> str:
         """SET: every board name that ever had a task."""
         return self._k("boards")
@@ -232,7 +227,12 @@ class Keys:
 
     # -- per-task keys -------------------------------------------------------------------------------
     def task(self, task_id: int) -> str:
-        """HASH: the task's fields."""
+        """HASH: the task's fields. add_task writes board, title, ck, status, ``at`` (when it was added, ms:
+        the task's created_at) and prompt when not empty; the runs add run_id, model, provider, claimed_at,
+        lease_deadline, run_count, attempts, … . A field left out has its default: id is the key's, chain /
+        pinned model are in ck (``c:<chain>`` / ``m:<model>``), prompt is "", run_count, attempts and
+        backoff_until are 0, updated_at and queued_at are ``at``. There is no index of every task: each one is
+        in exactly one place (a board queue, ``running`` or a status ZSET), and ids run from 1 to ``seq:task``."""
         return self._k("task", task_id)
 
     def runs(self, task_id: int) -> str:

@@ -1,14 +1,19 @@
 --[[
   doctor: check every invariant of a namespace and, with ARGV[3] = 1, rebuild the derived
   state from the source of truth, atomically (a live queue is never half-repaired).
-  An O(N) admin operation over the `tasks` zset and the `boards` set; never on the claim path.
+  An O(N) admin operation over the places, the `boards` set and the task ids 1..seq:task; never on
+  the claim path.
 
   Source of truth: each task hash's status, the board queues, `running` and the status zsets.
+  There is no index of every task: the task hashes are found by walking the ids 1..seq:task (auto
+  ids are dense), so a task in no place is found too, and by the places. The walk stops after
+  WALK_GAP ids with no task (ids given far apart) and then reports where it stopped: the search is
+  never silently partial and never blocks Redis for long.
   Checked (and repaired):
     - each task is in exactly the place its status names (board queue / running /
       status:in_review / status:failed / status:cancelled); a missing place is restored,
       an extra place is dropped; a place listing a task with no hash is cleaned
-    - `tasks` lists every task hash; `boards` lists every task's board
+    - seq:task is at least every task id; `boards` lists every task's board
     - inflight:model / inflight:provider = in-progress tasks by their model / provider
     - blocked = what the caps, the (repaired) counters and the cooldown keys imply
     - board:<b>.running = the board's in-progress task
@@ -16,9 +21,10 @@
     - each board is in exactly the index its state implies (reindex_board's rules; a due
       backoff still in idx:backoff is fine: the next claim moves it) and board.state/ck agree
     - ready:chains = the chain keys whose ready line is not empty
-  Not repairable (reported only): an unknown status, two tasks of one board in progress.
+  Not repairable (reported only): an unknown status, two tasks of one board in progress, a walk of
+  the ids that stopped early.
 
-  KEYS[1]  tasks               ZSET
+  KEYS[1]  task_seq            STRING (the ids walked: 1..seq:task)
   KEYS[2]  boards              SET
   KEYS[3]  running             ZSET
   KEYS[4]  in_review           ZSET
@@ -48,7 +54,7 @@
 local rcall = redis.call
 --- @include "core"
 
-local K = {tasks = KEYS[1], boards = KEYS[2], running = KEYS[3], in_review = KEYS[4], failed = KEYS[5],
+local K = {task_seq = KEYS[1], boards = KEYS[2], running = KEYS[3], in_review = KEYS[4], failed = KEYS[5],
            cancelled = KEYS[6], inflight_model = KEYS[7], inflight_provider = KEYS[8],
            ready_chains = KEYS[9], ready_seq = KEYS[10], idx_busy = KEYS[11], idx_paused = KEYS[12],
            idx_backoff = KEYS[13], refs = KEYS[14], cfg_chains = KEYS[15], cfg_model_provider = KEYS[16],
@@ -85,7 +91,6 @@ local function place_name(key)
   return PLACE_NAME[key] or ("queue of board " .. string.sub(key, #P + 7, -7))
 end
 
-local listed = set_of(rcall("ZRANGE", K.tasks, 0, -1))
 local board_set = set_of(rcall("SMEMBERS", K.boards))
 local boards = {}
 for b in pairs(board_set) do boards[b] = true end
@@ -95,20 +100,37 @@ local function at(id, key, score)
   where[id] = where[id] or {}
   where[id][key] = score
 end
-local function load(id)
-  if tasks[id] ~= nil then return end
+-- Reads task `id` once; false when it has no hash (a place lists it) or nothing when `walking`.
+local function load(id, walking)
+  if tasks[id] ~= nil then return true end
   local v = rcall("HMGET", task_key(P, id), "board", "status", "ck", "model", "provider",
                   "lease_deadline", "finished_at")
   if not v[1] and not v[2] and rcall("EXISTS", task_key(P, id)) == 0 then
-    tasks[id] = false
-    return
+    if not walking then tasks[id] = false end
+    return false
   end
   tasks[id] = {board = v[1], status = v[2], ck = v[3], model = v[4], provider = v[5],
                lease_deadline = v[6], finished_at = v[7]}
   if v[1] then boards[v[1]] = true end
+  return true
 end
 
-for id in pairs(listed) do load(id) end
+-- Every task hash: ids 1..seq:task (auto ids are dense), so a task in no place is found too.
+local WALK_GAP = 1000000
+local seq = num(rcall("GET", K.task_seq), 0)
+local misses = 0
+for i = 1, seq do
+  if not load(int(i), true) then
+    misses = misses + 1
+    if misses > WALK_GAP and i < seq then
+      problem("task ids were searched up to " .. int(i) .. " of " .. int(seq) .. " (seq:task): more than " ..
+              WALK_GAP .. " ids below it have no task (ids given far apart); a task above it that is in no " ..
+              "place is not found (not repairable)")
+      break
+    end
+  end
+end
+
 for _, key in ipairs({K.running, K.in_review, K.failed, K.cancelled}) do
   local r = rcall("ZRANGE", key, 0, -1, "WITHSCORES")
   for i = 1, #r, 2 do
@@ -125,6 +147,7 @@ for _, b in ipairs(sorted_keys(boards)) do
 end
 
 local counts = {model = {}, provider = {}, refs = {}}
+local top                 -- the highest task id that has a hash
 local runs_on = {}        -- board -> list of in-progress task ids
 local cks = {}            -- candidate chain keys of ready lines
 local function bump(t, k) if k and k ~= "" then t[k] = (t[k] or 0) + 1 end end
@@ -133,21 +156,13 @@ for _, id in ipairs(sorted_keys(tasks, true)) do
   local t = tasks[id]
   local places = where[id] or {}
   if not t then
-    problem("task " .. id .. " has no hash but is listed in " ..
-            (listed[id] and "tasks" or place_name(next(places))))
+    problem("task " .. id .. " has no hash but is listed in " .. place_name(next(places)))
     if repair then
-      if listed[id] then rcall("ZREM", K.tasks, id) end
       for key in pairs(places) do rcall("ZREM", key, id) end
       fix("dropped task " .. id .. " (no hash) from every index")
     end
   else
-    if not listed[id] then
-      problem("task " .. id .. " is missing from the tasks index")
-      if repair then
-        rcall("ZADD", K.tasks, id, id)
-        fix("added task " .. id .. " to the tasks index")
-      end
-    end
+    top = id
     if t.board and not board_set[t.board] then
       board_set[t.board] = true
       problem("board " .. t.board .. " (of task " .. id .. ") is missing from the boards set")
@@ -204,6 +219,14 @@ for _, id in ipairs(sorted_keys(tasks, true)) do
     end
     if t.status == "up_next" or t.status == "in_progress" then bump(counts.refs, t.ck) end
     if t.ck and t.ck ~= "" then cks[t.ck] = true end
+  end
+end
+
+if top and tonumber(top) > seq then
+  problem("seq:task is " .. int(seq) .. ", below task " .. top .. " (the next auto id would be taken)")
+  if repair then
+    rcall("SET", K.task_seq, top)
+    fix("set seq:task to " .. top)
   end
 end
 

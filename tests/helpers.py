@@ -15,6 +15,13 @@ def rc(broker: Broker) -> Any:
     return broker.client
 
 
+def task_hash_ids(client: Any, keys: Any) -> list[int]:
+    """The id of every task hash of the namespace (a SCAN: only tests and operators scan; clawq keeps no index
+    of every task)."""
+    found = (str(k)[len(keys.prefix) + len("task:"):] for k in client.scan_iter(match=keys.prefix + "task:*"))
+    return sorted(int(rest) for rest in found if rest.isdigit())
+
+
 def ms(seconds: float) -> int:
     return int(seconds * 1000)
 

@@ -6,14 +6,14 @@ import pytest
 import redis
 from conftest import FakeClock
 
-from broker import Broker, NothingToClaim, Outcome, SchemaMismatch, TaskStatus, parse_config
+from broker import SCHEMA_VERSION, Broker, NothingToClaim, Outcome, SchemaMismatch, TaskStatus, parse_config
 
 
 def test_first_change_writes_schema_and_seed_config(broker: Broker) -> None:
     assert broker.client.exists(broker.keys.meta, broker.keys.config) == 0  # connect only reads
     assert broker.config().queue.global_max_concurrent == 6
     broker.add("web", "t", chain="coding")
-    assert broker.client.hget(broker.keys.meta, "schema_version") == "1"
+    assert broker.client.hget(broker.keys.meta, "schema_version") == str(SCHEMA_VERSION)
     assert broker.client.exists(broker.keys.config) == 1
 
 

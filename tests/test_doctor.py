@@ -7,6 +7,7 @@ behaves: draining it claims every board's head in order, the tampered board incl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -15,7 +16,7 @@ import redis
 from test_rules import Clock, check, config, follow, rc
 
 import cli
-from broker import Broker, NothingToClaim, Outcome
+from broker import Broker, NothingToClaim, Outcome, TaskStatus
 
 DONE = Outcome(summary="finished")
 
@@ -211,11 +212,73 @@ def test_an_ended_cooldown_still_listed_is_healthy(broker: Broker, clock: Clock,
     assert broker.doctor()["problems"] == []
 
 
-def test_task_missing_from_the_tasks_index(broker: Broker, clock: Clock) -> None:
+def test_task_in_no_place_is_found_and_put_back(broker: Broker, clock: Clock) -> None:
+    """No index lists every task: the doctor walks the ids 1..seq:task, so a task in no place is found too."""
     workload(broker, clock)
-    rc(broker).zrem(broker.keys.tasks, "4")
-    doc = repaired(broker, "task 4 is missing from the tasks index")
-    assert doc["repaired"] == ["added task 4 to the tasks index"]
+    last = broker.add("solo", "last", chain="bulk")  # the highest id: the walk must reach seq:task
+    rc(broker).zrem(broker.keys.in_review, "1")
+    rc(broker).zrem(broker.keys.queue("solo"), last)
+    doc = repaired(broker, "task 1 (in_review) is missing from status:in_review",
+                   f"task {last} (up_next) is missing from queue of board solo")
+    assert {"put task 1 back in status:in_review", f"put task {last} back in queue of board solo"} <= set(
+        doc["repaired"])
+    assert broker.get_task(1).status == "in_review"
+    assert last in drain(broker)
+
+
+def test_a_place_listing_a_task_with_no_hash_is_cleaned(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    rc(broker).zadd(broker.keys.failed, {"77": 1})
+    doc = repaired(broker, "task 77 has no hash but is listed in status:failed")
+    assert doc["repaired"] == ["dropped task 77 (no hash) from every index"]
+
+
+def test_task_seq_below_a_task_id(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    rc(broker).set(broker.keys.task_seq, 5)
+    doc = repaired(broker, "seq:task is 5, below task 8 (the next auto id would be taken)")
+    assert doc["repaired"] == ["set seq:task to 8"]
+    assert broker.add("web", "next", chain="coding") == 9
+
+
+def test_ids_given_far_apart_bound_the_walk(broker: Broker, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walk of ids 1..seq:task stops after WALK_GAP ids with no task and says so; tasks in a place above it
+    are still checked. (WALK_GAP is lowered here so the test stays small.)"""
+    from broker import scripts
+
+    spec = scripts.load_specs()["doctor"]
+    assert "local WALK_GAP = 1000000\n" in spec.source
+    small = dataclasses.replace(spec, source=spec.source.replace("local WALK_GAP = 1000000", "local WALK_GAP = 100"))
+    monkeypatch.setitem(scripts.load_specs(), "doctor", small)
+    broker = Broker(broker.client, broker.namespace, clock=broker.clock)
+    workload(broker, clock)
+    near = broker.add("far", "near", chain="bulk", task_id=100)  # 91 ids without a task below it: walked
+    assert broker.doctor()["ok"]
+    far = broker.add("far", "far", chain="bulk", task_id=500)
+    rc(broker).zrem(broker.keys.queue("far"), near)
+    found = broker.doctor(repair=True)
+    assert found["problems"][0] == ("task ids were searched up to 110 of 500 (seq:task): more than 100 ids below it "
+                                    "have no task (ids given far apart); a task above it that is in no place is not "
+                                    "found (not repairable)")
+    assert f"task {near} (up_next) is missing from queue of board far" in found["problems"]
+    assert found["remaining"] == [found["problems"][0]]
+    rc(broker).zrem(broker.keys.queue("far"), far)  # above the walk and in no place: not found (refs still count it)
+    problems = broker.doctor()["problems"]
+    assert problems[0] == found["problems"][0]
+    assert not any(f"task {far}" in p for p in problems)
+
+
+def test_list_tasks_reads_every_place(broker: Broker, clock: Clock) -> None:
+    """``list_tasks`` walks the places (the board queues, running, the status ZSETs): every task, in id order."""
+    workload(broker, clock)
+    every = [broker.get_task(tid).model_dump(exclude={"context", "runs"}) for tid in range(1, 9)]
+    assert {t["status"] for t in every} == {"up_next", "in_progress", "in_review", "cancelled"}
+    assert [t.model_dump(exclude={"context", "runs"}) for t in broker.list_tasks()] == every
+    for board in ("web", "api", "docs", "ops", "p", "nope"):
+        for status in (None, *TaskStatus):
+            got = [t.task_id for t in broker.list_tasks(board=board, status=status)]
+            assert got == [t["task_id"] for t in every
+                           if t["board"] == board and status in (None, t["status"])], (board, status)
 
 
 # -- CLI -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import FakeClock as Clock
-from helpers import ms, rc
+from helpers import ms, rc, task_hash_ids
 
 from broker import (
     Broker,
@@ -71,7 +71,7 @@ def nothing(broker: Broker) -> dict[str, int]:
 def places(broker: Broker) -> dict[int, str]:
     """Each task id -> its one place; asserts exactly one place per task, matching the task's status."""
     c, k = rc(broker), broker.keys
-    all_ids = {int(x) for x in c.zrange(k.tasks, 0, -1)}
+    all_ids = set(task_hash_ids(c, k))
     found: dict[int, list[str]] = {tid: [] for tid in all_ids}
     for board in c.smembers(k.boards):
         for tid in c.zrange(k.queue(board), 0, -1):
@@ -80,7 +80,7 @@ def places(broker: Broker) -> dict[int, str]:
     for name in PLACE_KEYS:
         for tid in c.zrange(getattr(k, name), 0, -1):
             found.setdefault(int(tid), []).append(PLACE_STATUS[name])
-    assert set(found) == all_ids, f"tasks placed but not in the tasks index: {set(found) - all_ids}"
+    assert set(found) == all_ids, f"placed without a hash: {set(found) - all_ids}, in no place: {all_ids - set(found)}"
     out: dict[int, str] = {}
     for tid, where in found.items():
         assert len(where) == 1, f"task {tid} is in {where}"
@@ -135,7 +135,7 @@ def check_blocks(broker: Broker) -> None:
 def check_refs(broker: Broker) -> None:
     c, k = rc(broker), broker.keys
     expected: Counter[str] = Counter()
-    for tid in c.zrange(k.tasks, 0, -1):
+    for tid in task_hash_ids(c, k):
         ck, status = c.hmget(k.task(tid), "ck", "status")
         if status in ("up_next", "in_progress"):
             expected[str(ck)] += 1
@@ -207,6 +207,7 @@ def check(broker: Broker) -> dict[int, str]:
     check_blocks(broker)
     check_refs(broker)
     check_indexes(broker)
+    assert [(t.task_id, t.status.value) for t in broker.list_tasks()] == sorted(where.items())
     return where
 
 

@@ -108,8 +108,13 @@ def test_add_task_ok(broker: Broker, clock: Clock) -> None:
     assert reply == [Status.OK, 2]
     c, k = rc(broker), broker.keys
     assert c.zrange(k.queue("web"), 0, -1) == ["1", "2"]
-    assert c.zrange(k.tasks, 0, -1) == ["1", "2"]
     assert c.smembers(k.boards) == {"web"}
+    # only what is not known otherwise (Keys.task): no id, no chain / model_pin, no zero counters, one time
+    now = str(ms(clock()))
+    assert c.hgetall(k.task(1)) == {"board": "web", "title": "first", "prompt": "p1", "ck": "c:coding",
+                                    "status": "up_next", "at": now}
+    assert c.hgetall(k.task(2)) == {"board": "web", "title": "second", "prompt": "p2", "ck": "m:glm",
+                                    "status": "up_next", "at": now}
     assert c.hgetall(k.refs) == {"c:coding": "1", "m:glm": "1"}
     assert c.get(k.task_seq) == "2"
     first, second = broker.get_task(1), broker.get_task(2)
@@ -118,6 +123,27 @@ def test_add_task_ok(broker: Broker, clock: Clock) -> None:
     assert (second.chain, second.model, second.title) == (None, "glm", "second")
     assert (first.run_count, first.attempts, first.created_at) == (0, 0, clock())
     assert [e["type"] for e in broker.events()][-2:] == ["added", "added"]
+
+
+def test_the_fields_add_task_leaves_out_read_as_before(broker: Broker, clock: Clock) -> None:
+    """A task's document is the same from the few fields add_task writes as from the full hash it used to write."""
+    tid = broker.add("web", "t", model="glm")
+    c, k, at = rc(broker), broker.keys, ms(clock())
+    assert c.hgetall(k.task(tid)) == {"board": "web", "title": "t", "ck": "m:glm", "status": "up_next", "at": str(at)}
+    expected = {
+        "task_id": tid, "board": "web", "title": "t", "prompt": "", "chain": None, "model": "glm",
+        "status": "up_next", "run_count": 0, "attempts": 0, "run_id": None, "running_model": None,
+        "running_provider": None, "lease_deadline": None, "backoff_until": None, "last_error": None,
+        "last_error_reason": None, "created_at": at / 1000, "updated_at": at / 1000, "context": [], "runs": [],
+    }
+    assert broker.get_task(tid).model_dump(mode="json") == expected
+    assert [t.model_dump(mode="json") for t in broker.list_tasks()] == [expected]
+    c.hdel(k.task(tid), "at")  # the layout before: every field, the time as created_at
+    c.hset(k.task(tid), mapping={"id": tid, "prompt": "", "chain": "", "model_pin": "glm", "run_count": 0,
+                                 "attempts": 0, "backoff_until": 0, "created_at": at, "updated_at": at,
+                                 "queued_at": at})
+    assert broker.get_task(tid).model_dump(mode="json") == expected
+    assert [t.model_dump(mode="json") for t in broker.list_tasks()] == [expected]
 
 
 @pytest.mark.parametrize("task_id", [1, 2**40, 10**14 - 1])

@@ -22,7 +22,7 @@ import redis
 from conftest import FakeClock
 from redis_servers import HOST, RedisServer, free_port, redis_binaries
 
-from broker import Broker, NothingToClaim, Outcome, RedisUnavailable, TaskStatus, parse_config
+from broker import SCHEMA_VERSION, Broker, NothingToClaim, Outcome, RedisUnavailable, TaskStatus, parse_config
 from broker.connection import client_from_url
 from broker.errors import InputError
 
@@ -149,7 +149,7 @@ def test_sentinel_url_reaches_the_primary(setup: SentinelSetup) -> None:
         assert b._where == f"redis+sentinel://{HOST}:{setup.sentinel_port}/{SERVICE}/0"
         b.add("web", "t", chain="coding")
         with setup.primary.client(decode_responses=True) as raw:
-            assert raw.hget(b.keys.meta, "schema_version") == "1"
+            assert raw.hget(b.keys.meta, "schema_version") == str(SCHEMA_VERSION)
     finally:
         b.close()
 

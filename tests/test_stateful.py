@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import pytest
 import redis
+from helpers import task_hash_ids
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.internal.conjecture import engine as hypothesis_engine
@@ -143,12 +144,13 @@ TASK_FIELDS = ("board", "ck", "status", "run_count", "attempts", "backoff_until"
 
 
 def _task_view(values: list[str | None]) -> dict[str, Any]:
+    """A task hash as the model sees it; run_count, attempts and backoff_until are 0 while absent (Keys.task)."""
     f = dict(zip(TASK_FIELDS, values, strict=True))
-    assert f["run_count"] is not None and f["attempts"] is not None and f["backoff_until"] is not None
+    assert f["board"] is not None and f["ck"] is not None and f["status"] is not None
     return {
         "board": f.get("board"), "ck": f.get("ck"), "status": f.get("status"),
-        "run_count": int(f["run_count"]), "attempts": int(f["attempts"]),
-        "backoff_until": int(f["backoff_until"]), "run_id": f.get("run_id"),
+        "run_count": int(f["run_count"] or 0), "attempts": int(f["attempts"] or 0),
+        "backoff_until": int(f["backoff_until"] or 0), "run_id": f.get("run_id"),
         "model": f.get("model"), "provider": f.get("provider"),
         "lease_deadline": _int_or_none(f.get("lease_deadline")),
         "last_run_id": f["last_run_id"], "last_digest": f["last_digest"],
@@ -180,7 +182,6 @@ def _cooling(raw: str | None, now: int) -> int | None:
 def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> dict[str, Any]:
     """Everything the model predicts, read from the raw keys in one round trip."""
     p = client.pipeline(transaction=False)  # nothing else writes the namespace between steps
-    p.zrange(k.tasks, 0, -1)
     p.smembers(k.boards)
     p.get(k.task_seq)
     p.get(k.ready_seq)
@@ -204,7 +205,7 @@ def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> d
         p.hmget(k.task(tid), TASK_FIELDS)
     it: Iterator[Any] = iter(p.execute())
     snap: dict[str, Any] = {
-        "task_ids": [int(x) for x in next(it)], "boards": set(next(it)),
+        "task_ids": task_hash_ids(client, k), "boards": set(next(it)),
         "task_seq": int(next(it) or 0), "ready_seq": int(next(it) or 0),
         "running": {int(m): d for m, d in _zmap(next(it)).items()},
         "in_review": {int(x) for x in next(it)}, "failed": {int(x) for x in next(it)},
@@ -518,6 +519,9 @@ class QueueMachine(RuleBasedStateMachine):
         got = read_redis(self.broker.client, self.broker.keys, sorted(self.model.tasks), self.now)
         check_safety(got, RULES)
         assert got == expected_snapshot(self.model, self.now)
+        listed = [(t.task_id, t.board, t.status.value, t.run_count, t.attempts) for t in self.broker.list_tasks()]
+        model = sorted(self.model.tasks.items())
+        assert listed == [(t.id, t.board, t.status, t.run_count, t.attempts) for _, t in model]
 
 
 @pytest.fixture

@@ -1,0 +1,68 @@
+--[[
+  add_task: add a task to the tail of its board (its place is its task_id).
+
+  The task hash gets only what is not known otherwise: board, title, prompt (when not empty), ck,
+  status and `at`, the time it was added (ms; the task's created_at). The id is in the key; chain /
+  pinned model are in ck (c:<chain> / m:<model>); run_count, attempts and backoff_until are 0 while
+  absent; updated_at and queued_at are `at` while absent (broker/keys.py `Keys.task` lists these
+  defaults; every reader applies them).
+
+  KEYS[1]  task_seq            STRING highest task id handed out or given
+  KEYS[2]  boards              SET    board names
+  KEYS[3]  cfg_chains          HASH   chain -> models
+  KEYS[4]  cfg_model_provider  HASH   model -> provider
+  KEYS[5]  refs                HASH   chain key -> unfinished tasks
+  KEYS[6]  ready_chains        SET
+  KEYS[7]  ready_seq           STRING
+  KEYS[8]  idx_busy            SET
+  KEYS[9]  idx_paused          SET
+  KEYS[10] idx_backoff         ZSET
+  KEYS[11] events              STREAM
+  Built from ARGV[1]: task:<id>, board:<b>, board:<b>:queue, ready:<ck>
+
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id, or "" for the next from task_seq
+  ARGV[4] board  ARGV[5] title  ARGV[6] prompt  ARGV[7] chain name or ""  ARGV[8] pinned model or ""
+
+  Returns {0, task_id} | {4, task_id} duplicate id | {5, message} unknown chain or model
+          | {3, message} no auto id left below 10**14
+]]
+local rcall = redis.call
+--- @include "core"
+
+local K = {refs = KEYS[5], ready_chains = KEYS[6], ready_seq = KEYS[7], idx_busy = KEYS[8],
+           idx_paused = KEYS[9], idx_backoff = KEYS[10], events = KEYS[11]}
+local P, now, board, chain, pinned = ARGV[1], clock_ms(ARGV[2]), ARGV[4], ARGV[7], ARGV[8]
+
+local ck
+if chain ~= "" then
+  if rcall("HEXISTS", KEYS[3], chain) == 0 then return {5, "unknown chain '" .. chain .. "'"} end
+  ck = "c:" .. chain
+else
+  if rcall("HEXISTS", KEYS[4], pinned) == 0 then return {5, "unknown model '" .. pinned .. "'"} end
+  ck = "m:" .. pinned
+end
+
+local id
+if ARGV[3] == "" then
+  id = num(rcall("GET", KEYS[1]), 0) + 1
+  if id >= 100000000000000 then return {3, "task ids are exhausted (they stay below 10**14)"} end
+  rcall("SET", KEYS[1], int(id))
+else
+  id = tonumber(ARGV[3])
+  if rcall("EXISTS", task_key(P, ARGV[3])) == 1 then return {4, id} end
+  if id > num(rcall("GET", KEYS[1]), 0) then rcall("SET", KEYS[1], int(id)) end
+end
+local sid = int(id)
+
+local fields = {"board", board, "title", ARGV[5], "ck", ck, "status", "up_next", "at", int(now)}
+if ARGV[6] ~= "" then
+  fields[#fields + 1] = "prompt"
+  fields[#fields + 1] = ARGV[6]
+end
+rcall("HSET", task_key(P, sid), unpack(fields))
+rcall("SADD", KEYS[2], board)
+rcall("ZADD", queue_key(P, board), id, sid)
+rcall("HINCRBY", K.refs, ck, 1)
+reindex_board(K, P, board, now)
+emit(K, now, "added", {"task_id", sid, "board", board, "chain", chain, "model", pinned})
+return {0, id}
