@@ -586,7 +586,8 @@ class Broker:
 
         def run(fix: bool) -> Any:
             with _redis_errors(self._where):
-                reply = self._scripts.call("doctor", [self.keys.prefix, self._now_arg(), int(fix)])
+                ids = self._task_hash_ids()
+                reply = self._scripts.call("doctor", [self.keys.prefix, self._now_arg(), int(fix), *ids])
             return parse_reply(reply)
 
         found = run(repair)
@@ -594,6 +595,21 @@ class Broker:
         if repair and found.problems:
             remaining = run(False).problems
         return doctor_report(found, remaining)
+
+    def _task_hash_ids(self) -> list[int]:
+        """The id of every task hash, found with SCAN (no index lists every task; SCAN never blocks Redis)."""
+        head = self.keys.task(0)[:-1]  # "<prefix>task:"
+        ids = set()
+        for key in self.client.scan_iter(match=_glob_escape(head) + "*", count=1000):
+            rest = _str(key)[len(head):]
+            if rest.isdigit():
+                ids.add(int(rest))
+        return sorted(ids)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def root_cause(message: str, now: float) -> str:

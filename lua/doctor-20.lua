@@ -1,14 +1,13 @@
 --[[
   doctor: check every invariant of a namespace and, with ARGV[3] = 1, rebuild the derived
   state from the source of truth, atomically (a live queue is never half-repaired).
-  An O(N) admin operation over the places, the `boards` set and the task ids 1..seq:task; never on
-  the claim path.
+  An O(N) admin operation over the places, the `boards` set and the task hashes; never on the claim
+  path.
 
   Source of truth: each task hash's status, the board queues, `running` and the status zsets.
-  There is no index of every task: the task hashes are found by walking the ids 1..seq:task (auto
-  ids are dense), so a task in no place is found too, and by the places. The walk stops after
-  WALK_GAP ids with no task (ids given far apart) and then reports where it stopped: the search is
-  never silently partial and never blocks Redis for long.
+  There is no index of every task (it would cost memory per task): the caller finds the task hashes
+  with SCAN, which does not block Redis, and passes their ids; the places list the rest. A task added
+  after the SCAN is in its place, so it is found there.
   Checked (and repaired):
     - each task is in exactly the place its status names (board queue / running /
       status:in_review / status:failed / status:cancelled); a missing place is restored,
@@ -21,10 +20,9 @@
     - each board is in exactly the index its state implies (reindex_board's rules; a due
       backoff still in idx:backoff is fine: the next claim moves it) and board.state/ck agree
     - ready:chains = the chain keys whose ready line is not empty
-  Not repairable (reported only): an unknown status, two tasks of one board in progress, a walk of
-  the ids that stopped early.
+  Not repairable (reported only): an unknown status, two tasks of one board in progress.
 
-  KEYS[1]  task_seq            STRING (the ids walked: 1..seq:task)
+  KEYS[1]  task_seq            STRING (at least every task id)
   KEYS[2]  boards              SET
   KEYS[3]  running             ZSET
   KEYS[4]  in_review           ZSET
@@ -47,6 +45,7 @@
   Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, ready:<ck>, cooldown:<model>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] repair (1/0)
+  ARGV[4..] the ids of the task hashes (found by SCAN of task:*)
 
   Returns {0, n, problem_1 .. problem_n, repaired_1 .. repaired_m} -- the problems found
   (before any repair) and, in repair mode, one line per change made
@@ -115,21 +114,8 @@ local function load(id, walking)
   return true
 end
 
--- Every task hash: ids 1..seq:task (auto ids are dense), so a task in no place is found too.
-local WALK_GAP = 1000000
-local seq = num(rcall("GET", K.task_seq), 0)
-local misses = 0
-for i = 1, seq do
-  if not load(int(i), true) then
-    misses = misses + 1
-    if misses > WALK_GAP and i < seq then
-      problem("task ids were searched up to " .. int(i) .. " of " .. int(seq) .. " (seq:task): more than " ..
-              WALK_GAP .. " ids below it have no task (ids given far apart); a task above it that is in no " ..
-              "place is not found (not repairable)")
-      break
-    end
-  end
-end
+-- Every task hash: the caller found them with SCAN (ARGV[4..]), so a task in no place is found too.
+for i = 4, #ARGV do load(ARGV[i], true) end
 
 for _, key in ipairs({K.running, K.in_review, K.failed, K.cancelled}) do
   local r = rcall("ZRANGE", key, 0, -1, "WITHSCORES")
@@ -222,6 +208,7 @@ for _, id in ipairs(sorted_keys(tasks, true)) do
   end
 end
 
+local seq = num(rcall("GET", K.task_seq), 0)
 if top and tonumber(top) > seq then
   problem("seq:task is " .. int(seq) .. ", below task " .. top .. " (the next auto id would be taken)")
   if repair then

@@ -7,7 +7,6 @@ behaves: draining it claims every board's head in order, the tampered board incl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -213,9 +212,9 @@ def test_an_ended_cooldown_still_listed_is_healthy(broker: Broker, clock: Clock,
 
 
 def test_task_in_no_place_is_found_and_put_back(broker: Broker, clock: Clock) -> None:
-    """No index lists every task: the doctor walks the ids 1..seq:task, so a task in no place is found too."""
+    """No index lists every task: the doctor finds the task hashes with SCAN, so a task in no place is found too."""
     workload(broker, clock)
-    last = broker.add("solo", "last", chain="bulk")  # the highest id: the walk must reach seq:task
+    last = broker.add("solo", "last", chain="bulk")
     rc(broker).zrem(broker.keys.in_review, "1")
     rc(broker).zrem(broker.keys.queue("solo"), last)
     doc = repaired(broker, "task 1 (in_review) is missing from status:in_review",
@@ -241,31 +240,18 @@ def test_task_seq_below_a_task_id(broker: Broker, clock: Clock) -> None:
     assert broker.add("web", "next", chain="coding") == 9
 
 
-def test_ids_given_far_apart_bound_the_walk(broker: Broker, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The walk of ids 1..seq:task stops after WALK_GAP ids with no task and says so; tasks in a place above it
-    are still checked. (WALK_GAP is lowered here so the test stays small.)"""
-    from broker import scripts
-
-    spec = scripts.load_specs()["doctor"]
-    assert "local WALK_GAP = 1000000\n" in spec.source
-    small = dataclasses.replace(spec, source=spec.source.replace("local WALK_GAP = 1000000", "local WALK_GAP = 100"))
-    monkeypatch.setitem(scripts.load_specs(), "doctor", small)
-    broker = Broker(broker.client, broker.namespace, clock=broker.clock)
+def test_ids_given_far_apart_are_all_checked(broker: Broker, clock: Clock) -> None:
+    """The task hashes are found with SCAN, not by walking the ids: ids given far apart cost nothing."""
     workload(broker, clock)
-    near = broker.add("far", "near", chain="bulk", task_id=100)  # 91 ids without a task below it: walked
+    near = broker.add("far", "near", chain="bulk", task_id=100)
+    far = broker.add("far", "far", chain="bulk", task_id=10**13)
     assert broker.doctor()["ok"]
-    far = broker.add("far", "far", chain="bulk", task_id=500)
-    rc(broker).zrem(broker.keys.queue("far"), near)
-    found = broker.doctor(repair=True)
-    assert found["problems"][0] == ("task ids were searched up to 110 of 500 (seq:task): more than 100 ids below it "
-                                    "have no task (ids given far apart); a task above it that is in no place is not "
-                                    "found (not repairable)")
-    assert f"task {near} (up_next) is missing from queue of board far" in found["problems"]
-    assert found["remaining"] == [found["problems"][0]]
-    rc(broker).zrem(broker.keys.queue("far"), far)  # above the walk and in no place: not found (refs still count it)
-    problems = broker.doctor()["problems"]
-    assert problems[0] == found["problems"][0]
-    assert not any(f"task {far}" in p for p in problems)
+    rc(broker).zrem(broker.keys.queue("far"), near, far)
+    doc = repaired(broker, f"task {near} (up_next) is missing from queue of board far",
+                   f"task {far} (up_next) is missing from queue of board far")
+    assert len(doc["repaired"]) == 2
+    drained = drain(broker)
+    assert {near, far} <= set(drained) and drained.index(near) < drained.index(far)
 
 
 def test_list_tasks_reads_every_place(broker: Broker, clock: Clock) -> None:
