@@ -46,7 +46,7 @@ def per_task_breakdown(broker: Broker, boards: int, tasks: int, delta: int,
     c, k = broker.client, broker.keys
     tids = _sample_ids(broker)
     bnames = [str(x) for x in c.srandmember(k.boards, _SAMPLE) or []]
-    lines = [str(x) for x in c.smembers(k.ready_chains)]
+    lines = [str(x) for x in c.zrange(k.ready_fronts, 0, -1)]
     rows = [
         ("task hash (task:<id>, one per task)", _mean_usage(c, [k.task(t) for t in tids])),
         ("board queue ZSET entry (board:<b>:queue)", _mean_usage(c, [k.queue(b) for b in bnames]) * boards / tasks),

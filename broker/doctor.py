@@ -1,8 +1,8 @@
 """``clawq doctor``: turn the reply of ``lua/doctor-20.lua`` into a report.
 
 The script checks every invariant of a namespace (see its header) and, in repair mode, rebuilds the
-derived state -- counters, board running slots, indexes, refs, ``ready:chains``, ``seq:task`` -- from the
-source of truth (task hashes, board queues, ``running``), atomically.
+derived state -- counters, the model blocks, board running slots, indexes, refs, ``ready:fronts``,
+``seq:task`` -- from the source of truth (task hashes, board queues, ``running``), atomically.
 """
 
 from __future__ import annotations

@@ -130,9 +130,10 @@ class Keys:
         return self._k("blocked")
 
     @property
-    def ready_chains(self) -> str:
-        """SET: chain keys (``c:<chain>`` / ``m:<model>``) whose ready line is not empty."""
-        return self._k("ready", "chains")
+    def ready_fronts(self) -> str:
+        """ZSET: chain key (``c:<chain>`` / ``m:<model>``) -> the place of its ready line's front board, for the
+        lines that are not empty (a claim reads every line's front in one call)."""
+        return self._k("ready", "fronts")
 
     def ready(self, ck: str) -> str:
         """ZSET: board -> round-robin position, for boards whose head runs on chain key ``ck``."""

@@ -12,7 +12,7 @@
   KEYS[3]  cfg_chains          HASH   chain -> models
   KEYS[4]  cfg_model_provider  HASH   model -> provider
   KEYS[5]  refs                HASH   chain key -> unfinished tasks
-  KEYS[6]  ready_chains        SET
+  KEYS[6]  ready_fronts        ZSET
   KEYS[7]  ready_seq           STRING
   KEYS[8]  idx_busy            SET
   KEYS[9]  idx_paused          SET
@@ -29,7 +29,7 @@
 local rcall = redis.call
 --- @include "core"
 
-local K = {refs = KEYS[5], ready_chains = KEYS[6], ready_seq = KEYS[7], idx_busy = KEYS[8],
+local K = {refs = KEYS[5], ready_fronts = KEYS[6], ready_seq = KEYS[7], idx_busy = KEYS[8],
            idx_paused = KEYS[9], idx_backoff = KEYS[10], events = KEYS[11]}
 local P, now, board, chain, pinned = ARGV[1], clock_ms(ARGV[2]), ARGV[4], ARGV[7], ARGV[8]
 

@@ -9,10 +9,11 @@
        not cooling down, is under its model cap and whose provider is under its cap;
     4. fairness: among eligible boards, the one longest in its ready line goes first.
   Cost: boards are indexed by the chain key of their head (ready:<ck>); all boards of a
-  line share the same model choice, so the claim inspects the front board of each line
-  only -- O(C log N) for C chain keys in use (bounded by the config), never a board scan.
-  Model choice reads the `blocked` index (lib/core.lua), one call for every model, and the
-  fronts of the lines that have a usable model; skip counts are read only when refusing.
+  line share the same model choice, and ready:fronts holds each line's front place, so the
+  claim reads the C fronts in one call, takes the first line with a usable model and reads
+  that line's front board -- O(C + log N) for C chain keys in use (bounded by the config),
+  never a board scan. Model choice reads the `blocked` index (lib/core.lua) once; skip counts
+  are read only when refusing.
 
   KEYS[1]  cfg_settings        HASH   version, lease_ms, ...
   KEYS[2]  cfg_chains          HASH   chain -> "m1,m2,m3"
@@ -23,7 +24,7 @@
   KEYS[7]  inflight_provider   HASH   provider -> runs in progress
   KEYS[8]  blocked             HASH   m:<model> / p:<provider> / c:<model> -> why it may not run
   KEYS[9]  running             ZSET   task id -> lease deadline
-  KEYS[10] ready_chains        SET    chain keys with ready boards
+  KEYS[10] ready_fronts        ZSET   chain key -> place of its ready line's front board
   KEYS[11] ready_seq           STRING round-robin counter
   KEYS[12] idx_busy            SET
   KEYS[13] idx_paused          SET
@@ -47,7 +48,7 @@ local rcall = redis.call
 
 local K = {cfg_settings = KEYS[1], cfg_chains = KEYS[2], cfg_model_cap = KEYS[3],
            cfg_provider_cap = KEYS[4], cfg_model_provider = KEYS[5], inflight_model = KEYS[6],
-           inflight_provider = KEYS[7], blocked = KEYS[8], running = KEYS[9], ready_chains = KEYS[10],
+           inflight_provider = KEYS[7], blocked = KEYS[8], running = KEYS[9], ready_fronts = KEYS[10],
            ready_seq = KEYS[11], idx_busy = KEYS[12], idx_paused = KEYS[13],
            idx_backoff = KEYS[14], events = KEYS[15], stats_skips = KEYS[16], stats_claims = KEYS[17]}
 local P = ARGV[1]
@@ -81,27 +82,29 @@ local function refuse(lines)
   return out
 end
 
-local chains = rcall("SMEMBERS", K.ready_chains)
+-- The front of every ready line, longest waiting first (rule 4).
+local fronts = rcall("ZRANGE", K.ready_fronts, 0, -1)
 if rcall("ZCARD", K.running) >= tonumber(ARGV[4]) then
   local lines = {}
-  for _, ck in ipairs(chains) do lines[#lines + 1] = {ck, "global_cap"} end
+  for _, ck in ipairs(fronts) do lines[#lines + 1] = {ck, "global_cap"} end
   return refuse(lines)
 end
 
--- Model choice (rule 3) lives in lib/core.lua: pick_model, shared with explain_boards.
+-- Model choice (rule 3) lives in lib/core.lua: pick_model, shared with explain_boards. The first
+-- line with a usable model has the board that waited longest among those that may run.
 local view = model_view(K)
 local best, blocked_lines = nil, {}
-for _, ck in ipairs(chains) do
+for _, ck in ipairs(fronts) do
   local model, provider, reason = pick_model(view, now, ck)
   if not model then
     blocked_lines[#blocked_lines + 1] = {ck, reason}
   else
-    local front = rcall("ZRANGE", ready_key(P, ck), 0, 0, "WITHSCORES")
-    if not front[1] then
-      rcall("SREM", K.ready_chains, ck)
-    elseif not best or tonumber(front[2]) < best.score then
-      best = {score = tonumber(front[2]), board = front[1], ck = ck, model = model, provider = provider}
+    local board = rcall("ZRANGE", ready_key(P, ck), 0, 0)[1]
+    if board then
+      best = {board = board, ck = ck, model = model, provider = provider}
+      break
     end
+    rcall("ZREM", K.ready_fronts, ck)  -- an empty line listed (doctor reports how): skip it
   end
 end
 if not best then return refuse(blocked_lines) end

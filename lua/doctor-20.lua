@@ -19,7 +19,7 @@
     - refs = unfinished (up_next, in_progress) tasks per chain key
     - each board is in exactly the index its state implies (reindex_board's rules; a due
       backoff still in idx:backoff is fine: the next claim moves it) and board.state/ck agree
-    - ready:chains = the chain keys whose ready line is not empty
+    - ready:fronts = the place of each non-empty ready line's front board
   Not repairable (reported only): an unknown status, two tasks of one board in progress.
 
   KEYS[1]  task_seq            STRING (at least every task id)
@@ -30,7 +30,7 @@
   KEYS[6]  cancelled           ZSET
   KEYS[7]  inflight_model      HASH
   KEYS[8]  inflight_provider   HASH
-  KEYS[9]  ready_chains        SET
+  KEYS[9]  ready_fronts        ZSET
   KEYS[10] ready_seq           STRING
   KEYS[11] idx_busy            SET
   KEYS[12] idx_paused          SET
@@ -55,7 +55,7 @@ local rcall = redis.call
 
 local K = {task_seq = KEYS[1], boards = KEYS[2], running = KEYS[3], in_review = KEYS[4], failed = KEYS[5],
            cancelled = KEYS[6], inflight_model = KEYS[7], inflight_provider = KEYS[8],
-           ready_chains = KEYS[9], ready_seq = KEYS[10], idx_busy = KEYS[11], idx_paused = KEYS[12],
+           ready_fronts = KEYS[9], ready_seq = KEYS[10], idx_busy = KEYS[11], idx_paused = KEYS[12],
            idx_backoff = KEYS[13], refs = KEYS[14], cfg_chains = KEYS[15], cfg_model_provider = KEYS[16],
            events = KEYS[17], cfg_model_cap = KEYS[18], cfg_provider_cap = KEYS[19], blocked = KEYS[20]}
 local P, now, repair = ARGV[1], clock_ms(ARGV[2]), ARGV[3] == "1"
@@ -269,7 +269,7 @@ for _, b in ipairs(board_list) do
 end
 
 -- 4. Board indexes ----------------------------------------------------------------------------
-for _, ck in ipairs(rcall("SMEMBERS", K.ready_chains)) do cks[ck] = true end
+for _, ck in ipairs(rcall("ZRANGE", K.ready_fronts, 0, -1)) do cks[ck] = true end
 for _, f in ipairs(rcall("HKEYS", K.refs)) do cks[f] = true end
 for _, f in ipairs(rcall("HKEYS", K.cfg_chains)) do cks["c:" .. f] = true end
 for _, f in ipairs(rcall("HKEYS", K.cfg_model_provider)) do cks["m:" .. f] = true end
@@ -361,21 +361,24 @@ for _, b in ipairs(board_list) do
   end
 end
 
--- 5. ready:chains = the non-empty ready lines -------------------------------------------------
+-- 5. ready:fronts = the place of each non-empty ready line's front board ----------------------------
 for _, ck in ipairs(ck_list) do
-  local filled = rcall("ZCARD", ready_key(P, ck)) > 0
-  local member = rcall("SISMEMBER", K.ready_chains, ck) == 1
-  if filled and not member then
-    problem("ready:chains is missing " .. ck .. ", whose line is not empty")
-    if repair then
-      rcall("SADD", K.ready_chains, ck)
-      fix("added " .. ck .. " to ready:chains")
-    end
-  elseif member and not filled then
-    problem("ready:chains lists " .. ck .. ", whose line is empty")
-    if repair then
-      rcall("SREM", K.ready_chains, ck)
-      fix("removed " .. ck .. " from ready:chains")
+  local front = rcall("ZRANGE", ready_key(P, ck), 0, 0, "WITHSCORES")[2]
+  local listed = rcall("ZSCORE", K.ready_fronts, ck)
+  if front and not listed then
+    problem("ready:fronts is missing " .. ck .. ", whose line is not empty")
+  elseif listed and not front then
+    problem("ready:fronts lists " .. ck .. ", whose line is empty")
+  elseif front and tonumber(front) ~= tonumber(listed) then
+    problem("ready:fronts places " .. ck .. " at " .. listed .. ", its line's front board is at " .. front)
+  end
+  if repair and tonumber(front) ~= tonumber(listed) then
+    if front then
+      rcall("ZADD", K.ready_fronts, front, ck)
+      fix("set " .. ck .. " in ready:fronts to " .. front)
+    else
+      rcall("ZREM", K.ready_fronts, ck)
+      fix("removed " .. ck .. " from ready:fronts")
     end
   end
 end

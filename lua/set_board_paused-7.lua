@@ -3,7 +3,7 @@
   running task (which may finish) but no task of it is claimed until it is resumed.
 
   KEYS[1] boards        SET
-  KEYS[2] ready_chains  SET
+  KEYS[2] ready_fronts  ZSET
   KEYS[3] ready_seq     STRING
   KEYS[4] idx_busy      SET
   KEYS[5] idx_paused    SET
@@ -18,7 +18,7 @@
 local rcall = redis.call
 --- @include "core"
 
-local K = {ready_chains = KEYS[2], ready_seq = KEYS[3], idx_busy = KEYS[4], idx_paused = KEYS[5],
+local K = {ready_fronts = KEYS[2], ready_seq = KEYS[3], idx_busy = KEYS[4], idx_paused = KEYS[5],
            idx_backoff = KEYS[6], events = KEYS[7]}
 local P, now, b = ARGV[1], clock_ms(ARGV[2]), ARGV[3]
 rcall("SADD", KEYS[1], b)

@@ -120,7 +120,7 @@ def test_board_deleted_from_its_ready_line(broker: Broker, clock: Clock) -> None
     workload(broker, clock)
     solo = broker.add("solo", "head", model="opus")
     rc(broker).zrem(broker.keys.ready("m:opus"), "solo")
-    assert "ready:chains lists m:opus, whose line is empty" in broker.doctor()["problems"]
+    assert "ready:fronts lists m:opus, whose line is empty" in broker.doctor()["problems"]
     with pytest.raises(NothingToClaim):  # lost: every other board is claimed, solo never
         while broker.claim().board != "solo":
             pass
@@ -176,12 +176,25 @@ def test_stale_board_running_slot(broker: Broker, clock: Clock) -> None:
     assert head in drain(broker)
 
 
-def test_ready_chains_member_with_an_empty_line(broker: Broker, clock: Clock) -> None:
+def test_ready_fronts_member_with_an_empty_line(broker: Broker, clock: Clock) -> None:
     workload(broker, clock)
-    rc(broker).sadd(broker.keys.ready_chains, "m:opus")
-    doc = repaired(broker, "ready:chains lists m:opus, whose line is empty")
-    assert doc["repaired"] == ["removed m:opus from ready:chains"]
+    rc(broker).zadd(broker.keys.ready_fronts, {"m:opus": 1})
+    doc = repaired(broker, "ready:fronts lists m:opus, whose line is empty")
+    assert doc["repaired"] == ["removed m:opus from ready:fronts"]
     drain(broker)
+
+
+def test_ready_fronts_with_a_wrong_place_serves_out_of_turn_until_repaired(broker: Broker, clock: Clock) -> None:
+    broker.load_config(config())
+    first = broker.add("early", "x", chain="coding")
+    broker.add("late", "y", chain="bulk")
+    c, k = rc(broker), broker.keys
+    c.zadd(k.ready_fronts, {"c:coding": 10**6})  # the coding line now looks younger than the bulk one
+    assert broker.claim().board == "late"
+    broker.complete(2, c.hget(k.task(2), "run_id"), DONE)
+    doc = repaired(broker, "ready:fronts places c:coding at 1000000, its line's front board is at 1")
+    assert doc["repaired"] == ["set c:coding in ready:fronts to 1"]
+    assert broker.claim().task_id == first
 
 
 def test_a_stale_model_block_is_removed(broker: Broker, clock: Clock) -> None:
@@ -288,7 +301,7 @@ def test_cli_json_shape_and_exit_codes(
     assert json.loads(out) == {"ok": True, "problems": [], "repaired": [], "remaining": []}
 
     rc(broker).hincrby(broker.keys.inflight_model, "glm", 1)
-    rc(broker).sadd(broker.keys.ready_chains, "m:opus")
+    rc(broker).zadd(broker.keys.ready_fronts, {"m:opus": 1})
     code, out = clawq(capsys, redis_url, namespace, "doctor", "--json")
     doc = json.loads(out)
     assert code == 1

@@ -145,15 +145,18 @@ def check_refs(broker: Broker) -> None:
 def ready_lines(broker: Broker) -> dict[str, str]:
     """board -> chain key of the ready line it sits in (asserts at most one line per board)."""
     c, k = rc(broker), broker.keys
-    chains = c.smembers(k.ready_chains)
+    fronts = dict(c.zrange(k.ready_fronts, 0, -1, withscores=True))
     out: dict[str, str] = {}
+    lines: dict[str, float] = {}
     for key in c.scan_iter(match=k.prefix + "ready:[cm]:*"):
         ck = key[len(k.prefix) + len("ready:"):]
-        boards = c.zrange(key, 0, -1)
-        assert not boards or ck in chains, f"ready line {ck} missing from ready_chains"
-        for board in boards:
+        boards = c.zrange(key, 0, -1, withscores=True)
+        if boards:
+            lines[ck] = boards[0][1]
+        for board, _ in boards:
             assert board not in out, f"board {board} in two ready lines"
             out[board] = ck
+    assert fronts == lines, "ready:fronts is not the front place of every non-empty ready line"
     return out
 
 

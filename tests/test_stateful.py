@@ -190,7 +190,7 @@ def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> d
         p.zrange(place, 0, -1)
     for h in (k.inflight_model, k.inflight_provider, k.refs, k.blocked):
         p.hgetall(h)
-    p.smembers(k.ready_chains)
+    p.zrange(k.ready_fronts, 0, -1, withscores=True)
     p.smembers(k.idx_busy)
     p.smembers(k.idx_paused)
     p.zrange(k.idx_backoff, 0, -1, withscores=True)
@@ -214,7 +214,7 @@ def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> d
         "inflight_provider": {m: int(n) for m, n in next(it).items()},
         "refs": {m: int(n) for m, n in next(it).items()},
         "blocked": _blocks(next(it), now),
-        "ready_chains": set(next(it)), "idx_busy": set(next(it)), "idx_paused": set(next(it)),
+        "ready_fronts": _zmap(next(it)), "idx_busy": set(next(it)), "idx_paused": set(next(it)),
         "idx_backoff": _zmap(next(it)),
     }
     snap["ready"] = {ck: lines for ck in CHAIN_KEYS if (lines := _zmap(next(it)))}
@@ -238,7 +238,7 @@ def _model_boards(m: QueueModel) -> dict[str, Any]:
             ready.setdefault(b.ck, {})[name] = b.score
     return {
         "boards": set(m.boards),
-        "ready": ready, "ready_chains": set(ready),
+        "ready": ready, "ready_fronts": {ck: min(line.values()) for ck, line in ready.items()},
         "idx_busy": {n for n, b in m.boards.items() if b.state == BUSY},
         "idx_paused": {n for n, b in m.boards.items() if b.state == PAUSED},
         "idx_backoff": {n: b.score for n, b in m.boards.items() if b.state == BACKOFF},

@@ -9,7 +9,7 @@
     task:<id>:context  task:<id>:lease  ready:<ck>  cooldown:<model>
 
   Functions take K, a table of the namespace keys the calling script got in KEYS,
-  by their broker/keys.py names (K.running, K.ready_chains, ...).
+  by their broker/keys.py names (K.running, K.ready_fronts, ...).
   The including script defines `rcall` (its body starts `local rcall = redis.call`).
 ]]
 
@@ -185,6 +185,20 @@ local function pick_model(V, now, ck)
   return nil, nil, first_reason
 end
 
+-- Ready lines: ready:<ck> (board -> place in line) and ready:fronts (ck -> the place of its line's
+-- front board, for the lines that are not empty), so a claim reads the fronts of every line at once.
+-- Board `b` leaves line `ck`: the line's front, if it was `b`, is the next board or none.
+local function leave_line(K, P, b, ck)
+  local rk = ready_key(P, ck)
+  rcall("ZREM", rk, b)
+  local front = rcall("ZRANGE", rk, 0, 0, "WITHSCORES")
+  if front[1] then
+    rcall("ZADD", K.ready_fronts, front[2], ck)
+  else
+    rcall("ZREM", K.ready_fronts, ck)
+  end
+end
+
 -- Put board `b` in exactly one index, by its state:
 --   idle     no queued task                       (no index)
 --   paused   paused, with queued work             K.idx_paused
@@ -207,9 +221,7 @@ end
 
 local function leave_index(K, P, b, state, ck)
   if state == "ready" then
-    local rk = ready_key(P, ck)
-    rcall("ZREM", rk, b)
-    if rcall("ZCARD", rk) == 0 then rcall("SREM", K.ready_chains, ck) end
+    leave_line(K, P, b, ck)
   elseif state == "busy" then
     rcall("SREM", K.idx_busy, b)
   elseif state == "paused" then
@@ -221,8 +233,9 @@ end
 
 local function join_index(K, P, b, state, ck, until_ms)
   if state == "ready" then
-    rcall("ZADD", ready_key(P, ck), rcall("INCR", K.ready_seq), b)
-    rcall("SADD", K.ready_chains, ck)
+    local place = rcall("INCR", K.ready_seq)
+    rcall("ZADD", ready_key(P, ck), place, b)
+    rcall("ZADD", K.ready_fronts, "NX", place, ck)  -- at the back: the front moves only if the line was empty
   elseif state == "busy" then
     rcall("SADD", K.idx_busy, b)
   elseif state == "paused" then
@@ -255,9 +268,8 @@ end
 -- gave it task `id`: reindex_board's rules for the one transition whose facts the claim knows,
 -- without reading them back. The board is busy while more is queued, else idle.
 local function board_claimed(K, P, b, ck, id, now)
-  local rk, bk = ready_key(P, ck), board_key(P, b)
-  rcall("ZREM", rk, b)
-  if rcall("ZCARD", rk) == 0 then rcall("SREM", K.ready_chains, ck) end
+  local bk = board_key(P, b)
+  leave_line(K, P, b, ck)
   local state = "idle"
   if rcall("EXISTS", queue_key(P, b)) == 1 then
     state = "busy"
@@ -351,7 +363,7 @@ end
 -- The namespace keys of every script that ends or changes a run, in KEYS order after the
 -- task's own keys (each such script's header lists them; tests/test_scripts_meta.py checks).
 local RUN_END_KEYS = {"cfg_settings", "cfg_model_cap", "cfg_provider_cap", "blocked",
-                      "running", "inflight_model", "inflight_provider", "ready_chains",
+                      "running", "inflight_model", "inflight_provider", "ready_fronts",
                       "ready_seq", "idx_busy", "idx_paused", "idx_backoff", "refs", "in_review", "failed",
                       "cancelled", "events", "errors", "stats_failures", "stats_completed"}
 

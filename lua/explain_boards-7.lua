@@ -9,7 +9,6 @@
   KEYS[5]  idx_busy            SET
   KEYS[6]  idx_paused          SET
   KEYS[7]  idx_backoff         ZSET
-  KEYS[8]  ready_chains        SET
   Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] global cap  ARGV[4..] board names
