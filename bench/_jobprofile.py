@@ -1,8 +1,10 @@
 """What one clawq agent job costs, in-process (no RQ, no fork): wall ms, its steps, its Redis commands.
 
 ``workers.job.run_task`` runs N times on claimed tasks of a fresh namespace with a no-op python agent; the
-commands it sends are read from INFO commandstats (CONFIG RESETSTAT before), the time of its steps from cProfile
-(cumulative, so profiler overhead included: compare the steps with each other, the wall figure is unprofiled).
+round trips it sends are counted on the client (one per packet: a pipeline is one), the time of its steps from
+cProfile (cumulative, so profiler overhead included: compare the steps with each other, the wall figure is
+unprofiled). As in a worker, the process keeps one broker per namespace: the first job of each namespace
+connects (its HELLO and HGET schema show as fractions per job), the others reuse it.
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ __all__ = ["profile_job"]
 #: (label, file suffix, function name) of the steps reported
 STEPS = (
     ("run_task (whole job)", "workers/job.py", "run_task"),
-    ("Broker.from_url + connect (new connection)", "broker/broker.py", "from_url"),
-    ("  redis-py driver info (per new connection)", "redis/driver_info.py", "resolve_driver_info"),
+    ("job_broker (one per process and namespace)", "workers/job.py", "job_broker"),
+    ("  Broker.from_url + connect (first job only)", "broker/broker.py", "from_url"),
+    ("  redis-py driver info (per new client)", "redis/driver_info.py", "resolve_driver_info"),
     ("_task_doc (get_task: MULTI pipeline)", "workers/job.py", "_task_doc"),
-    ("Broker._ensure_ready (first write of this Broker)", "broker/broker.py", "_ensure_ready"),
-    ("Broker.heartbeat (incl. _ensure_ready)", "broker/broker.py", "heartbeat"),
-    ("Broker._reload_config (GET + parse the config)", "broker/broker.py", "_reload_config"),
-    ("Heartbeat thread start", "threading.py", "start"),
+    ("Broker.start_run (MULTI: heartbeat, claim-to-start, config version)", "broker/broker.py", "start_run"),
+    ("  Broker._reload_config (only when the version changed)", "broker/broker.py", "_reload_config"),
+    ("Broker._ensure_ready (never on the worker path)", "broker/broker.py", "_ensure_ready"),
     ("run_agent (python runner, no-op agent)", "workers/runners.py", "run_agent"),
-    ("  wait for the agent thread (poll, 50 ms ticks)", "threading.py", "wait"),
+    ("  Thread.start (the agent's thread, then the heartbeat's)", "threading.py", "start"),
+    ("    thread start hand-shakes (Event.wait)", "threading.py", "wait"),
+    ("  join the agent thread", "threading.py", "join"),
+    ("Broker.save_run_log (only when the agent logged)", "broker/broker.py", "save_run_log"),
     ("Broker.report -> complete", "broker/broker.py", "report"),
 )
 

@@ -6,12 +6,14 @@ rule of its own (those live in ``lua/``), only argument checks, time, and the ma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -36,9 +38,9 @@ from .errors import (
 )
 from .keys import BOARD_RE, NAMESPACE_RE, Keys
 from .models import MAX_TEXT_BYTES, Claim, Completion, Outcome, Task, TaskStatus
-from .scripts import Scripts
+from .scripts import Scripts, load_specs
 from .signals import MAX_RESET_SECONDS, SignalClass, parse_signal
-from .stats import observe_claim_to_start
+from .stats import observe_claim_to_start, queue_claim_to_start
 
 __all__ = ["SCHEMA_VERSION", "Broker", "redact_url", "redis_errors"]
 
@@ -125,15 +127,16 @@ class Broker:
         self._ready = False
 
     @classmethod
-    def from_url(cls, url: str, namespace: str = "default", **kwargs: Any) -> Broker:
+    def from_url(cls, url: str, namespace: str = "default", *, lean: bool = False, **kwargs: Any) -> Broker:
         """Connect to ``url`` and check the namespace's schema.
 
         ``url``: redis://, rediss://, unix://, a cluster (``redis+cluster://host:port[,host:port...]/``) or
         a Sentinel-managed primary (``redis+sentinel://host:port[,host:port...]/<service>[/<db>]``); see
-        :mod:`broker.connection`.
+        :mod:`broker.connection`. ``lean``: new connections send no handshake (RESP2, no CLIENT SETINFO, no
+        maintenance notifications): a worker's forked jobs each open one.
         """
         with _redis_errors(redact_url(url)):
-            client = client_from_url(url)
+            client = client_from_url(url, lean=lean)
         broker = cls(client, namespace, **kwargs)
         broker.connect()
         return broker
@@ -308,10 +311,65 @@ class Broker:
         _check_task_id(task_id)
         _check_run_id(run_id)
         reply = self._call("heartbeat", [self._now_arg(), task_id, run_id], task_id=task_id)
+        return self._beat_deadline(reply, task_id, run_id)
+
+    @staticmethod
+    def _beat_deadline(reply: list[Any], task_id: int, run_id: str) -> float:
         status = Status(reply[0])
         if status is not Status.OK:
             raise error_for(status, task_id, run_id, str(reply[1]))
         return int(reply[1]) / 1000
+
+    def start_run(self, task_id: int, run_id: str, waited_s: float | None = None) -> Config:
+        """Start a claimed run in one round trip (MULTI): beat as :meth:`heartbeat` (raises RunFenced), record
+        ``waited_s`` in the claim-to-start histogram and read the config version; returns the config of that
+        version (the cached one unless the version changed). On a cluster, whose pipelines refuse EVALSHA, the
+        beat is a second round trip."""
+        _check_task_id(task_id)
+        _check_run_id(run_id)
+        args: list[str | int | float] = [self.keys.prefix, self._now_arg(), task_id, run_id]
+        inline = isinstance(self.client, redis.Redis)
+        with _redis_errors(self._where):
+            pipe = self.client.pipeline(transaction=True)
+            if inline:
+                keys = self._scripts.keys_for("heartbeat", task_id=task_id)
+                pipe.evalsha(self._sha("heartbeat"), len(keys), *keys, *args)
+            pipe.hget(self.keys.cfg_settings, "version")
+            if waited_s is not None:
+                queue_claim_to_start(pipe, self.keys, waited_s)
+            replies = pipe.execute(raise_on_error=False)
+            for err in replies:
+                if isinstance(err, Exception) and not isinstance(err, redis.exceptions.NoScriptError):
+                    raise err
+            beat = replies.pop(0) if inline else None
+            if beat is None or isinstance(beat, Exception):  # a cluster, or NOSCRIPT: the wrapper (re)loads it
+                beat = self._scripts.call("heartbeat", args, task_id=task_id)
+        self._beat_deadline([_text(x) for x in beat], task_id, run_id)
+        version = replies[0]
+        return self.config_of("" if version is None else str(_text(version)))
+
+    def config_of(self, version: str) -> Config:
+        """The config of ``version`` (its ``cfg_settings`` version, "" for none stored): the cached one if it is
+        that version, else the one in Redis now."""
+        if self._config is None or version != self._config_version:
+            self._reload_config()
+        return self.config()
+
+    @property
+    def config_version(self) -> str:
+        """The version of the cached config ("" when none is cached or stored); a claim checks it is current."""
+        return self._config_version if self._config is not None else ""
+
+    def assume_ready(self) -> None:
+        """Never seed this namespace: a worker's broker serves runs that a claim made, so it is set up."""
+        self._ready = True
+
+    @staticmethod
+    @cache
+    def _sha(name: str) -> str:
+        """The SHA1 of a script's source, what EVALSHA names it by (the wrapper registers the same source)."""
+        return hashlib.sha1(load_specs()[name].source.encode("utf-8")).hexdigest()
+
 
     def complete(self, task_id: int, run_id: str, outcome: Outcome) -> Completion:
         """Record the run's outcome: follow-up back to the board head, else in_review."""

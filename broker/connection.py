@@ -14,15 +14,24 @@ Schemes (the password, if any, is never printed: see :func:`broker.broker.redact
   redis-py's ``Script`` objects reload a script that the new primary lacks (NOSCRIPT).
 
 Query options common to all of them: ``socket_timeout`` and ``socket_connect_timeout`` (seconds).
+
+Every new connection costs a handshake: by redis-py's defaults HELLO 3, CLIENT MAINT_NOTIFICATIONS and two
+CLIENT SETINFO (library name and version, looked up in the installed package metadata, about 1 ms, on every new
+connection). Clients made here resolve that metadata once per process. ``lean=True`` clients (those of a
+worker, whose every forked job opens new connections) speak RESP2 and skip SETINFO and maintenance
+notifications: a new connection sends nothing before its first command (AUTH and SELECT when the URL asks).
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.driver_info import DriverInfo
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from .errors import InputError
@@ -74,17 +83,32 @@ def _options(query: str) -> dict[str, Any]:
     return out
 
 
+@cache
+def _driver_info() -> DriverInfo:
+    """redis-py's CLIENT SETINFO values, resolved once per process (redis-py reads package metadata per connection)."""
+    return DriverInfo()
+
+
+def _handshake(lean: bool) -> dict[str, Any]:
+    """Connection options: ``lean`` skips HELLO (RESP2), CLIENT SETINFO and CLIENT MAINT_NOTIFICATIONS."""
+    if lean:
+        quiet = MaintNotificationsConfig(enabled=False)
+        return {"protocol": 2, "driver_info": None, "maint_notifications_config": quiet}
+    return {"driver_info": _driver_info()}
+
+
 def _redacted(url: str) -> str:
     from .broker import redact_url
 
     return redact_url(url)
 
 
-def client_from_url(url: str, *, decode_responses: bool = True) -> Client:
+def client_from_url(url: str, *, decode_responses: bool = True, lean: bool = False) -> Client:
     """A client for ``url`` (any scheme in the module docstring); raises InputError on a bad URL.
 
     A cluster client contacts a seed node here (redis-py reads the slot map on creation): an unreachable
-    cluster raises :class:`redis.exceptions.RedisClusterException`.
+    cluster raises :class:`redis.exceptions.RedisClusterException`. ``lean``: no handshake on a new connection
+    (see the module docstring), for the connections of forked jobs; a cluster client ignores it.
     """
     scheme = _scheme(url)
     reqs = parse_qs(urlsplit(url).query).get("ssl_cert_reqs", [])
@@ -94,8 +118,9 @@ def client_from_url(url: str, *, decode_responses: bool = True) -> Client:
         if scheme in CLUSTER_SCHEMES:
             return _cluster_client(url, decode_responses)
         if scheme in SENTINEL_SCHEMES:
-            return _sentinel_client(url, decode_responses)
-        return redis.Redis.from_url(url, decode_responses=decode_responses, socket_connect_timeout=_CONNECT_TIMEOUT_S)
+            return _sentinel_client(url, decode_responses, lean)
+        return redis.Redis.from_url(url, decode_responses=decode_responses, socket_connect_timeout=_CONNECT_TIMEOUT_S,
+                                    **_handshake(lean))
     except ValueError as err:
         raise InputError(f"bad Redis URL {_redacted(url)}: {err}") from None
 
@@ -115,7 +140,7 @@ def _cluster_client(url: str, decode_responses: bool) -> RedisCluster:
     )
 
 
-def _sentinel_client(url: str, decode_responses: bool) -> redis.Redis:
+def _sentinel_client(url: str, decode_responses: bool, lean: bool) -> redis.Redis:
     parts = urlsplit(url)
     path = [p for p in parts.path.split("/") if p]
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
@@ -133,16 +158,19 @@ def _sentinel_client(url: str, decode_responses: bool) -> redis.Redis:
     )
     master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         service, db=db, username=user, password=password, decode_responses=decode_responses,
-        ssl=_scheme(url) == "rediss+sentinel",
+        ssl=_scheme(url) == "rediss+sentinel", **_handshake(lean),
     )
     return master
 
 
-def rq_connection(url: str) -> redis.Redis:
-    """A bytes client for RQ's queue on ``url`` (RQ needs one server: not a cluster)."""
+def rq_connection(url: str, *, lean: bool = False) -> redis.Redis:
+    """A bytes client for RQ's queue on ``url`` (RQ needs one server: not a cluster).
+
+    ``lean`` for a worker: each forked work-horse opens a new connection for RQ's bookkeeping.
+    """
     if _scheme(url) in CLUSTER_SCHEMES:
         raise InputError("RQ cannot use a Redis Cluster: give --rq-redis-url (a standalone or Sentinel Redis)")
-    client = client_from_url(url, decode_responses=False)
+    client = client_from_url(url, decode_responses=False, lean=lean)
     assert isinstance(client, redis.Redis)
     return client
 

@@ -3,6 +3,12 @@
 ``run_task(namespace, task_id, run_id)`` is what the dispatcher enqueues (RQ job id = run id). It finds
 Redis through ``CLAWQ_REDIS_URL`` (``clawq worker --redis-url`` sets it) or, under a plain ``rq worker``,
 through the worker's own connection.
+
+A process keeps one :class:`Broker` per namespace (:func:`job_broker`): a ``SimpleWorker`` reuses it for every
+job, and ``clawq worker`` makes it in the worker before forking (:func:`prepare`), so a work-horse inherits the
+client, the registered scripts, the parsed config and the imported agent, and only opens a new connection
+(a lean one: no handshake). A job then sends three round trips of its own when the agent logs nothing: the task
+read, the start (:meth:`Broker.start_run`: heartbeat, claim-to-start, config version) and the outcome.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ import redis
 from broker import Broker, ClawqError, RunFenced, TaskStatus
 from broker.agent_output import Failed
 
-from .runners import RunContext, Stalled, run_agent
+from .runners import RunContext, Stalled, preload_agent, run_agent
 
-__all__ = ["Heartbeat", "job_broker", "run_task"]
+__all__ = ["Heartbeat", "job_broker", "prepare", "run_task"]
 
 log = logging.getLogger("clawq.job")
 
 #: Root causes that also hold claims for a while: the agent runtime is down, not the task.
 _GATE_CAUSES = {"pairing": 30.0, "agent_unreachable": 30.0}
+#: This process's brokers by (namespace, where): the URL, or the RQ connection pool they copy (kept alive here).
+_BROKERS: dict[tuple[str, object], Broker] = {}
 
 
 class Heartbeat(threading.Thread):
@@ -53,22 +61,48 @@ class Heartbeat(threading.Thread):
         self._halt.set()
 
 
-def job_broker(namespace: str) -> Broker:
-    """A broker for this job: CLAWQ_REDIS_URL, else the RQ worker's own connection."""
+def job_broker(namespace: str, connection: redis.Redis | None = None) -> Broker:
+    """This process's broker for ``namespace``: on CLAWQ_REDIS_URL, else on the server of the RQ connection
+    (``connection``, by default the current job's). Made and schema-checked once; it never seeds the namespace
+    (its runs were claimed, so the namespace is set up). A forked job's copy opens its own connection."""
     url = os.environ.get("CLAWQ_REDIS_URL")
-    if url:
-        return Broker.from_url(url, namespace)
-    from rq import get_current_job
-
-    job = get_current_job()
-    if job is None:
-        raise ClawqError("no CLAWQ_REDIS_URL and not running inside an RQ job")
-    pool = job.connection.connection_pool
-    kwargs = {**pool.connection_kwargs, "decode_responses": True}
-    client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
-    broker = Broker(client, namespace)
-    broker.connect()
+    pool: redis.ConnectionPool | None = None
+    if not url:
+        pool = _rq_pool(connection)
+    where: object = url or pool
+    broker = _BROKERS.get((namespace, where))
+    if broker is None:
+        if url:
+            broker = Broker.from_url(url, namespace, lean=True)
+        else:
+            assert pool is not None
+            kwargs = {**pool.connection_kwargs, "decode_responses": True}
+            client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+            broker = Broker(client, namespace)
+            broker.connect()
+        broker.assume_ready()
+        _BROKERS[(namespace, where)] = broker
     return broker
+
+
+def _rq_pool(connection: redis.Redis | None) -> redis.ConnectionPool:
+    if connection is None:
+        from rq import get_current_job
+
+        job = get_current_job()
+        if job is None:
+            raise ClawqError("no CLAWQ_REDIS_URL and not running inside an RQ job")
+        connection = job.connection
+    return connection.connection_pool
+
+
+def prepare(namespace: str, connection: redis.Redis | None = None, config_version: str | None = None) -> None:
+    """Before a job runs (in a forking worker: before the fork), make its broker, read the config (again when
+    ``config_version``, the version its claim checked, is not the cached one) and import its agent, so that
+    the job, or every work-horse forked after this, finds them ready."""
+    broker = job_broker(namespace, connection)
+    cfg = broker.config() if config_version is None else broker.config_of(config_version)
+    preload_agent(cfg.agent)
 
 
 def _task_doc(broker: Broker, task_id: int, run_id: str) -> dict[str, Any] | None:
@@ -99,27 +133,22 @@ def _wait_until_fenced(broker: Broker, task_id: int, run_id: str, limit_s: float
 
 def run_task(namespace: str, task_id: int, run_id: str) -> dict[str, Any]:
     """Run one claimed task; returns what happened (RQ keeps it as the job result)."""
-    broker = job_broker(namespace)
-    try:
-        return _run(broker, task_id, run_id)
-    finally:
-        broker.close()
+    return _run(job_broker(namespace), task_id, run_id)
 
 
 def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:
     doc = _task_doc(broker, task_id, run_id)
     if doc is None:
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "not the active run"}
-    try:
-        broker.heartbeat(task_id, run_id)  # at once: the job may have waited in the RQ queue
+    waited = time.time() - float(doc["claimed_at"]) if doc["claimed_at"] else None
+    try:  # beat at once (the job may have waited in the RQ queue), with the config version and the stat
+        cfg = broker.start_run(task_id, run_id, waited)
     except RunFenced:
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
-    if doc["claimed_at"]:
-        broker.observe_claim_to_start(time.time() - float(doc["claimed_at"]))
-    cfg = broker.config()
-    ctx = RunContext(task=doc, timeout_s=cfg.agent.timeout_minutes * 60)
-    beat = Heartbeat(broker, task_id, run_id, cfg.watchdog.stale_in_progress_minutes * 60 / 3, ctx.stop)
-    beat.start()
+    stop = threading.Event()
+    beat = Heartbeat(broker, task_id, run_id, cfg.watchdog.stale_in_progress_minutes * 60 / 3, stop)
+    # the lease was just extended: the first beat is an interval away, so the agent starts first
+    ctx = RunContext(task=doc, timeout_s=cfg.agent.timeout_minutes * 60, stop=stop, on_start=beat.start)
     try:
         result = run_agent(cfg.agent, ctx)
     except Stalled:

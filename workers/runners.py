@@ -32,7 +32,7 @@ from broker.config import AgentConfig
 
 from .simulated import Stalled, simulated_result
 
-__all__ = ["RunContext", "Stalled", "agent_env", "run_agent"]
+__all__ = ["RunContext", "Stalled", "agent_env", "preload_agent", "run_agent"]
 
 #: Environment variables never passed to an agent: clawq's own settings and Redis credentials.
 _SECRET_PREFIXES = ("CLAWQ_", "REDIS_", "RQ_")
@@ -49,6 +49,11 @@ class RunContext:
     timeout_s: float
     stop: threading.Event = field(default_factory=threading.Event)
     log: list[str] = field(default_factory=list)  #: the agent's own log lines (tail kept in history)
+    on_start: Callable[[], None] | None = None  #: called once the agent runs (the job starts its heartbeats)
+
+    def started(self) -> None:
+        if self.on_start is not None:
+            self.on_start()
 
 
 def agent_env(task: dict[str, Any], base: dict[str, str] | None = None) -> dict[str, str]:
@@ -136,6 +141,7 @@ def run_command(argv: list[str], ctx: RunContext) -> AgentResult | None:
     threads.append(threading.Thread(target=_feed, args=(proc.stdin, json.dumps(ctx.task).encode()), daemon=True))
     for t in threads:
         t.start()
+    ctx.started()
     try:
         ended = _wait(proc, ctx)
     finally:
@@ -178,6 +184,7 @@ def run_python(spec: str, ctx: RunContext) -> AgentResult | None:
 
     thread = threading.Thread(target=target, daemon=True, name="clawq-python-agent")
     thread.start()
+    ctx.started()
     deadline = time.monotonic() + ctx.timeout_s
     while True:
         thread.join(timeout=_POLL_S)  # returns as soon as the agent returns
@@ -202,6 +209,14 @@ def _python_result(value: Any, expect: tuple[int, str]) -> AgentResult:
     return Failed(error=f"bad agent output: the callable returned {type(value).__name__}", cause="bad_output")
 
 
+def preload_agent(agent: AgentConfig) -> None:
+    """Import a python agent's module now (in a forking worker: once, before the forks), if it imports; a
+    failing import is reported by the run that calls it."""
+    if agent.runner == "python" and agent.callable:
+        with contextlib.suppress(Exception):
+            importlib.import_module(agent.callable.partition(":")[0])
+
+
 def run_agent(agent: AgentConfig, ctx: RunContext) -> AgentResult | None:
     """Run the configured agent for ``ctx.task``; ``None`` when stopped (lease lost)."""
     if agent.runner == "command":
@@ -211,4 +226,5 @@ def run_agent(agent: AgentConfig, ctx: RunContext) -> AgentResult | None:
     if agent.runner == "python":
         assert agent.callable is not None
         return run_python(agent.callable, ctx)
+    ctx.started()
     return simulated_result(agent.simulated, ctx.task, ctx.stop, ctx.timeout_s)

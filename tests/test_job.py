@@ -1,0 +1,408 @@
+"""The agent job's fast path: one broker per worker process, one round trip to start a run, no seeding.
+
+Round trips are counted on the private server (INFO commandstats), not timed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.connection import AbstractConnection
+from rq import Queue
+from rq.job import Job
+
+from broker import Broker, Outcome, RunFenced, TaskStatus
+from broker.agent_output import Done
+from broker.config import AgentConfig, Config
+from broker.connection import client_from_url, rq_connection
+from broker.scripts import load_specs
+from broker.stats import bucket_field
+from workers import job as job_mod
+from workers import rq_glue
+from workers.job import job_broker, prepare, run_task
+from workers.rq_glue import ClawqSimpleWorker, rq_enqueuer
+from workers.runners import RunContext, preload_agent, run_agent
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(callable_: str = "agents.py_agent:done", **agent: Any) -> Config:
+    return Config.model_validate({"night_mode": None, "notify": {"log": False},
+                                  "agent": {"runner": "python", "callable": callable_, **agent}})
+
+
+@pytest.fixture
+def jobs(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[tuple[str, object], Broker]]:
+    """Jobs find Redis through CLAWQ_REDIS_URL and keep their brokers in a cache private to the test."""
+    cache: dict[tuple[str, object], Broker] = {}
+    monkeypatch.setenv("CLAWQ_REDIS_URL", redis_url)
+    monkeypatch.setattr(job_mod, "_BROKERS", cache)
+    try:
+        yield cache
+    finally:
+        for b in cache.values():
+            b.close()
+
+
+def counted(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[Any]:
+    """Record the first argument (``self`` of a method) of every call of ``owner.name`` (still calling it)."""
+    calls: list[Any] = []
+    real: Callable[..., Any] = getattr(owner, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+def commands(r: redis.Redis) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT (commands run by scripts included)."""
+    stats: dict[str, Any] = r.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def reset_stats(r: redis.Redis) -> None:
+    """Load every script (none is answered NOSCRIPT and sent again), then zero the command counts."""
+    for spec in load_specs().values():
+        r.script_load(spec.source)
+    r.config_resetstat()
+
+
+def claimed(broker: Broker, board: str = "web") -> tuple[int, str]:
+    tid = broker.add(board, "t", chain="coding")
+    claim = broker.claim()
+    assert claim.task_id == tid
+    return tid, claim.run_id
+
+
+def test_a_job_never_seeds_the_namespace(broker: Broker, r: redis.Redis, jobs: Any,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config())
+    tid, run_id = claimed(broker)
+    stored = counted(monkeypatch, Broker, "_store_config")
+    reset_stats(r)
+    out = run_task(broker.namespace, tid, run_id)
+    assert out["reported"] and out["result"] == "completed"
+    sent = commands(r)
+    assert stored == [] and "hsetnx" not in sent
+    assert sent["evalsha"] == 2  # start_run's heartbeat and complete_run: no load_config
+
+
+def test_later_jobs_of_a_process_reuse_its_broker_and_start_in_two_round_trips(
+        broker: Broker, r: redis.Redis, jobs: dict[tuple[str, object], Broker],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config())
+    made = counted(monkeypatch, Broker, "from_url")
+    first, second = claimed(broker, "a"), claimed(broker, "b")
+    assert run_task(broker.namespace, *first)["reported"]
+    reset_stats(r)
+    assert run_task(broker.namespace, *second)["reported"]
+    sent = commands(r)
+    assert len(made) == 1 and len(jobs) == 1
+    assert sent["exec"] == 2 and sent["evalsha"] == 2  # get_task, start_run (MULTIs); complete_run
+    assert not {"hello", "get", "hsetnx"} & set(sent)  # no handshake, no config read, no seeding
+    assert broker.get_task(second[0]).status is TaskStatus.IN_REVIEW
+
+
+def test_the_config_is_read_again_only_when_its_version_changes(broker: Broker, jobs: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config())
+    calls = counted(monkeypatch, Broker, "_reload_config")
+
+    def reads() -> int:  # by the job's broker, not the test's
+        return sum(1 for b in calls if b is not broker)
+
+    assert run_task(broker.namespace, *claimed(broker, "a"))["result"] == "completed"
+    assert run_task(broker.namespace, *claimed(broker, "b"))["result"] == "completed"
+    assert reads() == 1
+    broker.load_config(config("agents.py_agent:follow_up"))
+    assert run_task(broker.namespace, *claimed(broker, "c"))["result"] == "follow_up"
+    assert reads() == 2
+
+
+def _steal(broker: Broker, clock: Any, tid: int) -> str:
+    """Let the run's lease expire, reap it and claim the task again: returns the new run id."""
+    wd = broker.config().watchdog
+    clock.advance((wd.stale_in_progress_minutes + wd.heartbeat_grace_minutes) * 60 + 1)
+    assert broker.reap() == [tid]
+    return broker.claim().run_id
+
+
+def test_a_job_of_a_replaced_run_does_nothing(broker: Broker, clock: Any, jobs: Any) -> None:
+    broker.load_config(config())
+    tid, old = claimed(broker)
+    new = _steal(broker, clock, tid)
+    assert run_task(broker.namespace, tid, old) == {
+        "task_id": tid, "run_id": old, "reported": False, "why": "not the active run"}
+    task = broker.get_task(tid)
+    assert task.status is TaskStatus.IN_PROGRESS and task.run_id == new
+
+
+def test_a_run_fenced_between_its_read_and_its_start_does_not_run(broker: Broker, clock: Any, jobs: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config())
+    tid, run_id = claimed(broker)
+    read = job_mod._task_doc
+    new: list[str] = []
+
+    def read_then_lose_the_lease(b: Broker, task_id: int, rid: str) -> Any:
+        doc = read(b, task_id, rid)
+        new.append(_steal(broker, clock, tid))
+        return doc
+
+    monkeypatch.setattr(job_mod, "_task_doc", read_then_lose_the_lease)
+    ran = counted(monkeypatch, job_mod, "run_agent")
+    assert run_task(broker.namespace, tid, run_id)["why"] == "fenced"
+    assert ran == []
+    assert broker.get_task(tid).run_id == new[0]
+
+
+def test_a_run_that_lost_its_lease_while_running_cannot_report(broker: Broker, clock: Any, jobs: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config())
+    tid, run_id = claimed(broker)
+    new: list[str] = []
+
+    def agent_outlives_its_lease(agent: Any, ctx: Any) -> Done:
+        new.append(_steal(broker, clock, tid))
+        return Done(Outcome(needs_follow_up=False, summary="too late"))
+
+    monkeypatch.setattr(job_mod, "run_agent", agent_outlives_its_lease)
+    assert run_task(broker.namespace, tid, run_id) == {
+        "task_id": tid, "run_id": run_id, "reported": False, "why": "fenced"}
+    task = broker.get_task(tid)
+    assert task.status is TaskStatus.IN_PROGRESS and task.run_id == new[0] and task.run_count == 0
+
+
+def test_the_heartbeat_fences_a_running_agent_and_nothing_is_reported(broker: Broker, clock: Any, jobs: Any) -> None:
+    from agents import py_agent
+
+    broker.load_config(Config.model_validate({
+        "night_mode": None, "notify": {"log": False}, "watchdog": {"stale_in_progress_minutes": 0.003},
+        "agent": {"runner": "python", "callable": "agents.py_agent:blocks"}}))
+    tid, run_id = claimed(broker)
+    out: list[dict[str, Any]] = []
+    py_agent.RELEASE.clear()
+    job = threading.Thread(target=lambda: out.append(run_task(broker.namespace, tid, run_id)), daemon=True)
+    try:
+        job.start()
+        assert eventually(lambda: any(t.name == f"clawq-heartbeat-{tid}" for t in threading.enumerate()))
+        new = _steal(broker, clock, tid)  # the agent is running (its heartbeats start after it)
+        job.join(timeout=20)
+    finally:
+        py_agent.RELEASE.set()
+    assert out == [{"task_id": tid, "run_id": run_id, "reported": False, "why": "fenced"}]
+    task = broker.get_task(tid)
+    assert task.status is TaskStatus.IN_PROGRESS and task.run_id == new and task.run_count == 0
+
+
+@pytest.mark.parametrize("runner", ["python", "command", "simulated"])
+def test_a_runner_says_when_its_agent_runs(runner: str) -> None:
+    agent = AgentConfig.model_validate({
+        "runner": runner, "callable": "agents.py_agent:done",
+        "command": [sys.executable, "-c", 'print(\'{"status": "done", "summary": "ok"}\')'],
+    })
+    calls: list[int] = []
+    doc = {"task_id": 1, "run_id": str(uuid.uuid4()), "model": "m", "provider": "p", "board": "b", "run_count": 1,
+           "title": "t", "prompt": "", "attempt": 1, "context": []}
+    result = run_agent(agent, RunContext(task=doc, timeout_s=30, on_start=lambda: calls.append(1)))
+    assert isinstance(result, Done) and calls == [1]
+
+
+def test_start_run_beats_records_the_wait_and_returns_the_config(broker: Broker, r: redis.Redis,
+                                                                  clock: Any) -> None:
+    broker.load_config(config(timeout_minutes=7))
+    tid, run_id = claimed(broker)
+    clock.advance(300)
+    r.script_flush()  # a restarted server: the heartbeat falls back to the wrapper, which loads the script
+    cfg = broker.start_run(tid, run_id, 0.02)
+    assert cfg.agent.timeout_minutes == 7
+    stats = {str(k, "utf-8"): str(v, "utf-8") for k, v in r.hgetall(broker.keys.stats_claim_to_start).items()}
+    assert stats["count"] == "1" and stats[bucket_field(0.025)] == "1"
+    lease_ms = (clock.t + broker.config().watchdog.stale_in_progress_minutes * 60) * 1000
+    assert r.zscore(broker.keys.running, str(tid)) == lease_ms  # the beat extended the lease from now
+    with pytest.raises(RunFenced):
+        broker.start_run(tid, str(uuid.uuid4()))
+
+
+def test_start_run_on_a_cluster_beats_on_its_own() -> None:
+    import test_cluster  # its Cluster: three cluster-enabled servers (skipped without the system redis-cli)
+
+    if test_cluster._CLI is None or not os.access(test_cluster._CLI, os.X_OK):
+        pytest.skip("needs the system redis-server and redis-cli")
+    cluster = test_cluster.Cluster().start()
+    try:
+        b = Broker.from_url(cluster.url, "jobs", lean=True)
+        tid, run_id = claimed(b)
+        for node in cluster.nodes:
+            with node.client() as client:
+                client.script_flush()
+        assert b.start_run(tid, run_id, 0.2) == b.config()
+        assert b.client.hget(b.keys.stats_claim_to_start, "count") == "1"
+        with pytest.raises(RunFenced):
+            b.start_run(tid, str(uuid.uuid4()))
+        b.close()
+    finally:
+        cluster.stop()
+
+
+def test_a_job_through_sentinel_runs_on_a_lean_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    import test_sentinel  # its SentinelSetup: a primary, a replica and one Sentinel
+
+    if test_sentinel._BINARY is None:
+        pytest.skip("needs the system redis-server")
+    setup = test_sentinel.SentinelSetup().start()
+    monkeypatch.setenv("CLAWQ_REDIS_URL", setup.url)
+    monkeypatch.setattr(job_mod, "_BROKERS", {})
+    admin = Broker.from_url(setup.url, "jobs")
+    try:
+        admin.load_config(config())
+        tid, run_id = claimed(admin)
+        assert run_task("jobs", tid, run_id)["result"] == "completed"
+        assert job_broker("jobs").client.connection_pool.connection_kwargs["protocol"] == 2
+    finally:
+        for b in (admin, *job_mod._BROKERS.values()):
+            b.close()
+        setup.stop()
+
+
+def test_a_simple_worker_runs_every_job_on_one_broker(broker: Broker, redis_url: str, jobs: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config())
+    made = counted(monkeypatch, Broker, "from_url")
+    conn = rq_connection(redis_url, lean=True)
+    try:
+        enqueue = rq_enqueuer(broker, conn)
+        ids = [broker.add(b, "t", chain="coding") for b in ("a", "b", "c")]
+        for _ in ids:
+            enqueue(broker.claim())
+        queue = Queue(broker.config().agent.queue, connection=conn)
+        ClawqSimpleWorker([queue], connection=conn).work(burst=True)
+    finally:
+        conn.close()
+    assert [broker.get_task(t).status for t in ids] == [TaskStatus.IN_REVIEW] * 3
+    assert len(made) == 1
+
+
+def unimport(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Make ``name`` look never imported, until the test ends (then the same module object is back)."""
+    package, _, leaf = name.rpartition(".")
+    monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(sys.modules[package], leaf)
+
+
+def test_a_worker_prepares_a_job_before_running_it(broker: Broker, redis_url: str, jobs: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config("agents.py_agent:done"))
+    unimport(monkeypatch, "agents.py_agent")
+    conn = rq_connection(redis_url, lean=True)
+    try:
+        claim = broker.claim() if broker.add("web", "t", chain="coding") else None
+        assert claim is not None
+        rq_enqueuer(broker, conn)(claim)
+        rq_glue._prepare(Job.fetch(claim.run_id, connection=conn))
+    finally:
+        conn.close()
+    prepared = job_broker(broker.namespace)
+    assert prepared.config_version == broker.config_version
+    assert "agents.py_agent" in sys.modules
+
+
+def test_prepare_reads_the_config_again_for_a_newer_claim(broker: Broker, jobs: Any) -> None:
+    broker.load_config(config(timeout_minutes=5))
+    prepare(broker.namespace)
+    broker.load_config(config(timeout_minutes=9))
+    broker.config()
+    prepare(broker.namespace, config_version=broker.config_version)
+    assert job_broker(broker.namespace).config().agent.timeout_minutes == 9
+
+
+def test_without_a_url_a_job_broker_per_rq_connection(broker: Broker, redis_url: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CLAWQ_REDIS_URL", raising=False)
+    monkeypatch.setattr(job_mod, "_BROKERS", {})
+    one, two = redis.Redis.from_url(redis_url), redis.Redis.from_url(redis_url)
+    try:
+        a = job_broker(broker.namespace, one)
+        assert job_broker(broker.namespace, one) is a
+        assert job_broker(broker.namespace, two) is not a
+        assert a.client.ping()
+    finally:
+        for b in job_mod._BROKERS.values():
+            b.close()
+        one.close()
+        two.close()
+
+
+def test_preload_imports_a_python_agent_and_ignores_a_bad_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    unimport(monkeypatch, "agents.py_agent")
+    preload_agent(config("agents.py_agent:done").agent)
+    assert "agents.py_agent" in sys.modules
+    preload_agent(config("agents.no_such_module:run").agent)  # the run reports it, not the worker
+
+
+def sent_on_connect(client: Any) -> list[bytes]:
+    """The commands a client's first PING sends: its handshake, then PING."""
+    sent: list[bytes] = []
+    real = AbstractConnection.send_command
+
+    def spy(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(b" ".join(a if isinstance(a, bytes) else str(a).encode() for a in args[:2]).upper())
+        return real(conn, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(AbstractConnection, "send_command", spy)
+        assert client.ping()
+    return sent
+
+
+def test_a_lean_client_connects_without_a_handshake(redis_url: str) -> None:
+    lean, full = client_from_url(redis_url, lean=True), client_from_url(redis_url)
+    try:
+        assert sent_on_connect(lean) == [b"PING"]
+        handshake = sent_on_connect(full)
+        assert b"HELLO 3" in handshake and b"CLIENT SETINFO" in handshake and b"CLIENT MAINT_NOTIFICATIONS" in handshake
+    finally:
+        lean.close()
+        full.close()
+
+
+@pytest.mark.slow
+def test_a_forking_clawq_worker_runs_jobs_with_its_prepared_broker(broker: Broker, redis_url: str) -> None:
+    broker.load_config(config())
+    conn = rq_connection(redis_url)
+    try:
+        enqueue = rq_enqueuer(broker, conn)
+        ids = [broker.add(b, "t", chain="coding") for b in ("a", "b")]
+        claims = [broker.claim() for _ in ids]
+        for c in claims:
+            enqueue(c)
+        subprocess.run([sys.executable, "-m", "cli", "worker", "--burst", "--redis-url", redis_url, "--namespace",
+                        broker.namespace, "--log-level", "WARNING"], cwd=ROOT, check=True, timeout=60,
+                       env={"PYTHONPATH": str(ROOT / "tests"), "PATH": "/usr/bin:/bin"})
+        results = [Job.fetch(c.run_id, connection=conn).return_value() for c in claims]
+    finally:
+        conn.close()
+    assert [res["reported"] for res in results] == [True, True]
+    assert [broker.get_task(t).status for t in ids] == [TaskStatus.IN_REVIEW] * 2
