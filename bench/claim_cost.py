@@ -47,7 +47,6 @@ CLAIM_ANCHORS = (
     ("+ core library (inlined lib/core.lua)", "local K = {cfg_settings"),
     ("+ its own prelude", 'local settings = rcall("HMGET", K.cfg_settings, "version", "lease_ms")'),
     ("+ version check, backoff sweep", "-- Nothing claimable: every waiting board counts once"),
-    ("+ selection", "-- Claim the head of the chosen board."),
 )
 COMPLETE_ANCHORS = (
     ("+ core library (inlined lib/core.lua)", "local K = keys_from(RUN_END_KEYS, 2)"),
@@ -276,7 +275,6 @@ def cost_model(summary: dict[str, float], claim_rows: list[dict[str, Any]], repl
 
 
 def _print_model(summary: dict[str, float], m: dict[str, float]) -> None:
-    sel = "claim:+ selection"
     print_table("where the µs go: the script vs a replay of its redis.call()s (literal arguments, no logic)",
                 ["part", "µs", "calls"], [
         ["EVALSHA floor (empty script)", summary["empty"], 0],
@@ -289,7 +287,6 @@ def _print_model(summary: dict[str, float], m: dict[str, float]) -> None:
         ["  replay of one complete's calls", summary.get("replay:complete", float("nan")),
          m.get("replay_complete_calls", "")],
         ["  => complete's logic", m.get("complete_logic_usec", float("nan")), ""],
-        ["claim up to + selection, as is", summary.get(sel, float("nan")), summary.get(f"{sel} calls", "")],
         ["floor: the fewest calls a rule-keeping claim makes, no logic", m.get("floor_claim_usec", float("nan")),
          FLOOR_CALLS["claim"]],
         ["floor: the same for a complete", m.get("floor_complete_usec", float("nan")), FLOOR_CALLS["complete"]],

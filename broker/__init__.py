@@ -22,7 +22,7 @@ from .errors import (
     UnknownChain,
 )
 from .keys import Keys
-from .models import Claim, Completion, Outcome, Task, TaskStatus
+from .models import Claim, Completion, Deadlines, Outcome, Task, TaskStatus
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -34,6 +34,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigInUse",
+    "Deadlines",
     "DuplicateTask",
     "InputError",
     "InvalidState",

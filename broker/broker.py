@@ -37,7 +37,7 @@ from .errors import (
     error_for,
 )
 from .keys import BOARD_RE, NAMESPACE_RE, Keys
-from .models import MAX_TEXT_BYTES, Claim, Completion, Outcome, Task, TaskStatus
+from .models import MAX_TEXT_BYTES, Claim, Completion, Deadlines, Outcome, Task, TaskStatus
 from .scripts import Scripts, load_specs
 from .signals import MAX_RESET_SECONDS, SignalClass, parse_signal
 from .stats import observe_claim_to_start, queue_claim_to_start
@@ -52,6 +52,8 @@ REAP_BATCH = 500
 _MAX_TITLE = 1024
 #: Task ids stay below 10**14: Lua prints larger numbers in exponent form (and JSON would lose digits).
 MAX_TASK_ID = 10**14
+#: The most claims one claim_many call makes.
+MAX_CLAIM_BATCH = 64
 #: Task hashes read per pipeline by ``list_tasks``.
 LIST_BATCH = 1000
 #: Root causes that give the run back without using an attempt: the agent runtime, not the task, failed.
@@ -278,23 +280,35 @@ class Broker:
 
     def claim(self) -> Claim:
         """Claim the next task that may run now; raises NothingToClaim with the skip reasons."""
+        return self.claim_many(1)[0][0]
+
+    def claim_many(self, limit: int) -> tuple[list[Claim], dict[str, int]]:
+        """Claim up to ``limit`` tasks in one atomic call, each the next that may run (as :meth:`claim` would
+        give one after another). Returns at least one claim and, when the rules stopped the batch short of
+        ``limit``, the skip reasons of the boards left waiting (as a refused claim gives them); with no claim
+        at all, raises NothingToClaim."""
+        if not 1 <= limit <= MAX_CLAIM_BATCH:
+            raise InputError(f"bad claim batch {limit!r}: 1 to {MAX_CLAIM_BATCH}")
         for _ in range(3):
             now = self.now()
             cap, night = self.config().global_cap_at(now)
-            run_id = str(uuid.uuid4())
-            args: list[str | int | float] = [self._now_arg(), run_id, cap, int(night), self._config_version]
+            run_ids = [str(uuid.uuid4()) for _ in range(limit)]
+            args: list[str | int | float] = [self._now_arg(), run_ids[0], cap, int(night), self._config_version,
+                                             *run_ids[1:]]
             reply = self._call("claim_task", args)
             status = Status(reply[0])
             if status is Status.CONFIG_STALE:
                 self._config = None
                 continue
             if status is Status.NOTHING:
-                pairs = reply[1:]
-                raise NothingToClaim({str(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)})
-            return Claim(
-                task_id=int(reply[1]), board=reply[2], model=reply[3], provider=reply[4], run_id=reply[5],
-                run_count=int(reply[6]), attempt=int(reply[7]), lease_deadline=int(reply[8]) / 1000,
-            )
+                raise NothingToClaim(_skips(reply[1:]))
+            n = int(reply[1])
+            claims = [
+                Claim(task_id=int(r[0]), board=r[1], model=r[2], provider=r[3], run_id=r[4], run_count=int(r[5]),
+                      attempt=int(r[6]), lease_deadline=int(r[7]) / 1000)
+                for r in (reply[i:i + 8] for i in range(2, 2 + 8 * n, 8))
+            ]
+            return claims, _skips(reply[2 + 8 * n:])
         raise ScriptError("the config kept changing during the claim; try again")
 
     def _run_call(self, name: str, task_id: int, run_id: str, args: list[str | int | float]) -> list[Any]:
@@ -619,14 +633,26 @@ class Broker:
 
     def next_deadline(self) -> float | None:
         """The nearest time something becomes due: a lease deadline, a backoff end or a cooldown end."""
+        return self.deadlines().next
+
+    def deadlines(self) -> Deadlines:
+        """Lease, backoff and cooldown ends and the summary lock's time left, in one round trip."""
         with _redis_errors(self._where):
             pipe = self.client.pipeline(transaction=False)
             pipe.zrange(self.keys.running, 0, 0, withscores=True)
             pipe.zrange(self.keys.idx_backoff, 0, 0, withscores=True)
-            lease, backoff = pipe.execute()
-        times = [float(score) / 1000 for rows in (lease, backoff) for _, score in rows]
-        times += [c["until"] for c in self.cooldowns().values()]
-        return min(times) if times else None
+            pipe.hgetall(self.keys.blocked)
+            pipe.pttl(self.keys.summary_lock)
+            lease, backoff, blocked, pttl = pipe.execute()
+        now_ms = self.now() * 1000
+        cooling = [int(str(_text(v)).partition("|")[0]) for f, v in blocked.items() if _str(f).startswith("c:")]
+        ends = [ms for ms in cooling if ms > now_ms]
+        return Deadlines(
+            lease=float(lease[0][1]) / 1000 if lease else None,
+            backoff=float(backoff[0][1]) / 1000 if backoff else None,
+            cooldown=min(ends) / 1000 if ends else None,
+            summary_lock_s=int(pttl) / 1000 if int(pttl) > 0 else None,
+        )
 
     def health(self) -> dict[str, Any]:
         from .health import collect_health
@@ -663,6 +689,11 @@ class Broker:
             if rest.isdigit():
                 ids.add(int(rest))
         return sorted(ids)
+
+
+def _skips(pairs: list[Any]) -> dict[str, int]:
+    """Skip reasons from a script's flat ``reason, count, ...`` reply."""
+    return {str(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)}
 
 
 def _glob_escape(text: str) -> str:

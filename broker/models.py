@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-__all__ = ["Claim", "Completion", "Outcome", "Task", "TaskStatus"]
+__all__ = ["Claim", "Completion", "Deadlines", "Outcome", "Task", "TaskStatus"]
 
 #: Largest prompt, next_prompt or summary accepted, in bytes of UTF-8.
 MAX_TEXT_BYTES = 256 * 1024
@@ -27,6 +27,23 @@ class TaskStatus(enum.StrEnum):
     @property
     def final(self) -> bool:
         return self in (TaskStatus.IN_REVIEW, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+class Deadlines(BaseModel):
+    """What becomes due next, read in one round trip (epoch seconds; None: nothing of that kind)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lease: float | None  #: the earliest lease deadline (the reaper has nothing to do before it)
+    backoff: float | None  #: the earliest end of a failure backoff
+    cooldown: float | None  #: the earliest end of a model cooldown
+    summary_lock_s: float | None  #: how long the periodic summary's lock still holds, None when it is free
+
+    @property
+    def next(self) -> float | None:
+        """The nearest lease deadline, backoff end or cooldown end."""
+        times = [t for t in (self.lease, self.backoff, self.cooldown) if t is not None]
+        return min(times) if times else None
 
 
 class Claim(BaseModel):

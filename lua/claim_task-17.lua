@@ -37,9 +37,13 @@
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] run id (new UUID)  ARGV[4] global cap
   ARGV[5] night (1/0)  ARGV[6] config version the caller computed ARGV[4] from
+  ARGV[7..] more run ids: one claim per run id while the rules allow (a dispatcher claims a batch)
 
   Returns
-    {0, task_id, board, model, provider, run_id, run_count, attempt, lease_deadline_ms}
+    {0, n, task_id, board, model, provider, run_id, run_count, attempt, lease_deadline_ms, ...,
+     reason, count, ...}                     n >= 1 claims of 8 fields each; then, when the rules
+                                             stopped the batch before its last run id, the skip
+                                             reasons of the boards left waiting
     {6, reason, count, reason, count, ...}   nothing claimable (skip reasons by board)
     {7}                                      config changed since the caller read it
 ]]
@@ -53,7 +57,6 @@ local K = {cfg_settings = KEYS[1], cfg_chains = KEYS[2], cfg_model_cap = KEYS[3]
            idx_backoff = KEYS[14], events = KEYS[15], stats_skips = KEYS[16], stats_claims = KEYS[17]}
 local P = ARGV[1]
 local now = clock_ms(ARGV[2])
-local run_id = ARGV[3]
 
 local settings = rcall("HMGET", K.cfg_settings, "version", "lease_ms")
 if settings[1] ~= ARGV[6] then return {7} end
@@ -82,53 +85,77 @@ local function refuse(lines)
   return out
 end
 
--- The front of every ready line, longest waiting first (rule 4).
-local fronts = rcall("ZRANGE", K.ready_fronts, 0, -1)
-if rcall("ZCARD", K.running) >= tonumber(ARGV[4]) then
-  local lines = {}
-  for _, ck in ipairs(fronts) do lines[#lines + 1] = {ck, "global_cap"} end
-  return refuse(lines)
-end
-
--- Model choice (rule 3) lives in lib/core.lua: pick_model, shared with explain_boards. The first
--- line with a usable model has the board that waited longest among those that may run.
-local view = model_view(K)
-local best, blocked_lines = nil, {}
-for _, ck in ipairs(fronts) do
-  local model, provider, reason = pick_model(view, now, ck)
-  if not model then
-    blocked_lines[#blocked_lines + 1] = {ck, reason}
-  else
-    local board = rcall("ZRANGE", ready_key(P, ck), 0, 0)[1]
-    if board then
-      best = {board = board, ck = ck, model = model, provider = provider}
-      break
+-- The ready line whose front board waited longest among the lines with a usable model (rules 3, 4):
+-- its chain key, board, model and provider; else nil and the refused lines. Model choice lives in
+-- lib/core.lua (pick_model, shared with explain_boards).
+local function choose(fronts, view)
+  local refused = {}
+  for _, ck in ipairs(fronts) do
+    local model, provider, reason = pick_model(view, now, ck)
+    if not model then
+      refused[#refused + 1] = {ck, reason}
+    else
+      local board = rcall("ZRANGE", ready_key(P, ck), 0, 0)[1]
+      if board then return {ck = ck, board = board, model = model, provider = provider} end
+      rcall("ZREM", K.ready_fronts, ck)  -- an empty line listed (doctor reports how): skip it
     end
-    rcall("ZREM", K.ready_fronts, ck)  -- an empty line listed (doctor reports how): skip it
   end
+  return nil, refused
 end
-if not best then return refuse(blocked_lines) end
 
--- Claim the head of the chosen board.
-local b, model, provider = best.board, best.model, best.provider
-local id = rcall("ZPOPMIN", queue_key(P, b))[1]
-local tk = task_key(P, id)
-local t = rcall("HMGET", tk, "run_count", "attempts")
-local run_count = num(t[1], 0) + 1
-local attempt = num(t[2], 0) + 1
 local lease_ms = num(settings[2], 1380000)
 local deadline = now + lease_ms
 
-rcall("ZADD", K.running, deadline, id)
-note_inflight(K, "m", model, rcall("HINCRBY", K.inflight_model, model, 1), true)
-note_inflight(K, "p", provider, rcall("HINCRBY", K.inflight_provider, provider, 1), true)
-rcall("HSET", tk, "status", "in_progress", "run_id", run_id, "model", model, "provider", provider,
-      "claimed_at", int(now), "lease_deadline", int(deadline), "backoff_until", "0", "updated_at", int(now))
-rcall("RPUSH", runs_key(P, id), cjson.encode({run_id = run_id, board = b, model = model, provider = provider,
-      run_count = run_count, attempt = attempt, claimed_at = now / 1000, night = ARGV[5] == "1"}))
-rcall("SET", lease_key(P, id), run_id, "PX", lease_ms)
-rcall("INCR", K.stats_claims)
-board_claimed(K, P, b, best.ck, id, now)
-emit(K, now, "claimed", {"task_id", id, "board", b, "model", model, "provider", provider,
-                         "run_id", run_id, "run_count", run_count, "attempt", attempt})
-return {0, tonumber(id), b, model, provider, run_id, run_count, attempt, deadline}
+-- Claim the head of board `best.board` for run `run_id`; its reply fields go on `out`.
+-- Returns whether a model or provider became blocked.
+local function take(best, run_id, out)
+  local b, model, provider = best.board, best.model, best.provider
+  local id = rcall("ZPOPMIN", queue_key(P, b))[1]
+  local tk = task_key(P, id)
+  local t = rcall("HMGET", tk, "run_count", "attempts")
+  local run_count = num(t[1], 0) + 1
+  local attempt = num(t[2], 0) + 1
+  rcall("ZADD", K.running, deadline, id)
+  local blocked_m = note_inflight(K, "m", model, rcall("HINCRBY", K.inflight_model, model, 1), true)
+  local blocked_p = note_inflight(K, "p", provider, rcall("HINCRBY", K.inflight_provider, provider, 1), true)
+  rcall("HSET", tk, "status", "in_progress", "run_id", run_id, "model", model, "provider", provider,
+        "claimed_at", int(now), "lease_deadline", int(deadline), "backoff_until", "0", "updated_at", int(now))
+  rcall("RPUSH", runs_key(P, id), cjson.encode({run_id = run_id, board = b, model = model, provider = provider,
+        run_count = run_count, attempt = attempt, claimed_at = now / 1000, night = ARGV[5] == "1"}))
+  rcall("SET", lease_key(P, id), run_id, "PX", lease_ms)
+  rcall("INCR", K.stats_claims)
+  board_claimed(K, P, b, best.ck, id, now)
+  emit(K, now, "claimed", {"task_id", id, "board", b, "model", model, "provider", provider,
+                           "run_id", run_id, "run_count", run_count, "attempt", attempt})
+  for _, v in ipairs({tonumber(id), b, model, provider, run_id, run_count, attempt, deadline}) do
+    out[#out + 1] = v
+  end
+  return blocked_m or blocked_p
+end
+
+-- One claim per run id, while the global cap and the rules allow. When they stop the batch, the boards
+-- left waiting are counted under their reasons, as a refused claim counts them.
+local cap, running = tonumber(ARGV[4]), rcall("ZCARD", K.running)
+local fronts = rcall("ZRANGE", K.ready_fronts, 0, -1)
+local out, view = {0, 0}, nil
+local function stop(refused)
+  if out[2] == 0 then return refuse(refused) end
+  local skips = refuse(refused)
+  for j = 2, #skips do out[#out + 1] = skips[j] end
+  return out
+end
+for i = 0, #ARGV - 6 do
+  if running >= cap then
+    local lines = {}
+    for _, ck in ipairs(fronts) do lines[#lines + 1] = {ck, "global_cap"} end
+    return stop(lines)
+  end
+  view = view or model_view(K)
+  local best, refused = choose(fronts, view)
+  if not best then return stop(refused) end
+  if take(best, i == 0 and ARGV[3] or ARGV[6 + i], out) then view = nil end
+  out[2] = out[2] + 1
+  running = running + 1
+  if i < #ARGV - 6 then fronts = rcall("ZRANGE", K.ready_fronts, 0, -1) end
+end
+return out

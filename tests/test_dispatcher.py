@@ -167,6 +167,81 @@ def test_step_stops_at_the_global_cap(broker: Broker) -> None:
     assert "global_cap" in d.last_skips
 
 
+def calls_to(obj: Any, name: str, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Record the results of each call of ``obj.name`` (the real method still runs)."""
+    seen: list[Any] = []
+    real = getattr(obj, name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        seen.append(result)
+        return result
+
+    monkeypatch.setattr(obj, name, spy)
+    return seen
+
+
+def test_a_short_batch_ends_the_claims_without_a_refused_claim(broker: Broker,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config(queue={"global_max_concurrent": 30},
+                              limits={"model_max_inflight": {}, "provider_max_inflight": {}}))
+    for i in range(20):
+        broker.add(f"b{i:02d}", "t", chain="bulk")
+    broker.add("b00", "second", chain="bulk")  # waits behind its board's head
+    batches = calls_to(broker, "claim_many", monkeypatch)
+    rec = Recorder()
+    d = Dispatcher(broker, rec, notifiers=Notifiers())
+    assert d.step() == 20
+    assert [len(claims) for claims, _ in batches] == [dispatcher_mod.CLAIM_BATCH, 20 - dispatcher_mod.CLAIM_BATCH]
+    assert [c.board for c in rec.claims] == [f"b{i:02d}" for i in range(20)], "boards in the order they joined"
+    assert d.last_skips == {"board_busy": 1}, "the short batch says why the rest waits"
+
+
+def test_an_enqueue_failure_releases_the_rest_of_its_batch(broker: Broker) -> None:
+    broker.load_config(config())
+    ids = [broker.add(b, "t", chain="coding") for b in ("a", "b", "c")]
+
+    class FailSecond(Recorder):
+        def __call__(self, claim: Claim) -> None:
+            if len(self.claims) == 1:
+                raise RuntimeError("RQ is down")
+            super().__call__(claim)
+
+    rec = FailSecond()
+    assert Dispatcher(broker, rec, notifiers=Notifiers()).step() == 1
+    assert [c.task_id for c in rec.claims] == ids[:1]
+    for tid in ids[1:]:
+        task = broker.get_task(tid)
+        assert task.status is TaskStatus.UP_NEXT and task.attempts == 0 and task.run_id is None
+    assert broker.health()["global"]["in_progress"] == 1
+
+
+def test_reap_runs_only_when_a_lease_may_have_expired(broker: Broker, clock: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config(watchdog={"stale_in_progress_minutes": 1, "heartbeat_grace_minutes": 0}))
+    broker.add("web", "t", chain="coding")
+    reaps = calls_to(broker, "reap", monkeypatch)
+    d = Dispatcher(broker, Recorder(), notifiers=Notifiers())
+    d.step()
+    assert len(reaps) == 1, "a new dispatcher cannot know: it reaps"
+    d.step()
+    clock.advance(30)
+    d.step()
+    assert len(reaps) == 1, "no lease was due"
+    clock.advance(31)
+    d.step()
+    assert reaps[1:] == [[1]], "the lease was due: reaped, and claimed again in the same step"
+
+
+def test_an_open_gate_writes_nothing(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config())
+    deletes = calls_to(broker.client, "delete", monkeypatch)
+    d = Dispatcher(broker, Recorder(), notifiers=Notifiers())
+    for _ in range(3):
+        d.step()
+    assert len(deletes) == 1, "only the first look releases a possible outage lock"
+
+
 def test_step_reaps_expired_leases_first(broker: Broker, clock: Any) -> None:
     broker.load_config(config(watchdog={"stale_in_progress_minutes": 1, "heartbeat_grace_minutes": 0}))
     tid = broker.add("web", "t", chain="coding")

@@ -232,8 +232,23 @@ def test_claim_task_ok_raw_reply(broker: Broker, clock: Clock) -> None:
     run_id = str(uuid.uuid4())
     version = rc(broker).hget(broker.keys.cfg_settings, "version")
     reply = raw(broker, "claim_task", ms(clock()), run_id, 6, 1, version)
-    assert reply == [Status.OK, 1, "web", "glm", "zai", run_id, 1, 1, ms(clock()) + LEASE_MS]
+    assert reply == [Status.OK, 1, 1, "web", "glm", "zai", run_id, 1, 1, ms(clock()) + LEASE_MS]
     assert broker.get_task(1).runs[0]["night"] is True
+
+
+def test_claim_task_ok_batch_raw_reply(broker: Broker, clock: Clock) -> None:
+    """One run id per claim; the batch stops where the rules do, with the skip reasons of who is left."""
+    broker.add("web", "t", model="glm")
+    broker.add("web", "u", model="glm")
+    broker.add("api", "v", model="codex")
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    version = rc(broker).hget(broker.keys.cfg_settings, "version")
+    reply = raw(broker, "claim_task", ms(clock()), ids[0], 6, 0, version, *ids[1:])
+    deadline = ms(clock()) + LEASE_MS
+    assert reply == [Status.OK, 2, 1, "web", "glm", "zai", ids[0], 1, 1, deadline,
+                     3, "api", "codex", "openai", ids[1], 1, 1, deadline, "board_busy", 1]
+    assert {int(x) for x in rc(broker).zrange(broker.keys.running, 0, -1)} == {1, 3}
+    assert rc(broker).hget(broker.keys.stats_skips, "board_busy") == "1"
 
 
 def test_claim_task_nothing_when_empty(broker: Broker, clock: Clock) -> None:

@@ -14,6 +14,7 @@ Time is whole milliseconds in multiples of 500, so ``int(seconds * 1000)`` in th
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections import Counter
@@ -104,7 +105,7 @@ EVENTS = ("lease", "backoff", "cooldown")
 LATE_KINDS = ("complete", "complete", "fail", "heartbeat", "rate_limited", "release")
 
 SETTINGS = settings(
-    max_examples=60,
+    max_examples=int(os.environ.get("CLAWQ_STATEFUL_EXAMPLES", "60")),
     stateful_step_count=40,
     deadline=None,
     database=None,
@@ -374,6 +375,25 @@ class QueueMachine(RuleBasedStateMachine):
                       round(c.lease_deadline * 1000))
         assert got == self.model.claim(self.now, c.run_id)
         return got
+
+    @rule(limit=st.integers(2, 5))
+    def claim_batch(self, limit: int) -> None:
+        """A dispatcher's batch: the same claims as that many single claims, stopping where one is refused."""
+        try:
+            claims, skips = self.broker.claim_many(limit)
+        except NothingToClaim as err:
+            assert self.model.claim(self.now, "-") == Refused(err.skip_reasons)
+            return
+        assert 1 <= len(claims) <= limit
+        for c in claims:
+            self.runs.append((c.task_id, c.run_id))
+            got = Claimed(c.task_id, c.board, c.model, c.provider, c.run_count, c.attempt,
+                          round(c.lease_deadline * 1000))
+            assert got == self.model.claim(self.now, c.run_id)
+        if len(claims) < limit:
+            assert self.model.claim(self.now, "-") == Refused(skips), "a batch stops where a claim is refused"
+        else:
+            assert skips == {}
 
     @rule(follow_up=st.sampled_from((True, True, False)), summary=st.sampled_from(SUMMARIES))
     def work(self, follow_up: bool, summary: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from broker import Broker, Claim, NothingToClaim, RedisUnavailable
+from broker import Broker, Claim, Deadlines, NothingToClaim, RedisUnavailable
 
 from .notify import Notifiers, notifiers_from
 
@@ -32,6 +32,7 @@ _MAX_BLOCK_S = 1.0  #: the longest single wait, so SIGTERM is seen within a seco
 _IDLE_WAKE_S = 60.0  #: with no deadline at all, look again after this long (a safety net, not a tick)
 _GATE_CHECK_S = 3.0  #: the agent health URL is asked at most this often
 _ALERT_TTL_S = 86400
+CLAIM_BATCH = 16  #: claims per claim call; fewer back means nothing more may run now
 
 
 def http_ready(url: str) -> bool:
@@ -52,6 +53,7 @@ class AgentGate:
     probe: Callable[[str], bool] = http_ready
     _last_check: float = 0.0
     _url_ok: bool = True
+    _was_ok: bool | None = None  #: what this dispatcher saw last (None: nothing yet)
 
     def ready(self) -> bool:
         url = self.broker.config().agent.health_url
@@ -64,10 +66,13 @@ class AgentGate:
         return ok
 
     def _transition(self, ok: bool, why: str) -> None:
-        """One notification per outage and one when it ends, whichever dispatcher sees it (the lock key)."""
+        """One notification per outage and one when it ends, whichever dispatcher sees it (the lock key).
+        While the gate stays open, nothing is written: the lock is released by a dispatcher that saw the
+        outage (or that just started, and cannot know)."""
+        was_ok, self._was_ok = self._was_ok, ok
         lock = self.broker.keys.prefix + "lock:outage"
         if ok:
-            if self.broker.client.delete(lock):
+            if was_ok is not True and self.broker.client.delete(lock):
                 self.notifiers.send("agent_ready", "clawq: agent runtime is back, claiming again")
         elif self.broker.client.set(lock, why[:500], nx=True, ex=_ALERT_TTL_S):
             self.notifiers.send("agent_not_ready", f"clawq: agent runtime not ready, claims held ({why})")
@@ -103,6 +108,7 @@ class Dispatcher:
     _cursor: str = ""
     _active: bool = False
     _gate_closed: bool = False
+    _due: Deadlines | None = None  #: read at the end of the last pass
 
     def __post_init__(self) -> None:
         self._own_notifiers = self.notifiers is None
@@ -118,40 +124,66 @@ class Dispatcher:
     # -- one pass --------------------------------------------------------------------------------
     def step(self) -> int:
         """Reap, then claim and enqueue until nothing more can run; returns the number of claims."""
-        for task_id in self.broker.reap():
-            log.info("lease of task %s expired: requeued at its board head", task_id)
+        if self._reap_due():
+            for task_id in self.broker.reap():
+                log.info("lease of task %s expired: requeued at its board head", task_id)
         assert self._gate is not None
         self._gate_closed = not self._gate.ready()
+        made = 0
         if self._gate_closed:
             self.broker.client.hincrby(self.broker.keys.stats_skips, "agent_not_ready", 1)
             self.last_skips = {"agent_not_ready": 1}
-            return 0
-        made = 0
-        while self._claim_one():
-            made += 1
-        self.claims += made
-        self._maybe_summary()
+        else:
+            made = self._claim_all()
+            self.claims += made
+        self._due = self.broker.deadlines()
+        if not self._gate_closed:
+            self._maybe_summary(self._due)
         return made
 
-    def _claim_one(self) -> bool:
-        try:
-            claim = self.broker.claim()
-        except NothingToClaim as refused:
-            self.last_skips = refused.skip_reasons
-            return False
+    def _reap_due(self) -> bool:
+        """Whether a lease may have expired: the earliest one read after the last pass is due (a lease made
+        since then ends a whole lease later, and heartbeats only push leases back)."""
+        due = self._due
+        return due is None or (due.lease is not None and due.lease <= self.broker.now())
+
+    def _claim_all(self) -> int:
+        """Claim in batches and enqueue each claim, until a batch comes back short or an enqueue fails."""
+        made = 0
+        while True:
+            try:
+                claims, skips = self.broker.claim_many(CLAIM_BATCH)
+            except NothingToClaim as refused:
+                self.last_skips = refused.skip_reasons
+                return made
+            if len(claims) < CLAIM_BATCH:
+                self.last_skips = skips
+            for i, claim in enumerate(claims):
+                if not self._enqueue(claim):
+                    for rest in claims[i + 1:]:
+                        self._release(rest, "enqueue skipped: an earlier one of its batch failed")
+                    return made
+                made += 1
+            if len(claims) < CLAIM_BATCH:
+                return made
+
+    def _enqueue(self, claim: Claim) -> bool:
         try:
             self.enqueue(claim)
         except Exception as err:  # any enqueue failure gives the claim back: no leaked counters
             log.error("cannot enqueue task %s: %s; claim released", claim.task_id, err)
-            self.broker.release(claim.task_id, claim.run_id, "released", f"enqueue failed: {err}")
+            self._release(claim, f"enqueue failed: {err}")
             return False
         log.info("task %s (%s) -> %s/%s run %s", claim.task_id, claim.board, claim.model, claim.provider,
                  claim.run_id)
         return True
 
+    def _release(self, claim: Claim, why: str) -> None:
+        self.broker.release(claim.task_id, claim.run_id, "released", why)
+
     # -- notifications ---------------------------------------------------------------------------
-    def _maybe_summary(self) -> None:
-        if self._active and self.broker.client.exists(self.broker.keys.summary_lock):
+    def _maybe_summary(self, due: Deadlines) -> None:
+        if self._active and due.summary_lock_s is not None:
             return  # this interval's summary went out already: skip reading the whole queue
         health = self.broker.health()
         active = health["global"]["in_progress"] > 0 or any(b["queue_depth"] for b in health["boards"].values())
@@ -162,6 +194,7 @@ class Dispatcher:
         if self.broker.client.set(self.broker.keys.summary_lock, "1", nx=True, px=max(1, interval_ms)):
             assert self.notifiers is not None
             self.notifiers.send("summary", summary_line(health, self.last_skips), {"health": health})
+            self._due = due.model_copy(update={"summary_lock_s": interval_ms / 1000})
 
     def _alert(self, event: dict[str, Any]) -> None:
         kind = _alert_kind(event)
@@ -176,14 +209,14 @@ class Dispatcher:
 
     # -- the loop --------------------------------------------------------------------------------
     def _wait_s(self) -> float:
-        """Until the nearest deadline, or the next summary while the queue is active."""
+        """Until the nearest deadline, or the next summary while the queue is active (from the last pass)."""
         waits = [_GATE_CHECK_S if self._gate_closed else _IDLE_WAKE_S]
-        deadline = self.broker.next_deadline()
-        if deadline is not None:
-            waits.append(max(0.0, deadline - self.broker.now()) + 0.001)
-        if self._active:
-            pttl = int(self.broker.client.pttl(self.broker.keys.summary_lock))
-            waits.append(max(pttl, 0) / 1000 + 0.001)
+        due = self._due
+        if due is not None:
+            if (deadline := due.next) is not None:
+                waits.append(max(0.0, deadline - self.broker.now()) + 0.001)
+            if self._active:
+                waits.append((due.summary_lock_s or 0.0) + 0.001)
         return min(waits)
 
     def run(self, stop: threading.Event) -> None:

@@ -75,15 +75,19 @@ end
 local BLOCK_REASON = {m = "model_quota_reached", p = "provider_quota_reached"}
 
 -- inflight:<kind>[name] just moved by one to n (kind m = model, p = provider; up = it grew):
--- block it when it reached its cap, unblock it when it fell below. K needs blocked and the caps.
+-- block it when it reached its cap, unblock it when it fell below (then returns true).
+-- K needs blocked and the caps.
 local function note_inflight(K, kind, name, n, up)
   local cap = tonumber(rcall("HGET", kind == "m" and K.cfg_model_cap or K.cfg_provider_cap, name))
-  if not cap then return end
+  if not cap then return false end
   if up and n >= cap then
     rcall("HSET", K.blocked, kind .. ":" .. name, BLOCK_REASON[kind])
+    return true
   elseif not up and n == cap - 1 then
     rcall("HDEL", K.blocked, kind .. ":" .. name)
+    return true
   end
+  return false
 end
 
 -- The end time of a cooldown value `<until_ms>|<reason>` (0 when malformed).
