@@ -85,11 +85,11 @@ def recording_copy(script: str) -> str:
     """A copy of ``script`` whose redis.call()s are recorded and whose success return gives the record instead.
 
     "" when the script no longer has the lines this relies on (``local rcall = redis.call``, a final
-    ``return {0, ...}``).
+    ``return`` at the start of a line: the success path's).
     """
     source = load_specs()[script].source
     head = "local rcall = redis.call"
-    last = source.rfind("\nreturn {0,")
+    last = source.rfind("\nreturn ")
     if head not in source or last < 0:
         return ""
     end = source.find("\n", last + 1)
