@@ -39,6 +39,7 @@ def test_a_small_chaos_night_loses_nothing_and_runs_nothing_twice(tmp_path: Path
     assert report["ok"], json.dumps(report["violations"], indent=1)
     assert figures["finished"] and figures["lost"] == 0 and figures["duplicates"] == 0
     assert figures["counter_mismatches"] == 0
+    assert figures["doctor_problems"] == 0, report["violations"]["doctor"]
     assert figures["worker_kills"] >= 1 and figures["dispatcher_kills"] >= 1 and figures["kills"] > 0
     assert figures["redis_restarts"] == 1 and figures["outages"] == 1
     assert figures["unexpected_exits"] == 0, report.get("crashes")  # workers survive a Redis restart

@@ -443,6 +443,7 @@ def _verdict(admin: Broker, ids: list[int], agent_log: Path, started: float, fin
     checks = check_all(timeline(admin, tasks, started, finished))
     dup = duplicate_violations(tasks, agent_runs)
     end_counters = counters_snapshot(admin, ids)
+    doctor = admin.doctor()  # every derived key (indexes, model blocks, ready fronts, refs) agrees at the end
     accepted_ids = {r["run_id"] for t in tasks for r in t.runs if r.get("outcome") in ACCEPTED}
     history_ids = {r["run_id"] for t in tasks for r in t.runs}
     # runs the agent finished with an outcome that the broker did not accept (fenced, or its record was lost)
@@ -462,6 +463,7 @@ def _verdict(admin: Broker, ids: list[int], agent_log: Path, started: float, fin
                 + [f"task {tid} is not final" for tid in not_final],
         "duplicates": dup,
         "counters": snapshot_violations + [f"at the end: {x}" for x in end_counters],
+        "doctor": [f"doctor at the end: {p}" for p in doctor["problems"]],
         **{name: checks[name].violations for name in REQUIRED},
     }
     ok = finished_all and not any(violations.values())
@@ -480,6 +482,7 @@ def _verdict(admin: Broker, ids: list[int], agent_log: Path, started: float, fin
         "agent_runs_not_accepted": len(unaccepted), "agent_runs_unknown_to_broker": len(unknown),
         "agent_board_overlaps": len(board_overlaps), "unexpected_exits": len(fleet.crashes),
         "model_peaks": checks["llm_limits_respected"].detail.get("model_peaks", {}),
+        "doctor_problems": len(doctor["problems"]),
     }
     return {"ok": ok, "figures": figures, "violations": {k: v[:50] for k, v in violations.items()},
             "chaos": done, "crashes": fleet.crashes,
@@ -525,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  requeues (timeouts) {f['requeues']}; runs {f['runs']} (agent {f['agent_runs']}, not accepted "
           f"{f['agent_runs_not_accepted']}, unknown to broker {f['agent_runs_unknown_to_broker']})")
     print(f"  lost {f['lost']}; duplicates {f['duplicates']}; counter mismatches {f['counter_mismatches']} "
-          f"over {f['counter_snapshots']} snapshots; statuses {f['statuses']}")
+          f"over {f['counter_snapshots']} snapshots; doctor problems {f['doctor_problems']}; "
+          f"statuses {f['statuses']}")
     for name, v in report["violations"].items():
         for line in v[:10]:
             print(f"  VIOLATION {name}: {line}")
