@@ -334,11 +334,11 @@ class Broker:
             raise error_for(status, task_id, run_id, str(reply[1]))
         return int(reply[1]) / 1000
 
-    def start_run(self, task_id: int, run_id: str, waited_s: float | None = None) -> Config:
-        """Start a claimed run in one round trip (MULTI): beat as :meth:`heartbeat` (raises RunFenced), record
-        ``waited_s`` in the claim-to-start histogram and read the config version; returns the config of that
-        version (the cached one unless the version changed). On a cluster, whose pipelines refuse EVALSHA, the
-        beat is a second round trip."""
+    def start_run(self, task_id: int, run_id: str, waited_s: float | None = None) -> tuple[Task, Config]:
+        """Start a claimed run in one round trip (MULTI): beat as :meth:`heartbeat` (raises RunFenced, or
+        TaskNotFound), record ``waited_s`` in the claim-to-start histogram, read the config version and the
+        task. Returns the task and the config of that version (the cached one unless the version changed). On a
+        cluster, whose pipelines refuse EVALSHA, the beat is a second round trip."""
         _check_task_id(task_id)
         _check_run_id(run_id)
         args: list[str | int | float] = [self.keys.prefix, self._now_arg(), task_id, run_id]
@@ -349,6 +349,7 @@ class Broker:
                 keys = self._scripts.keys_for("heartbeat", task_id=task_id)
                 pipe.evalsha(self._sha("heartbeat"), len(keys), *keys, *args)
             pipe.hget(self.keys.cfg_settings, "version")
+            self._queue_task_reads(pipe, task_id)
             if waited_s is not None:
                 queue_claim_to_start(pipe, self.keys, waited_s)
             replies = pipe.execute(raise_on_error=False)
@@ -359,8 +360,9 @@ class Broker:
             if beat is None or isinstance(beat, Exception):  # a cluster, or NOSCRIPT: the wrapper (re)loads it
                 beat = self._scripts.call("heartbeat", args, task_id=task_id)
         self._beat_deadline([_text(x) for x in beat], task_id, run_id)
-        version = replies[0]
-        return self.config_of("" if version is None else str(_text(version)))
+        version, *reads = replies[:5]
+        task = self._task_from_reads(task_id, *reads)
+        return task, self.config_of("" if version is None else str(_text(version)))
 
     def config_of(self, version: str) -> Config:
         """The config of ``version`` (its ``cfg_settings`` version, "" for none stored): the cached one if it is
@@ -533,11 +535,19 @@ class Broker:
         _check_task_id(task_id)
         with _redis_errors(self._where):
             pipe = self.client.pipeline(transaction=True)
-            pipe.hgetall(self.keys.task(task_id))
-            pipe.lrange(self.keys.context(task_id), 0, -1)
-            pipe.lrange(self.keys.runs(task_id), 0, -1)
-            pipe.hgetall(self.keys.run_log(task_id))
+            self._queue_task_reads(pipe, task_id)
             fields, context, runs, logs = pipe.execute()
+        return self._task_from_reads(task_id, fields, context, runs, logs)
+
+    def _queue_task_reads(self, pipe: Any, task_id: int) -> None:
+        """Add the four reads of a task to ``pipe``: its hash, context, runs and run logs."""
+        pipe.hgetall(self.keys.task(task_id))
+        pipe.lrange(self.keys.context(task_id), 0, -1)
+        pipe.lrange(self.keys.runs(task_id), 0, -1)
+        pipe.hgetall(self.keys.run_log(task_id))
+
+    @staticmethod
+    def _task_from_reads(task_id: int, fields: Any, context: Any, runs: Any, logs: Any) -> Task:
         if not fields:
             raise TaskNotFound(task_id)
         task = _task_from(task_id, _texts(fields), context, runs)

@@ -109,7 +109,7 @@ def test_a_job_never_seeds_the_namespace(broker: Broker, r: redis.Redis, jobs: A
     assert sent["evalsha"] == 2  # start_run's heartbeat and complete_run: no load_config
 
 
-def test_later_jobs_of_a_process_reuse_its_broker_and_start_in_two_round_trips(
+def test_later_jobs_of_a_process_reuse_its_broker_and_make_two_round_trips(
         broker: Broker, r: redis.Redis, jobs: dict[tuple[str, object], Broker],
         monkeypatch: pytest.MonkeyPatch) -> None:
     broker.load_config(config())
@@ -120,7 +120,7 @@ def test_later_jobs_of_a_process_reuse_its_broker_and_start_in_two_round_trips(
     assert run_task(broker.namespace, *second)["reported"]
     sent = commands(r)
     assert len(made) == 1 and len(jobs) == 1
-    assert sent["exec"] == 2 and sent["evalsha"] == 2  # get_task, start_run (MULTIs); complete_run
+    assert sent["exec"] == 1 and sent["evalsha"] == 2  # start_run (a MULTI with the heartbeat); complete_run
     assert not {"hello", "get", "hsetnx"} & set(sent)  # no handshake, no config read, no seeding
     assert broker.get_task(second[0]).status is TaskStatus.IN_REVIEW
 
@@ -159,23 +159,34 @@ def test_a_job_of_a_replaced_run_does_nothing(broker: Broker, clock: Any, jobs: 
     assert task.status is TaskStatus.IN_PROGRESS and task.run_id == new
 
 
-def test_a_run_fenced_between_its_read_and_its_start_does_not_run(broker: Broker, clock: Any, jobs: Any,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_fenced_before_its_start_does_not_run(broker: Broker, clock: Any, jobs: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task is read in the heartbeat's MULTI: a run that lost its lease before its job starts never runs."""
     broker.load_config(config())
     tid, run_id = claimed(broker)
-    read = job_mod._task_doc
-    new: list[str] = []
-
-    def read_then_lose_the_lease(b: Broker, task_id: int, rid: str) -> Any:
-        doc = read(b, task_id, rid)
-        new.append(_steal(broker, clock, tid))
-        return doc
-
-    monkeypatch.setattr(job_mod, "_task_doc", read_then_lose_the_lease)
+    new = _steal(broker, clock, tid)
     ran = counted(monkeypatch, job_mod, "run_agent")
-    assert run_task(broker.namespace, tid, run_id)["why"] == "fenced"
+    assert run_task(broker.namespace, tid, run_id)["why"] == "not the active run"
     assert ran == []
-    assert broker.get_task(tid).run_id == new[0]
+    assert broker.get_task(tid).run_id == new
+
+
+def test_a_job_records_how_long_it_waited_since_its_enqueue(broker: Broker, r: redis.Redis, jobs: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime
+
+    import rq
+
+    broker.load_config(config())
+    tid, run_id = claimed(broker)
+
+    class Job:
+        enqueued_at = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=3)
+
+    monkeypatch.setattr(rq, "get_current_job", lambda: Job())
+    assert run_task(broker.namespace, tid, run_id)["reported"]
+    stats = {str(k, "utf-8"): str(v, "utf-8") for k, v in r.hgetall(broker.keys.stats_claim_to_start).items()}
+    assert stats["count"] == "1" and stats[bucket_field(5.0)] == "1" and 3.0 <= float(stats["sum"]) < 5.0
 
 
 def test_a_run_that_lost_its_lease_while_running_cannot_report(broker: Broker, clock: Any, jobs: Any,
@@ -230,14 +241,15 @@ def test_a_runner_says_when_its_agent_runs(runner: str) -> None:
     assert isinstance(result, Done) and calls == [1]
 
 
-def test_start_run_beats_records_the_wait_and_returns_the_config(broker: Broker, r: redis.Redis,
+def test_start_run_beats_records_the_wait_and_returns_the_task_and_config(broker: Broker, r: redis.Redis,
                                                                   clock: Any) -> None:
     broker.load_config(config(timeout_minutes=7))
     tid, run_id = claimed(broker)
     clock.advance(300)
     r.script_flush()  # a restarted server: the heartbeat falls back to the wrapper, which loads the script
-    cfg = broker.start_run(tid, run_id, 0.02)
+    task, cfg = broker.start_run(tid, run_id, 0.02)
     assert cfg.agent.timeout_minutes == 7
+    assert (task.task_id, task.run_id, task.status) == (tid, run_id, TaskStatus.IN_PROGRESS)
     stats = {str(k, "utf-8"): str(v, "utf-8") for k, v in r.hgetall(broker.keys.stats_claim_to_start).items()}
     assert stats["count"] == "1" and stats[bucket_field(0.025)] == "1"
     lease_ms = (clock.t + broker.config().watchdog.stale_in_progress_minutes * 60) * 1000
@@ -258,7 +270,8 @@ def test_start_run_on_a_cluster_beats_on_its_own() -> None:
         for node in cluster.nodes:
             with node.client() as client:
                 client.script_flush()
-        assert b.start_run(tid, run_id, 0.2) == b.config()
+        task, cfg = b.start_run(tid, run_id, 0.2)
+        assert (task.task_id, task.run_id, cfg) == (tid, run_id, b.config())
         assert b.client.hget(b.keys.stats_claim_to_start, "count") == "1"
         with pytest.raises(RunFenced):
             b.start_run(tid, str(uuid.uuid4()))

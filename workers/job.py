@@ -7,12 +7,13 @@ through the worker's own connection.
 A process keeps one :class:`Broker` per namespace (:func:`job_broker`): a ``SimpleWorker`` reuses it for every
 job, and ``clawq worker`` makes it in the worker before forking (:func:`prepare`), so a work-horse inherits the
 client, the registered scripts, the parsed config and the imported agent, and only opens a new connection
-(a lean one: no handshake). A job then sends three round trips of its own when the agent logs nothing: the task
-read, the start (:meth:`Broker.start_run`: heartbeat, claim-to-start, config version) and the outcome.
+(a lean one: no handshake). A job then sends two round trips of its own when the agent logs nothing: the start
+(:meth:`Broker.start_run`: heartbeat, task, config version, claim-to-start) and the outcome.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
@@ -21,7 +22,7 @@ from typing import Any
 
 import redis
 
-from broker import Broker, ClawqError, RunFenced, TaskStatus
+from broker import Broker, ClawqError, RunFenced, Task, TaskNotFound, TaskStatus
 from broker.agent_output import Failed
 
 from .runners import RunContext, Stalled, preload_agent, run_agent
@@ -106,7 +107,11 @@ def prepare(namespace: str, connection: redis.Redis | None = None, config_versio
 
 
 def _task_doc(broker: Broker, task_id: int, run_id: str) -> dict[str, Any] | None:
-    task = broker.get_task(task_id)
+    return _doc_of(broker.get_task(task_id), run_id)
+
+
+def _doc_of(task: Task, run_id: str) -> dict[str, Any] | None:
+    """What the agent is given of ``task``, when ``run_id`` is its active run; else None."""
     if task.status is not TaskStatus.IN_PROGRESS or task.run_id != run_id:
         return None
     last = task.runs[-1] if task.runs else {}
@@ -117,6 +122,19 @@ def _task_doc(broker: Broker, task_id: int, run_id: str) -> dict[str, Any] | Non
         "run_count": task.run_count + 1, "attempt": attempt, "claim_index": len(task.runs),
         "claimed_at": last.get("claimed_at"), "context": task.context,
     }
+
+
+def _queued_s() -> float | None:
+    """How long the current RQ job waited since it was enqueued, right after its claim (None outside RQ)."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    at = job.enqueued_at if job is not None else None
+    if at is None:
+        return None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=datetime.UTC)
+    return time.time() - at.timestamp()
 
 
 def _wait_until_fenced(broker: Broker, task_id: int, run_id: str, limit_s: float) -> None:
@@ -137,14 +155,13 @@ def run_task(namespace: str, task_id: int, run_id: str) -> dict[str, Any]:
 
 
 def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:
-    doc = _task_doc(broker, task_id, run_id)
-    if doc is None:
+    try:  # beat at once (the job may have waited in the RQ queue), with the task, the config and the stat
+        task, cfg = broker.start_run(task_id, run_id, _queued_s())
+    except (RunFenced, TaskNotFound):
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "not the active run"}
-    waited = time.time() - float(doc["claimed_at"]) if doc["claimed_at"] else None
-    try:  # beat at once (the job may have waited in the RQ queue), with the config version and the stat
-        cfg = broker.start_run(task_id, run_id, waited)
-    except RunFenced:
-        return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
+    doc = _doc_of(task, run_id)
+    if doc is None:  # the beat fences the run already: only a hand-edited task gets here
+        return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "not the active run"}
     stop = threading.Event()
     beat = Heartbeat(broker, task_id, run_id, cfg.watchdog.stale_in_progress_minutes * 60 / 3, stop)
     # the lease was just extended: the first beat is an interval away, so the agent starts first
