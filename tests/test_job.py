@@ -228,17 +228,22 @@ def test_the_heartbeat_fences_a_running_agent_and_nothing_is_reported(broker: Br
     assert task.status is TaskStatus.IN_PROGRESS and task.run_id == new and task.run_count == 0
 
 
-@pytest.mark.parametrize("runner", ["python", "command", "simulated"])
-def test_a_runner_says_when_its_agent_runs(runner: str) -> None:
+@pytest.mark.parametrize(("runner", "slow", "calls"), [
+    ("python", False, []), ("python", True, [1]), ("command", True, [1]),
+    ("simulated", False, [1]),
+])
+def test_a_runner_says_when_its_agent_outlives_its_first_poll(runner: str, slow: bool, calls: list[int]) -> None:
+    """Heartbeats start once the agent has run for a poll: an agent that ends at once needs no heartbeat thread."""
+    code = 'import time; time.sleep(0.3 if SLOW else 0); print(\'{"status": "done", "summary": "ok"}\')'
     agent = AgentConfig.model_validate({
-        "runner": runner, "callable": "agents.py_agent:done",
-        "command": [sys.executable, "-c", 'print(\'{"status": "done", "summary": "ok"}\')'],
+        "runner": runner, "callable": "agents.py_agent:slow_done" if slow else "agents.py_agent:done",
+        "command": [sys.executable, "-S", "-c", code.replace("SLOW", str(slow))],
     })
-    calls: list[int] = []
+    seen: list[int] = []
     doc = {"task_id": 1, "run_id": str(uuid.uuid4()), "model": "m", "provider": "p", "board": "b", "run_count": 1,
            "title": "t", "prompt": "", "attempt": 1, "context": []}
-    result = run_agent(agent, RunContext(task=doc, timeout_s=30, on_start=lambda: calls.append(1)))
-    assert isinstance(result, Done) and calls == [1]
+    result = run_agent(agent, RunContext(task=doc, timeout_s=30, on_start=lambda: seen.append(1)))
+    assert isinstance(result, Done) and seen == calls
 
 
 def test_start_run_beats_records_the_wait_and_returns_the_task_and_config(broker: Broker, r: redis.Redis,

@@ -164,7 +164,7 @@ def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "not the active run"}
     stop = threading.Event()
     beat = Heartbeat(broker, task_id, run_id, cfg.watchdog.stale_in_progress_minutes * 60 / 3, stop)
-    # the lease was just extended: the first beat is an interval away, so the agent starts first
+    # the lease was just extended: heartbeats start once the agent outlives its first poll (RunContext.started)
     ctx = RunContext(task=doc, timeout_s=cfg.agent.timeout_minutes * 60, stop=stop, on_start=beat.start)
     try:
         result = run_agent(cfg.agent, ctx)

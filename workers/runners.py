@@ -49,10 +49,14 @@ class RunContext:
     timeout_s: float
     stop: threading.Event = field(default_factory=threading.Event)
     log: list[str] = field(default_factory=list)  #: the agent's own log lines (tail kept in history)
-    on_start: Callable[[], None] | None = None  #: called once the agent runs (the job starts its heartbeats)
+    #: called once the agent has outlived its first poll (the job starts its heartbeats then: the lease was just
+    #: extended, and an agent that ends at once never needs a heartbeat thread)
+    on_start: Callable[[], None] | None = None
+    _started: bool = False
 
     def started(self) -> None:
-        if self.on_start is not None:
+        if self.on_start is not None and not self._started:
+            self._started = True
             self.on_start()
 
 
@@ -115,7 +119,7 @@ def _wait(proc: subprocess.Popen[bytes], ctx: RunContext) -> str | None:
             proc.wait(timeout=_POLL_S)
             return None
         except subprocess.TimeoutExpired:
-            pass
+            ctx.started()
         if ctx.stop.is_set():
             _kill_group(proc)
             return "stopped"
@@ -141,7 +145,6 @@ def run_command(argv: list[str], ctx: RunContext) -> AgentResult | None:
     threads.append(threading.Thread(target=_feed, args=(proc.stdin, json.dumps(ctx.task).encode()), daemon=True))
     for t in threads:
         t.start()
-    ctx.started()
     try:
         ended = _wait(proc, ctx)
     finally:
@@ -184,12 +187,12 @@ def run_python(spec: str, ctx: RunContext) -> AgentResult | None:
 
     thread = threading.Thread(target=target, daemon=True, name="clawq-python-agent")
     thread.start()
-    ctx.started()
     deadline = time.monotonic() + ctx.timeout_s
     while True:
         thread.join(timeout=_POLL_S)  # returns as soon as the agent returns
         if not thread.is_alive():
             break
+        ctx.started()
         if ctx.stop.is_set():
             return None
         if time.monotonic() > deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from broker import Outcome
@@ -60,3 +61,9 @@ def blocks(task: dict[str, Any]) -> dict[str, Any]:
 
 
 not_callable = 5
+
+
+def slow_done(task: dict[str, Any]) -> dict[str, Any]:
+    """Done after 0.2 s: longer than a runner's first poll."""
+    time.sleep(0.2)
+    return done(task)
