@@ -6,7 +6,7 @@ import pytest
 import redis
 from conftest import FakeClock
 
-from broker import SCHEMA_VERSION, Broker, NothingToClaim, Outcome, SchemaMismatch, TaskStatus, parse_config
+from broker import SCHEMA_VERSION, Broker, InputError, NothingToClaim, Outcome, SchemaMismatch, TaskStatus, parse_config
 
 
 def test_first_change_writes_schema_and_seed_config(broker: Broker) -> None:
@@ -156,3 +156,12 @@ def test_why_waiting_uses_the_claims_rules(broker: Broker, clock: FakeClock) -> 
     assert broker.health()["boards"]["e"]["why_waiting"] == "ready"
     broker.load_config(parse_config({"night_mode": None, "queue": {"global_max_concurrent": 2}}))  # a, b run
     assert broker.health()["boards"]["e"]["why_waiting"] == "global_cap"
+
+
+@pytest.mark.parametrize("limit", [0, -1, 65])
+def test_a_claim_batch_out_of_range_is_refused_and_changes_nothing(broker: Broker, limit: int) -> None:
+    broker.add("web", "t", chain="coding")
+    before = {k: broker.client.dump(k) for k in broker.client.keys("*")}
+    with pytest.raises(InputError, match=r"^bad claim batch .*: 1 to 64$"):
+        broker.claim_many(limit)
+    assert {k: broker.client.dump(k) for k in broker.client.keys("*")} == before
