@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from broker import (
+from clawq.broker import (
     Broker,
     ClawqError,
     NothingToClaim,
@@ -28,7 +28,7 @@ from broker import (
     TaskStatus,
     load_config_file,
 )
-from broker.errors import InputError
+from clawq.broker.errors import InputError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -373,7 +373,7 @@ def top(obj: Ctx, interval: float, once: bool) -> None:
     from rich.console import Console
     from rich.live import Live
 
-    from workers.views import queue_view
+    from clawq.workers.views import queue_view
 
     b = obj.broker()
     console = Console()
@@ -416,7 +416,7 @@ def serve(obj: Ctx, host: str, port: int) -> None:
     import os
 
     try:  # an optional extra: imported by name so the core install never needs it
-        app = importlib.import_module("server.app")
+        app = importlib.import_module("clawq.server.app")
     except ImportError as err:
         raise ClawqError(f'clawq serve needs the server extra: pip install "clawq[server]" ({err})') from None
     app.serve(obj.redis_url, obj.namespace, host=host, port=port, token=os.environ.get("CLAWQ_API_TOKEN") or None)
@@ -481,9 +481,9 @@ def _setup_logging(level: str) -> None:
 @command_options
 def dispatch(obj: Ctx, once: bool, rq_redis_url: str | None, log_level: str) -> None:
     """Claim tasks the moment they may run and hand each to an RQ worker (until SIGTERM)."""
-    from broker.connection import rq_connection
-    from workers.dispatcher import Dispatcher
-    from workers.rq_glue import rq_enqueuer
+    from clawq.broker.connection import rq_connection
+    from clawq.workers.dispatcher import Dispatcher
+    from clawq.workers.rq_glue import rq_enqueuer
 
     _setup_logging(log_level)
     b = obj.broker()
@@ -504,7 +504,6 @@ def dispatch(obj: Ctx, once: bool, rq_redis_url: str | None, log_level: str) -> 
 @cli.command()
 @click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
 @click.option("--name", default=None, help="Worker name (RQ).")
-@click.option("--with-scheduler", is_flag=True, help="Also run RQ's scheduler.")
 @click.option("--simple", is_flag=True, help="Run jobs in the worker process (no fork per job).")
 @click.option("--queue", default=None, help="RQ queue (default: agent.queue from the config).")
 @click.option("--rq-redis-url", envvar="CLAWQ_RQ_REDIS_URL", default=None,
@@ -512,15 +511,15 @@ def dispatch(obj: Ctx, once: bool, rq_redis_url: str | None, log_level: str) -> 
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True)
 @command_options
-def worker(obj: Ctx, burst: bool, name: str | None, with_scheduler: bool, simple: bool, queue: str | None,
+def worker(obj: Ctx, burst: bool, name: str | None, simple: bool, queue: str | None,
            rq_redis_url: str | None, log_level: str) -> None:
     """Run an RQ worker that runs agents for claimed tasks (heartbeats, outcome, report)."""
-    from workers.rq_glue import run_worker
+    from clawq.workers.rq_glue import run_worker
 
     _setup_logging(log_level)
     queue_name = queue or obj.broker().config().agent.queue
     run_worker(obj.redis_url, queue_name, rq_url=rq_redis_url, burst=burst, name=name,
-               with_scheduler=with_scheduler, simple=simple)
+               simple=simple)
 
 
 @cli.command()
@@ -544,8 +543,8 @@ def simulate(tasks: int, boards: int, seed: int, speed: float, workers: int | No
 
     from rich.console import Console
 
-    from workers.simulator import SimOptions, run_simulation
-    from workers.views import LiveView, print_report
+    from clawq.workers.simulator import SimOptions, run_simulation
+    from clawq.workers.views import LiveView, print_report
 
     console = Console(stderr=as_json)
     opts = SimOptions(tasks=tasks, boards=boards, seed=seed, speed=speed, workers=workers,

@@ -8,9 +8,9 @@ from typing import Any
 
 import redis
 
-from broker import Broker, Claim, NothingToClaim, Outcome
-from broker.config import Config
-from broker.scripts import load_specs
+from clawq.broker import Broker, Claim, NothingToClaim, Outcome
+from clawq.broker.config import Config
+from clawq.broker.scripts import load_specs
 
 __all__ = [
     "BIG_CAP",

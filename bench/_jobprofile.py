@@ -96,7 +96,7 @@ class _RoundTrips:
 
 def profile_job(url: str, n: int) -> dict[str, Any]:
     """Per-job wall ms (unprofiled), round trips per job by what they send, and profiled ms per step."""
-    from workers.job import run_task
+    from clawq.workers.job import run_task
 
     os.environ["CLAWQ_REDIS_URL"] = url
     client = redis.Redis.from_url(url, decode_responses=True)

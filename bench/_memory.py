@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from broker import Broker
+from clawq.broker import Broker
 
 __all__ = ["LEFT_OUT", "dict_bucket_bytes", "field_savings", "lp_entry_bytes", "per_task_breakdown", "used_memory"]
 

@@ -45,7 +45,7 @@ class Procs:
 
     def clawq_workers(self, namespace: str, k: int, *, simple: bool, queue: str) -> list[subprocess.Popen[bytes]]:
         extra = ["--simple"] if simple else []
-        procs = [self._spawn([sys.executable, "-m", "cli", "worker", "--redis-url", self.url, "--namespace",
+        procs = [self._spawn([sys.executable, "-m", "clawq.cli", "worker", "--redis-url", self.url, "--namespace",
                               namespace, "--queue", queue, "--log-level", "WARNING", *extra], "clawq-worker")[0]
                  for _ in range(k)]
         self._wait_workers(queue, k)
@@ -59,7 +59,7 @@ class Procs:
         return procs
 
     def dispatcher(self, namespace: str) -> subprocess.Popen[bytes]:
-        proc, log = self._spawn([sys.executable, "-m", "cli", "dispatch", "--redis-url", self.url, "--namespace",
+        proc, log = self._spawn([sys.executable, "-m", "clawq.cli", "dispatch", "--redis-url", self.url, "--namespace",
                                  namespace, "--log-level", "INFO"], "dispatch")
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while b"dispatching namespace" not in log.read_bytes():

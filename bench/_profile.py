@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 
-from broker.scripts import load_specs
+from clawq.broker.scripts import load_specs
 
 from ._common import cmdstats, reset_stats
 

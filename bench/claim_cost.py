@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from broker import Broker, Claim
+from clawq.broker import Broker, Claim
 
 from ._clawq import (
     BIG_CAP,

@@ -23,7 +23,7 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import FinishedJobRegistry
 
-from broker import Broker
+from clawq.broker import Broker
 
 from . import noop_agent
 from ._clawq import bench_config, new_broker

@@ -28,7 +28,7 @@ from typing import Any
 import redis
 from rq.job import Job
 
-from broker import Broker
+from clawq.broker import Broker
 
 from ._clawq import BIG_CAP, bench_config, new_broker
 from ._common import Goal, bench_args, median, percentile, print_table, write_report

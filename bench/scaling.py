@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from broker import Broker, Claim
+from clawq.broker import Broker, Claim
 
 from ._clawq import BIG_CAP, bench_config, claim_batch, claimable_share, complete_all, load_tasks, new_broker, plan
 from ._common import Goal, bench_args, evalsha_cost, median, print_table, reset_stats, write_report

@@ -153,10 +153,10 @@ def _sentinel_client(url: str, decode_responses: bool, lean: bool) -> redis.Redi
         sentinel_kwargs["password"] = opts.pop("sentinel_password")
     if "sentinel_username" in opts:
         sentinel_kwargs["username"] = opts.pop("sentinel_username")
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(
         _hosts(parts.netloc, url), sentinel_kwargs=sentinel_kwargs, **opts
     )
-    master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    master: redis.Redis = sentinel.master_for(
         service, db=db, username=user, password=password, decode_responses=decode_responses,
         ssl=_scheme(url) == "rediss+sentinel", **_handshake(lean),
     )

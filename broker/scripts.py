@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import redis
@@ -48,11 +48,13 @@ class ScriptSpec:
     source: str
 
 
-def _lua_dir() -> Path:
-    installed = Path(str(importlib.resources.files("broker"))) / "lua"  # package data: broker/lua/
-    if installed.is_dir():
-        return installed
-    return Path(__file__).resolve().parent.parent / "lua"  # a source checkout: lua/ beside broker/
+def _lua_dir() -> Traversable:
+    """The Lua files: package data of ``clawq.lua`` (the repository's ``lua/``), installed or editable."""
+    return importlib.resources.files("clawq.lua")
+
+
+def _lua_files(folder: Traversable) -> list[Traversable]:
+    return sorted((f for f in folder.iterdir() if f.name.endswith(".lua")), key=lambda f: f.name)
 
 
 def _run_end_keys(core: str) -> list[str]:
@@ -117,7 +119,7 @@ def _key_names(header: str, numkeys: int, run_end: list[str], fname: str) -> tup
     return names
 
 
-def _spec(path: Path, libs: dict[str, list[_Def]], run_end: list[str]) -> ScriptSpec:
+def _spec(path: Traversable, libs: dict[str, list[_Def]], run_end: list[str]) -> ScriptSpec:
     match = _FILE_RE.match(path.name)
     if not match:
         raise RuntimeError(f"bad script file name {path.name}")
@@ -133,10 +135,10 @@ def _spec(path: Path, libs: dict[str, list[_Def]], run_end: list[str]) -> Script
 def load_specs() -> dict[str, ScriptSpec]:
     """Every script of the package, by name (read once per process)."""
     root = _lua_dir()
-    texts = {p.stem: p.read_text(encoding="utf-8") for p in sorted((root / "lib").glob("*.lua"))}
+    texts = {p.name.removesuffix(".lua"): p.read_text(encoding="utf-8") for p in _lua_files(root / "lib")}
     run_end = _run_end_keys(texts["core"])
     libs = {name: _definitions(text) for name, text in texts.items()}
-    specs = [_spec(p, libs, run_end) for p in sorted(root.glob("*.lua"))]
+    specs = [_spec(p, libs, run_end) for p in _lua_files(root)]
     return {s.name: s for s in specs}
 
 

@@ -32,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker import (
+from clawq.broker import (
     Broker,
     Claim,
     ClawqError,
@@ -47,7 +47,7 @@ from broker import (
     TaskNotFound,
     TaskStatus,
 )
-from broker.broker import MAX_TASK_ID
+from clawq.broker.broker import MAX_TASK_ID
 
 from .auth import BearerAuth
 from .metrics import CONTENT_TYPE, make_registry, render

@@ -17,9 +17,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from broker import Broker
-from broker.broker import redis_errors
-from broker.stats import CLAIM_TO_START_BUCKETS, bucket_field, observe_claim_to_start
+from clawq.broker import Broker
+from clawq.broker.broker import redis_errors
+from clawq.broker.stats import CLAIM_TO_START_BUCKETS, bucket_field, observe_claim_to_start
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

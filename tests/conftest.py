@@ -25,7 +25,7 @@ import pytest
 import redis
 from redis_servers import RedisServer, redis_binaries
 
-from broker import Broker
+from clawq.broker import Broker
 
 REDIS_BINARIES: dict[str, str] = redis_binaries()
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-import cli
-from broker import Broker
+from clawq import cli
+from clawq.broker import Broker
 
 
 def rc(broker: Broker) -> Any:

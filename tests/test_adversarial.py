@@ -16,7 +16,7 @@ import redis
 from conftest import FakeClock as Clock
 from helpers import rc
 
-from broker import (
+from clawq.broker import (
     Broker,
     Claim,
     InputError,
@@ -27,7 +27,7 @@ from broker import (
     TaskStatus,
     UnknownChain,
 )
-from broker.models import MAX_TEXT_BYTES
+from clawq.broker.models import MAX_TEXT_BYTES
 
 LEASE_S = 23 * 60
 DONE = Outcome(summary="done")

@@ -19,9 +19,9 @@ import redis
 from helpers import run_cli as _run_cli
 from test_cli import assert_one_line_error, snapshot
 
-from broker import Broker
-from broker.agent_output import Failed, parse_agent_output
-from server.app import create_app
+from clawq.broker import Broker
+from clawq.broker.agent_output import Failed, parse_agent_output
+from clawq.server.app import create_app
 
 with warnings.catch_warnings():  # newer Starlette asks for httpx2 and warns when it only finds httpx
     warnings.filterwarnings("ignore", message=".*httpx2.*")

@@ -6,7 +6,16 @@ import pytest
 import redis
 from conftest import FakeClock
 
-from broker import SCHEMA_VERSION, Broker, InputError, NothingToClaim, Outcome, SchemaMismatch, TaskStatus, parse_config
+from clawq.broker import (
+    SCHEMA_VERSION,
+    Broker,
+    InputError,
+    NothingToClaim,
+    Outcome,
+    SchemaMismatch,
+    TaskStatus,
+    parse_config,
+)
 
 
 def test_first_change_writes_schema_and_seed_config(broker: Broker) -> None:

@@ -11,8 +11,8 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from broker.config import Config
-from workers.checker import CRITERIA, Check, Run, TaskFinal, Timeline, check_all
+from clawq.broker.config import Config
+from clawq.workers.checker import CRITERIA, Check, Run, TaskFinal, Timeline, check_all
 
 CODING = ("codex", "sonnet")
 PROVIDER = {"codex": "openai", "sonnet": "anthropic", "opus": "anthropic", "gemini3": "google"}

@@ -22,8 +22,8 @@ import pytest
 import redis
 import yaml
 
-import cli
-from broker import Config, Task
+from clawq import cli
+from clawq.broker import Config, Task
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Nothing listens on port 1: every connection is refused at once.
@@ -664,7 +664,7 @@ def _env() -> dict[str, str]:
 
 def clawq(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+        [sys.executable, "-m", "clawq.cli", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
         timeout=60, check=False,
     )
 
@@ -693,7 +693,7 @@ def test_process_exit_codes_and_no_traceback(redis_url: str, r: redis.Redis, nam
 @pytest.fixture
 def follower(redis_url: str, namespace: str) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--redis-url", redis_url, "--namespace", namespace,
+        [sys.executable, "-m", "clawq.cli", "--redis-url", redis_url, "--namespace", namespace,
          "events", "--follow", "--json"],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

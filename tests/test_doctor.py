@@ -14,8 +14,8 @@ import pytest
 import redis
 from test_rules import Clock, check, config, follow, rc
 
-import cli
-from broker import Broker, NothingToClaim, Outcome, TaskStatus
+from clawq import cli
+from clawq.broker import Broker, NothingToClaim, Outcome, TaskStatus
 
 DONE = Outcome(summary="finished")
 

@@ -24,9 +24,9 @@ import pytest
 import redis
 from redis_servers import RedisServer
 
-from broker import Broker, TaskStatus
-from broker.config import Config
-from workers.simulator import descendants
+from clawq.broker import Broker, TaskStatus
+from clawq.broker.config import Config
+from clawq.workers.simulator import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -67,14 +67,14 @@ class Fleet:
         self.env["OPENAI_API_KEY"] = "sk-test-kept"
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cli", *args, "--redis-url", self.url, "--namespace",
+        return subprocess.run([sys.executable, "-m", "clawq.cli", *args, "--redis-url", self.url, "--namespace",
                                self.namespace], cwd=REPO, env=self.env, capture_output=True, text=True,
                               timeout=60, check=False)
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         out = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop_all)
         self._logs.append(out)
-        proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--redis-url", self.url, "--namespace",
+        proc = subprocess.Popen([sys.executable, "-m", "clawq.cli", *args, "--redis-url", self.url, "--namespace",
                                  self.namespace, "--log-level", "INFO"], cwd=REPO, env=self.env, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs[name] = proc

@@ -21,17 +21,17 @@ from redis.connection import AbstractConnection
 from rq import Queue
 from rq.job import Job
 
-from broker import Broker, Outcome, RunFenced, TaskStatus
-from broker.agent_output import Done
-from broker.config import AgentConfig, Config
-from broker.connection import client_from_url, rq_connection
-from broker.scripts import load_specs
-from broker.stats import bucket_field
-from workers import job as job_mod
-from workers import rq_glue
-from workers.job import job_broker, prepare, run_task
-from workers.rq_glue import ClawqSimpleWorker, rq_enqueuer
-from workers.runners import RunContext, preload_agent, run_agent
+from clawq.broker import Broker, Outcome, RunFenced, TaskStatus
+from clawq.broker.agent_output import Done
+from clawq.broker.config import AgentConfig, Config
+from clawq.broker.connection import client_from_url, rq_connection
+from clawq.broker.scripts import load_specs
+from clawq.broker.stats import bucket_field
+from clawq.workers import job as job_mod
+from clawq.workers import rq_glue
+from clawq.workers.job import job_broker, prepare, run_task
+from clawq.workers.rq_glue import ClawqSimpleWorker, rq_enqueuer
+from clawq.workers.runners import RunContext, preload_agent, run_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -416,7 +416,7 @@ def test_a_forking_clawq_worker_runs_jobs_with_its_prepared_broker(broker: Broke
         claims = [broker.claim() for _ in ids]
         for c in claims:
             enqueue(c)
-        subprocess.run([sys.executable, "-m", "cli", "worker", "--burst", "--redis-url", redis_url, "--namespace",
+        subprocess.run([sys.executable, "-m", "clawq.cli", "worker", "--burst", "--redis-url", redis_url, "--namespace",
                         broker.namespace, "--log-level", "WARNING"], cwd=ROOT, check=True, timeout=60,
                        env={"PYTHONPATH": str(ROOT / "tests"), "PATH": "/usr/bin:/bin"})
         results = [Job.fetch(c.run_id, connection=conn).return_value() for c in claims]

@@ -23,9 +23,9 @@ with warnings.catch_warnings():  # newer Starlette asks for httpx2 and warns whe
     warnings.filterwarnings("ignore", message=".*httpx2.*")
     from fastapi.testclient import TestClient
 
-from broker import Broker, InputError, NothingToClaim, Outcome, parse_config
-from server.app import create_app
-from server.metrics import CLAIM_TO_START_BUCKETS, bucket_field, observe_claim_to_start
+from clawq.broker import Broker, InputError, NothingToClaim, Outcome, parse_config
+from clawq.server.app import create_app
+from clawq.server.metrics import CLAIM_TO_START_BUCKETS, bucket_field, observe_claim_to_start
 
 ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from broker import Broker
-from broker.config import Config, NotifyConfig, TelegramConfig, WebhookConfig
-from workers import notify
-from workers.dispatcher import Dispatcher
-from workers.notify import LogNotifier, Notifiers, TelegramNotifier, WebhookNotifier, notifiers_from
+from clawq.broker import Broker
+from clawq.broker.config import Config, NotifyConfig, TelegramConfig, WebhookConfig
+from clawq.workers import notify
+from clawq.workers.dispatcher import Dispatcher
+from clawq.workers.notify import LogNotifier, Notifiers, TelegramNotifier, WebhookNotifier, notifiers_from
 
 TOKEN = "123456:ABC-secret-token"
 

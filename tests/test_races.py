@@ -20,8 +20,8 @@ from typing import Any, Protocol, TypeVar
 import pytest
 import redis
 
-from broker import Broker, Claim, Config, NothingToClaim, Outcome, RunFenced, TaskStatus
-from broker.config import DEFAULT_CONFIG
+from clawq.broker import Broker, Claim, Config, NothingToClaim, Outcome, RunFenced, TaskStatus
+from clawq.broker.config import DEFAULT_CONFIG
 
 T = TypeVar("T")
 LEASE_S = 23 * 60

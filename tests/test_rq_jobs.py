@@ -5,8 +5,8 @@ from __future__ import annotations
 import redis
 from rq import Queue
 
-from broker import Broker
-from workers.rq_glue import rq_enqueuer
+from clawq.broker import Broker
+from clawq.workers.rq_glue import rq_enqueuer
 
 
 def test_agent_job_carries_board_task_model(broker: Broker, redis_url: str) -> None:
@@ -24,7 +24,7 @@ def test_agent_job_carries_board_task_model(broker: Broker, redis_url: str) -> N
                             "model": "codex", "provider": "openai", "run_count": 1, "attempt": 1,
                             "config_version": broker.config_version}
         assert broker.config_version  # the version the claim checked: a worker reads the config again only if newer
-        assert job.func_name == "workers.job.run_task"
+        assert job.func_name == "clawq.workers.job.run_task"
         assert job.args == (broker.namespace, claim.task_id, claim.run_id)
     finally:
         conn.close()

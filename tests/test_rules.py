@@ -17,7 +17,7 @@ import redis
 from conftest import FakeClock as Clock
 from helpers import ms, rc, task_hash_ids
 
-from broker import (
+from clawq.broker import (
     Broker,
     Claim,
     Config,
@@ -30,7 +30,7 @@ from broker import (
     RunFenced,
     TaskStatus,
 )
-from broker.config import DEFAULT_CONFIG
+from clawq.broker.config import DEFAULT_CONFIG
 
 LEASE_S = 23 * 60
 HEARTBEAT_S = 20 * 60

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from agents import py_agent
 
-from broker.agent_output import Done, Failed, RateLimited
-from broker.config import AgentConfig, SimulatedAgentConfig
-from workers.runners import RunContext, Stalled, agent_env, run_agent, run_command
-from workers.simulated import simulated_result
+from clawq.broker.agent_output import Done, Failed, RateLimited
+from clawq.broker.config import AgentConfig, SimulatedAgentConfig
+from clawq.workers.runners import RunContext, Stalled, agent_env, run_agent, run_command
+from clawq.workers.simulated import simulated_result
 
 AGENTS = Path(__file__).parent / "agents"
 PROBE = str(AGENTS / "probe_agent.py")

@@ -15,7 +15,7 @@ import redis
 from conftest import FakeClock as Clock
 from helpers import ms, rc
 
-from broker import (
+from clawq.broker import (
     Broker,
     Config,
     ConfigInUse,
@@ -29,8 +29,8 @@ from broker import (
     TaskStatus,
     UnknownChain,
 )
-from broker.config import DEFAULT_CONFIG
-from broker.errors import Status
+from clawq.broker.config import DEFAULT_CONFIG
+from clawq.broker.errors import Status
 
 LEASE_MS = 23 * 60_000  # stale_in_progress 20 min + grace 3 min
 HEARTBEAT_MS = 20 * 60_000

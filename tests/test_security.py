@@ -29,8 +29,8 @@ from helpers import run_cli as _cli
 from redis_servers import HOST, free_port
 from test_cli import assert_one_line_error
 
-from broker import Broker, Outcome, TaskStatus, parse_config, redact_url
-from workers.runners import RunContext, agent_env, run_agent, run_command
+from clawq.broker import Broker, Outcome, TaskStatus, parse_config, redact_url
+from clawq.workers.runners import RunContext, agent_env, run_agent, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "s3cret-Pw.42"
@@ -89,7 +89,7 @@ class _Server:
 
 
 def _cli_proc(argv: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:
-    proc = subprocess.run([sys.executable, "-m", "cli", *argv], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "clawq.cli", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, check=False, env={**os.environ, **(env or {})})
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -439,7 +439,7 @@ def test_run_never_leaks_password(acl_server: _Server, acl_client: redis.Redis, 
                            ("worker", ["worker", "--log-level", "DEBUG", "--name", f"w-{ns}"])):
             logs[name] = tmp_path / f"{name}.log"
             with logs[name].open("wb") as fh:
-                procs.append(subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env,
+                procs.append(subprocess.Popen([sys.executable, "-m", "clawq.cli", *args], cwd=ROOT, env=env,
                                               stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                               start_new_session=True))
         deadline = time.monotonic() + 60
@@ -483,7 +483,7 @@ def test_run_never_leaks_password(acl_server: _Server, acl_client: redis.Redis, 
 @pytest.mark.timeout(180)
 def test_simulate_report_redacts_password(acl_server: _Server, acl_client: redis.Redis,
                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from workers.simulator import SimOptions, run_simulation
+    from clawq.workers.simulator import SimOptions, run_simulation
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     report = run_simulation(SimOptions(tasks=2, boards=1, seed=3, speed=200.0, time_limit_s=90,
@@ -504,7 +504,7 @@ def test_simulate_report_redacts_password(acl_server: _Server, acl_client: redis
 @pytest.mark.timeout(180)
 def test_simulate_children_argv_has_no_password(acl_server: _Server, acl_client: redis.Redis,
                                                 monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import workers.simulator as sim
+    import clawq.workers.simulator as sim
 
     seen: list[list[str]] = []
     real = subprocess.Popen

@@ -22,9 +22,9 @@ import redis
 from conftest import FakeClock
 from redis_servers import HOST, RedisServer, free_port, redis_binaries
 
-from broker import SCHEMA_VERSION, Broker, NothingToClaim, Outcome, RedisUnavailable, TaskStatus, parse_config
-from broker.connection import client_from_url
-from broker.errors import InputError
+from clawq.broker import SCHEMA_VERSION, Broker, NothingToClaim, Outcome, RedisUnavailable, TaskStatus, parse_config
+from clawq.broker.connection import client_from_url
+from clawq.broker.errors import InputError
 
 _BINARY = redis_binaries().get("redis7")
 pytestmark = pytest.mark.skipif(_BINARY is None, reason="needs the system redis-server")

@@ -21,8 +21,8 @@ with warnings.catch_warnings():  # newer Starlette asks for httpx2 and warns whe
     warnings.filterwarnings("ignore", message=".*httpx2.*")
     from fastapi.testclient import TestClient
 
-from broker import Broker, InputError, RedisUnavailable, TaskStatus, parse_config
-from server.app import SKIP_REASONS_HEADER, create_app, is_loopback, serve
+from clawq.broker import Broker, InputError, RedisUnavailable, TaskStatus, parse_config
+from clawq.server.app import SKIP_REASONS_HEADER, create_app, is_loopback, serve
 
 TOKEN = "s3cret-Token_42"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import signals
-from broker.signals import MAX_RESET_SECONDS, Signal, SignalClass, parse_reset, parse_signal
+from clawq.broker import signals
+from clawq.broker.signals import MAX_RESET_SECONDS, Signal, SignalClass, parse_reset, parse_signal
 
 NOW = 1795651200.0  # 2026-11-26T00:00:00Z
 H = 3600.0

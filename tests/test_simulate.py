@@ -23,9 +23,9 @@ import pytest
 import redis
 from redis_servers import RedisServer
 
-from broker import Broker
-from broker.config import Config
-from workers.simulator import SimOptions, _Redis, build_config, build_plan, run_simulation
+from clawq.broker import Broker
+from clawq.broker.config import Config
+from clawq.workers.simulator import SimOptions, _Redis, build_config, build_plan, run_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = sorted(Config().models)
@@ -232,7 +232,7 @@ def test_cli_simulate_writes_the_report_and_ignores_clawq_redis_url() -> None:
     env = {**os.environ, "CLAWQ_REDIS_URL": "redis://127.0.0.1:1/0", "CLAWQ_NAMESPACE": "not-this-one",
            "TMPDIR": str(scratch)}  # the embedded server's dir and the process logs go there
     proc = subprocess.run(
-        [sys.executable, "-m", "cli", "simulate", "--tasks", "8", "--boards", "2", "--speed", "30",
+        [sys.executable, "-m", "clawq.cli", "simulate", "--tasks", "8", "--boards", "2", "--speed", "30",
          "--report", str(out), "--time-limit", "120"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False,
     )

@@ -52,11 +52,11 @@ from queue_model import (
     Rules,
 )
 
-from broker import Broker
-from broker.config import Config
-from broker.errors import DuplicateTask, InvalidState, NothingToClaim, RunFenced, TaskNotFound
-from broker.keys import Keys
-from broker.models import Outcome
+from clawq.broker import Broker
+from clawq.broker.config import Config
+from clawq.broker.errors import DuplicateTask, InvalidState, NothingToClaim, RunFenced, TaskNotFound
+from clawq.broker.keys import Keys
+from clawq.broker.models import Outcome
 
 BOARDS = ("b0", "b1", "b2", "b3")
 #: Where a task runs: a fallback chain or a pinned model (its chain key). A task pinned to sonnet waits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from workers.rq_glue import _OncePerOutage
+from clawq.workers.rq_glue import _OncePerOutage
 
 
 def _record(message: str) -> logging.LogRecord:

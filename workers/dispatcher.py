@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from broker import Broker, Claim, Deadlines, NothingToClaim, RedisUnavailable
+from clawq.broker import Broker, Claim, Deadlines, NothingToClaim, RedisUnavailable
 
 from .notify import Notifiers, notifiers_from
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import redis
 
-from broker import Broker, ClawqError, RunFenced, Task, TaskNotFound, TaskStatus
-from broker.agent_output import Failed
+from clawq.broker import Broker, ClawqError, RunFenced, Task, TaskNotFound, TaskStatus
+from clawq.broker.agent_output import Failed
 
 from .runners import RunContext, Stalled, preload_agent, run_agent
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from broker.config import NotifyConfig
+from clawq.broker.config import NotifyConfig
 
 __all__ = ["LogNotifier", "Notifier", "Notifiers", "TelegramNotifier", "WebhookNotifier", "notifiers_from"]
 

@@ -11,8 +11,8 @@ import redis
 from rq import Queue, SimpleWorker, Worker
 from rq.job import Job
 
-from broker import Broker, Claim, ClawqError
-from broker.connection import rq_connection
+from clawq.broker import Broker, Claim, ClawqError
+from clawq.broker.connection import rq_connection
 
 from .job import prepare, run_task
 
@@ -107,7 +107,7 @@ class _OncePerOutage(logging.Filter):
 
 
 def run_worker(redis_url: str, queue: str, *, rq_url: str | None = None, burst: bool = False,
-               name: str | None = None, with_scheduler: bool = False, simple: bool = False) -> bool:
+               name: str | None = None, simple: bool = False) -> bool:
     """Run an RQ worker on ``queue``; its jobs find clawq's Redis through CLAWQ_REDIS_URL.
 
     RQ's worker dies when Redis goes away while it watches a job; this loop starts a new one, with
@@ -124,7 +124,7 @@ def run_worker(redis_url: str, queue: str, *, rq_url: str | None = None, burst: 
             if worker is not None:  # the dead worker's registration survives in Redis: clear it first
                 worker.register_death()
             worker = cls([Queue(queue, connection=connection)], connection=connection, name=name)
-            return bool(worker.work(burst=burst, with_scheduler=with_scheduler))
+            return bool(worker.work(burst=burst))
         except (redis.ConnectionError, redis.TimeoutError) as err:
             if not outage:
                 log.error("Redis went away (%s): restarting the worker with backoff", err)

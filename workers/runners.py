@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from broker import Outcome
-from broker.agent_output import AgentResult, Done, Failed, classify_text, parse_agent_output, result_from_doc
-from broker.config import AgentConfig
+from clawq.broker import Outcome
+from clawq.broker.agent_output import AgentResult, Done, Failed, classify_text, parse_agent_output, result_from_doc
+from clawq.broker.config import AgentConfig
 
 from .simulated import Stalled, simulated_result
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from broker import Outcome
-from broker.agent_output import AgentResult, Done, Failed, RateLimited
-from broker.config import SimulatedAgentConfig
-from broker.signals import parse_signal
+from clawq.broker import Outcome
+from clawq.broker.agent_output import AgentResult, Done, Failed, RateLimited
+from clawq.broker.config import SimulatedAgentConfig
+from clawq.broker.signals import parse_signal
 
 __all__ = ["Stalled", "rate_limit_message", "simulated_result"]
 

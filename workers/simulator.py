@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from broker import Broker, Task, TaskStatus, parse_config, redact_url
-from broker.config import Config
+from clawq.broker import Broker, Task, TaskStatus, parse_config, redact_url
+from clawq.broker.config import Config
 
 from .checker import Check, Run, TaskFinal, Timeline, check_all
 
@@ -210,7 +210,7 @@ class Fleet:
 
     def _start(self, name: str, *args: str) -> None:
         # The URL goes through the environment, not argv: a password must not show in `ps`.
-        cmd = [sys.executable, "-m", "cli", "--namespace", self.namespace, *args]
+        cmd = [sys.executable, "-m", "clawq.cli", "--namespace", self.namespace, *args]
         out = (self.logdir / f"{name}.log").open("ab")
         env = {**_child_env(), "CLAWQ_REDIS_URL": self.url}
         self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

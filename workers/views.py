@@ -9,7 +9,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from broker import Broker
+from clawq.broker import Broker
 
 __all__ = ["LiveView", "print_report", "queue_view"]
 

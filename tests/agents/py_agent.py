@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any
 
-from broker import Outcome
+from clawq.broker import Outcome
 
 #: set by the tests to let a blocked callable return (so no thread outlives its test for long)
 RELEASE = threading.Event()

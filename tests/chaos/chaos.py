@@ -42,11 +42,11 @@ from typing import IO, Any
 
 import redis
 
-from broker import Broker, ClawqError, Task
-from broker.config import Config
+from clawq.broker import Broker, ClawqError, Task
+from clawq.broker.config import Config
+from clawq.workers.checker import Run, TaskFinal, Timeline, check_all
+from clawq.workers.simulator import children, descendants
 from tests.redis_servers import RedisServer, redis_binaries
-from workers.checker import Run, TaskFinal, Timeline, check_all
-from workers.simulator import children, descendants
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = str(Path(__file__).resolve().parent / "agent.py")
@@ -103,7 +103,7 @@ class Fleet:
         out = (self.logdir / f"{name}.log").open("wb")
         self.logs.append(out)
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "cli", "--redis-url", self.url, "--namespace", self.namespace, *args,
+            [sys.executable, "-m", "clawq.cli", "--redis-url", self.url, "--namespace", self.namespace, *args,
              "--log-level", "INFO"],
             cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
