@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("claim_cost", "scaling", "e2e", "latency")
+BENCHES = ("claim_cost", "scaling", "e2e", "latency", "bullmq")
 
 
 def _args() -> argparse.Namespace:
