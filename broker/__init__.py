@@ -4,6 +4,7 @@ Every queue rule lives in one atomic Lua script per operation (``lua/``); this p
 over them, shared by the CLI, the workers, the simulator and the HTTP layer.
 """
 
+from .breaker import BreakerState, BreakerStatus
 from .broker import SCHEMA_VERSION, Broker, redact_url
 from .config import DEFAULT_CONFIG, Config, load_config_file, parse_config
 from .errors import (
@@ -27,6 +28,8 @@ from .models import Claim, Completion, Deadlines, Outcome, Task, TaskStatus
 __all__ = [
     "DEFAULT_CONFIG",
     "SCHEMA_VERSION",
+    "BreakerState",
+    "BreakerStatus",
     "Broker",
     "Claim",
     "ClawqError",

@@ -22,6 +22,7 @@ from redis.exceptions import RedisClusterException
 from redis.sentinel import MasterNotFoundError
 
 from .agent_output import AgentResult, Done, RateLimited
+from .breaker import BreakerState, check_open_minutes, state_from
 from .config import DEFAULT_CONFIG, Config, parse_config
 from .connection import Client, client_from_url, client_url
 from .errors import (
@@ -39,7 +40,7 @@ from .errors import (
 from .keys import BOARD_RE, NAMESPACE_RE, Keys
 from .models import MAX_TEXT_BYTES, Claim, Completion, Deadlines, Outcome, Task, TaskStatus
 from .scripts import Scripts, load_specs
-from .signals import MAX_RESET_SECONDS, SignalClass, parse_signal
+from .signals import MAX_RESET_SECONDS, SignalClass, counts_for_breaker, parse_signal
 from .stats import observe_claim_to_start, queue_claim_to_start
 
 __all__ = ["SCHEMA_VERSION", "Broker", "redact_url", "redis_errors"]
@@ -413,7 +414,8 @@ class Broker:
         """
         _check_text("reason", reason, MAX_TEXT_BYTES, required=True)
         cause = cause or root_cause(reason, self.now())
-        reply = self._run_call("fail_run", task_id, run_id, [cause, reason, int(retry)])
+        fault = int(counts_for_breaker(cause))
+        reply = self._run_call("fail_run", task_id, run_id, [cause, reason, int(retry), fault])
         return TaskStatus(reply[1]), int(reply[2])
 
     def rate_limited(
@@ -434,6 +436,7 @@ class Broker:
         now = self.now()
         _check_text("message", message, MAX_TEXT_BYTES)
         signal = parse_signal(message, now) if message else None
+        reset_known = True
         if retry_after is not None:
             if not math.isfinite(retry_after) or retry_after <= 0 or retry_after > MAX_RESET_SECONDS:
                 raise InputError(f"bad retry-after {retry_after}: seconds in (0, {MAX_RESET_SECONDS}]")
@@ -444,11 +447,13 @@ class Broker:
             until = signal.reset_at
         else:
             until = now + self.config().watchdog.rate_limit_cooldown_minutes * 60
+            reset_known = False
         if quota is None:
             quota = signal is not None and signal.klass is SignalClass.QUOTA_REACHED
         klass = "quota_reached" if quota else "rate_limit"
         text = message or f"rate limited for {until - now:.0f}s"
-        reply = self._run_call("rate_limited_run", task_id, run_id, [_ms(until), klass, text])
+        fault = int(counts_for_breaker(klass, reset_known=reset_known))
+        reply = self._run_call("rate_limited_run", task_id, run_id, [_ms(until), klass, text, fault])
         return str(reply[1]), int(reply[2]) / 1000
 
     def report(self, task_id: int, run_id: str, result: AgentResult) -> str:
@@ -529,6 +534,35 @@ class Broker:
                 if until > now:
                     out[model] = {"until": until, "remaining_s": round(until - now, 3), "reason": reason}
         return out
+
+    # -- provider breakers -----------------------------------------------------------------------
+    def breakers(self) -> dict[str, BreakerState]:
+        """Every configured provider's breaker: closed, open or half_open, with its time left."""
+        providers = sorted(set(self.config().models.values()))
+        now = self.now()
+        with _redis_errors(self._where):
+            pipe = self.client.pipeline(transaction=True)
+            for p in providers:
+                pipe.hgetall(self.keys.breaker(p))
+                pipe.zcard(self.keys.breaker_failures(p))
+            rows = pipe.execute()
+        return {p: state_from(p, _texts(rows[2 * i]), int(rows[2 * i + 1]), now) for i, p in enumerate(providers)}
+
+    def open_breaker(self, provider: str, minutes: float) -> BreakerState:
+        """Open ``provider``'s breaker for exactly ``minutes`` (an opening like any other: event provider_open)."""
+        return self._set_breaker(provider, _ms(check_open_minutes(minutes) * 60))
+
+    def close_breaker(self, provider: str) -> BreakerState:
+        """Close ``provider``'s breaker fully at once: its back-off and failure window reset."""
+        return self._set_breaker(provider, 0)
+
+    def _set_breaker(self, provider: str, length_ms: int) -> BreakerState:
+        if provider not in set(self.config().models.values()):
+            raise UnknownChain(f"unknown provider {provider!r}")
+        reply = self._call("set_breaker", [self._now_arg(), provider, max(0, length_ms)], provider=provider)
+        if Status(reply[0]) is not Status.OK:
+            raise UnknownChain(str(reply[1]))
+        return self.breakers()[provider]
 
     # -- reading ---------------------------------------------------------------------------------
     def get_task(self, task_id: int) -> Task:
@@ -655,7 +689,8 @@ class Broker:
             pipe.pttl(self.keys.summary_lock)
             lease, backoff, blocked, pttl = pipe.execute()
         now_ms = self.now() * 1000
-        cooling = [int(str(_text(v)).partition("|")[0]) for f, v in blocked.items() if _str(f).startswith("c:")]
+        cooling = [int(str(_text(v)).partition("|")[0]) for f, v in blocked.items()
+                   if _str(f)[:2] in ("c:", "o:")]
         ends = [ms for ms in cooling if ms > now_ms]
         return Deadlines(
             lease=float(lease[0][1]) / 1000 if lease else None,
@@ -712,9 +747,10 @@ def _glob_escape(text: str) -> str:
 
 
 def root_cause(message: str, now: float) -> str:
-    """The root cause of a failure message: timeout, overloaded, billing, pairing, or failed."""
+    """The root cause of a failure message: timeout, overloaded, unreachable, billing, pairing, or failed."""
     klass = parse_signal(message, now).klass
-    if klass in (SignalClass.TIMEOUT, SignalClass.OVERLOADED, SignalClass.BILLING, SignalClass.PAIRING):
+    if klass in (SignalClass.TIMEOUT, SignalClass.OVERLOADED, SignalClass.BILLING, SignalClass.PAIRING,
+                 SignalClass.UNREACHABLE):
         return str(klass.value)
     return "failed"
 

@@ -113,6 +113,25 @@ def _minutes(hhmm: str) -> int:
     return int(hours) * 60 + int(minutes)
 
 
+class BreakerConfig(_Section):
+    """The provider-wide circuit breaker: ``failures`` qualifying failures of one provider's models within
+    ``window_minutes`` open it for ``cooldown_minutes``; then one probe run may go (half-open). A probe that
+    fails re-opens it for twice as long, up to ``max_cooldown_minutes``; one that succeeds closes it."""
+
+    enabled: bool = True  #: false: failures never open a breaker (an operator still can)
+    failures: int = Field(3, ge=1, le=1000)  #: qualifying failures within the window that open it
+    window_minutes: float = Field(5.0, gt=0, le=MAX_MINUTES)  #: the sliding window they are counted in
+    cooldown_minutes: float = Field(10.0, gt=0, le=MAX_MINUTES)  #: the first opening's length
+    max_cooldown_minutes: float = Field(60.0, gt=0, le=MAX_MINUTES)  #: each re-open doubles it, up to this
+
+    @model_validator(mode="after")
+    def _max_not_below(self) -> BreakerConfig:
+        if self.max_cooldown_minutes < self.cooldown_minutes:
+            raise ValueError(f"max_cooldown_minutes {self.max_cooldown_minutes} is below cooldown_minutes "
+                             f"{self.cooldown_minutes}")
+        return self
+
+
 class FollowupConfig(_Section):
     max_runs: int = Field(5, ge=1, le=1000)  #: a follow-up asked after this many runs goes to in_review instead
 
@@ -201,6 +220,7 @@ class Config(_Section):
     watchdog: WatchdogConfig = WatchdogConfig()
     night_mode: NightModeConfig | None = NightModeConfig()
     followup: FollowupConfig = FollowupConfig()
+    breaker: BreakerConfig = BreakerConfig()
     agent: AgentConfig = AgentConfig()
     notify: NotifyConfig = NotifyConfig()
     models: dict[str, str] = Field(default_factory=_default_models)
@@ -248,6 +268,16 @@ class Config(_Section):
             "cooldown_ms": round(wd.rate_limit_cooldown_minutes * _MS_PER_MINUTE),
             "max_attempts": wd.max_attempts,
             "max_runs": self.followup.max_runs,
+            **self._breaker_settings(),
+        }
+
+    def _breaker_settings(self) -> dict[str, int]:
+        br = self.breaker
+        return {
+            "breaker_failures": br.failures if br.enabled else 0,
+            "breaker_window_ms": round(br.window_minutes * _MS_PER_MINUTE),
+            "breaker_cooldown_ms": max(1, round(br.cooldown_minutes * _MS_PER_MINUTE)),
+            "breaker_max_cooldown_ms": max(1, round(br.max_cooldown_minutes * _MS_PER_MINUTE)),
         }
 
     def providers(self) -> list[str]:

@@ -126,7 +126,8 @@ class Keys:
     @property
     def blocked(self) -> str:
         """HASH: why a model may not take a task, kept as caps are crossed and cooldowns set:
-        ``m:<model>`` / ``p:<provider>`` -> the quota reason, ``c:<model>`` -> ``<until_ms>|<reason>``."""
+        ``m:<model>`` / ``p:<provider>`` -> the quota reason, ``c:<model>`` -> ``<until_ms>|<reason>``,
+        ``o:<provider>`` -> ``<until_ms>|<probe run id>`` while the provider's breaker is not closed."""
         return self._k("blocked")
 
     @property
@@ -255,3 +256,15 @@ class Keys:
     def cooldown(self, model: str) -> str:
         """STRING with TTL: ``<until_ms>|<reason>`` while ``model`` cools down."""
         return self._k("cooldown", model)
+
+    # -- per-provider keys ---------------------------------------------------------------------------
+    def breaker(self, provider: str) -> str:
+        """HASH, present while ``provider``'s breaker is not closed: until (ms; open before it, half-open
+        after it), cooldown_ms (this opening's length), cause, opened_at, and probe / probe_task (the run
+        id and task of the half-open probe while it runs)."""
+        return self._k("breaker", provider)
+
+    def breaker_failures(self, provider: str) -> str:
+        """ZSET with TTL: run id -> time (ms) of each qualifying failure of ``provider`` in the breaker's
+        sliding window, while the breaker is closed."""
+        return self._k("breaker", provider, "failures")

@@ -37,6 +37,7 @@ _NAME_RE = re.compile(r"[A-Za-z_]\w*")
 #: Keys that belong to one task or one model: built with that id / name.
 _TASK_KEYS = frozenset({"task", "runs", "context", "lease"})
 _MODEL_KEYS = frozenset({"cooldown"})
+_PROVIDER_KEYS = frozenset({"breaker", "breaker_failures"})
 
 
 @dataclass(frozen=True)
@@ -142,12 +143,16 @@ def load_specs() -> dict[str, ScriptSpec]:
     return {s.name: s for s in specs}
 
 
-def _key(keys: Keys, name: str, task_id: int | None, model: str | None) -> str:
+def _key(keys: Keys, name: str, task_id: int | None, model: str | None, provider: str | None = None) -> str:
     attr: Any = getattr(keys, name)
     if name in _TASK_KEYS:
         if task_id is None:
             raise ValueError(f"key {name} needs a task id")
         return str(attr(task_id))
+    if name in _PROVIDER_KEYS:
+        if provider is None:
+            raise ValueError(f"key {name} needs a provider")
+        return str(attr(provider))
     if name in _MODEL_KEYS:
         if model is None:
             raise ValueError(f"key {name} needs a model")
@@ -165,9 +170,11 @@ class Scripts:
             name: client.register_script(spec.source) for name, spec in self._specs.items()
         }
 
-    def keys_for(self, name: str, *, task_id: int | None = None, model: str | None = None) -> list[str]:
+    def keys_for(
+        self, name: str, *, task_id: int | None = None, model: str | None = None, provider: str | None = None
+    ) -> list[str]:
         spec = self._specs[name]
-        return [_key(self._keys, n, task_id, model) for n in spec.key_names]
+        return [_key(self._keys, n, task_id, model, provider) for n in spec.key_names]
 
     def call(
         self,
@@ -176,9 +183,10 @@ class Scripts:
         *,
         task_id: int | None = None,
         model: str | None = None,
+        provider: str | None = None,
     ) -> list[Any]:
         """Run script ``name`` (EVALSHA, reloaded on NOSCRIPT) and return its reply as a list."""
-        keys = self.keys_for(name, task_id=task_id, model=model)
+        keys = self.keys_for(name, task_id=task_id, model=model, provider=provider)
         reply: Any = self._scripts[name](keys=keys, args=list(args))
         return [_text(x) for x in reply]
 

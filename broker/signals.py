@@ -46,7 +46,10 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
 
-__all__ = ["MAX_RESET_SECONDS", "TAIL_CHARS", "Signal", "SignalClass", "parse_reset", "parse_signal"]
+__all__ = [
+    "BREAKER_CAUSES", "MAX_RESET_SECONDS", "TAIL_CHARS", "Signal", "SignalClass", "counts_for_breaker", "parse_reset",
+    "parse_signal",
+]
 
 MAX_RESET_SECONDS = 30 * 24 * 3600
 TAIL_CHARS = 64 * 1024
@@ -62,8 +65,23 @@ class SignalClass(str, enum.Enum):  # noqa: UP042 (str mixin: the wire values)
     OVERLOADED = "overloaded"
     BILLING = "billing"
     TIMEOUT = "timeout"
+    UNREACHABLE = "unreachable"  #: the provider could not be reached: connection refused, DNS
     PAIRING = "pairing"
     OTHER = "other"
+
+
+#: Root causes of a failed run that count toward its provider's circuit breaker: the provider, not the task,
+#: failed. A failing test or a lint error (``failed``), bad output, billing or pairing do not count.
+BREAKER_CAUSES = frozenset({SignalClass.OVERLOADED.value, SignalClass.TIMEOUT.value, SignalClass.UNREACHABLE.value})
+
+
+def counts_for_breaker(cause: str, *, reset_known: bool = True) -> bool:
+    """Whether a run that ended with root cause ``cause`` counts toward its provider's breaker: an overload, a
+    timeout, an unreachable provider, or a rate limit whose reset nobody told (``reset_known`` False). A rate
+    limit with a parsed reset cools only its model."""
+    if cause == SignalClass.RATE_LIMIT.value:
+        return not reset_known
+    return cause in BREAKER_CAUSES
 
 
 @dataclass(frozen=True)
@@ -497,6 +515,7 @@ _PRIORITY = (
     SignalClass.OVERLOADED,
     SignalClass.RATE_LIMIT,
     SignalClass.TIMEOUT,
+    SignalClass.UNREACHABLE,
 )
 
 # error ``type`` / ``code`` / ``status`` / ``reason`` values of real providers, lower-cased
@@ -528,6 +547,11 @@ _CODE_CLASSES: dict[str, SignalClass] = {
     "timeout": SignalClass.TIMEOUT,
     "408": SignalClass.TIMEOUT,
     "504": SignalClass.TIMEOUT,
+    "econnrefused": SignalClass.UNREACHABLE,  # Node's error codes
+    "enotfound": SignalClass.UNREACHABLE,
+    "eai_again": SignalClass.UNREACHABLE,
+    "enetunreach": SignalClass.UNREACHABLE,
+    "ehostunreach": SignalClass.UNREACHABLE,
 }
 _CODE_KEYS = frozenset(
     {"type", "code", "status", "reason", "error", "error_code", "errorcode", "status_code", "statuscode"}
@@ -573,6 +597,16 @@ _TEXT_CLASS_RULES: tuple[tuple[SignalClass, re.Pattern[str]], ...] = (
     ),
     # not "keep-alive: timeout=5"
     (SignalClass.TIMEOUT, re.compile(r"timed?[ _-]?outs?(?![a-z=])|etimedout|deadline[ _-]exceeded")),
+    (
+        SignalClass.UNREACHABLE,
+        # as agents print it: curl, Node (ECONNREFUSED, ENOTFOUND, EAI_AGAIN), Python (socket.gaierror), Go
+        re.compile(
+            r"connection refused|econnrefused|enotfound|eai_again|getaddrinfo|could not resolve host"
+            r"|name or service not known|temporary failure in name resolution|no such host"
+            r"|nodename nor servname|network is unreachable|enetunreach|no route to host|ehostunreach"
+            r"|failed to resolve|dns (?:lookup|resolution) failed"
+        ),
+    ),
 )
 _STATUS_RE = re.compile(
     r"(?:\bhttp(?:/[\d.]+)?|\bstatus(?:[ _-]?code)?|\bcode|\berror)[\"']?\s*[:=]?\s*[\"'(]?(\d{3})\b"

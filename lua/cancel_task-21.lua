@@ -1,13 +1,15 @@
 --[[
   cancel_task: move a task to cancelled from wherever it is. A run in progress loses its
-  lease (its later reports are fenced) and its counters are released.
+  lease (its later reports are fenced) and its counters are released; a breaker's probe slot
+  it held is freed.
 
   KEYS[1]  task (task:<id>)   HASH
   KEYS[2..21] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
            cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
            inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
            in_review failed cancelled events errors stats_failures stats_completed
-  Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue, ready:<ck>
+  Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue, ready:<ck>,
+  breaker:<provider>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id
 
@@ -26,6 +28,7 @@ if was == "up_next" then
   rcall("ZREM", queue_key(P, t.board), id)
 elseif was == "in_progress" then
   end_run(K, P, id, t, now, "cancelled", "cancelled")
+  breaker_after(K, P, t, now, "void")
 elseif was == "in_review" then
   rcall("ZREM", K.in_review, id)
 elseif was == "failed" then

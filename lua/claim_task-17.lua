@@ -6,7 +6,9 @@
     2. one task per board, strict head of line: only a board's lowest up_next task_id
        may run; a paused board or a head in failure backoff is not eligible;
     3. model choice: the first model of the head's chain (or its pinned model) that is
-       not cooling down, is under its model cap and whose provider is under its cap;
+       not cooling down, is under its model cap and whose provider is under its cap and
+       whose provider's breaker is closed -- or half-open with no probe out: then this run
+       is the probe, the only run on that provider until it ends;
     4. fairness: among eligible boards, the one longest in its ready line goes first.
   Cost: boards are indexed by the chain key of their head (ready:<ck>); all boards of a
   line share the same model choice, and ready:fronts holds each line's front place, so the
@@ -22,7 +24,7 @@
   KEYS[5]  cfg_model_provider  HASH   model -> provider
   KEYS[6]  inflight_model      HASH   model -> runs in progress
   KEYS[7]  inflight_provider   HASH   provider -> runs in progress
-  KEYS[8]  blocked             HASH   m:<model> / p:<provider> / c:<model> -> why it may not run
+  KEYS[8]  blocked             HASH   m:<model> / p:<provider> / c:<model> / o:<provider> -> why it may not run
   KEYS[9]  running             ZSET   task id -> lease deadline
   KEYS[10] ready_fronts        ZSET   chain key -> place of its ready line's front board
   KEYS[11] ready_seq           STRING round-robin counter
@@ -33,7 +35,7 @@
   KEYS[16] stats_skips         HASH   reason -> total
   KEYS[17] stats_claims        STRING
   Built from ARGV[1]: ready:<ck>, board:<b>, board:<b>:queue, task:<id>, task:<id>:runs,
-  task:<id>:lease
+  task:<id>:lease, breaker:<provider> (the probe of a half-open breaker)
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] run id (new UUID)  ARGV[4] global cap
   ARGV[5] night (1/0)  ARGV[6] config version the caller computed ARGV[4] from
@@ -107,8 +109,8 @@ local lease_ms = num(settings[2], 1380000)
 local deadline = now + lease_ms
 
 -- Claim the head of board `best.board` for run `run_id`; its reply fields go on `out`.
--- Returns whether a model or provider became blocked.
-local function take(best, run_id, out)
+-- Returns whether a model or provider became blocked (a half-open breaker's probe blocks its provider).
+local function take(best, run_id, out, view)
   local b, model, provider = best.board, best.model, best.provider
   local id = rcall("ZPOPMIN", queue_key(P, b))[1]
   local tk = task_key(P, id)
@@ -125,12 +127,14 @@ local function take(best, run_id, out)
   rcall("SET", lease_key(P, id), run_id, "PX", lease_ms)
   rcall("INCR", K.stats_claims)
   board_claimed(K, P, b, best.ck, id, now)
+  local probe = view.blocked["o:" .. provider] ~= nil
+  if probe then breaker_probe(K, P, provider, now, run_id, id) end
   emit(K, now, "claimed", {"task_id", id, "board", b, "model", model, "provider", provider,
                            "run_id", run_id, "run_count", run_count, "attempt", attempt})
   for _, v in ipairs({tonumber(id), b, model, provider, run_id, run_count, attempt, deadline}) do
     out[#out + 1] = v
   end
-  return blocked_m or blocked_p
+  return blocked_m or blocked_p or probe
 end
 
 -- One claim per run id, while the global cap and the rules allow. When they stop the batch, the boards
@@ -153,7 +157,7 @@ for i = 0, #ARGV - 6 do
   view = view or model_view(K)
   local best, refused = choose(fronts, view)
   if not best then return stop(refused) end
-  if take(best, i == 0 and ARGV[3] or ARGV[6 + i], out) then view = nil end
+  if take(best, i == 0 and ARGV[3] or ARGV[6 + i], out, view) then view = nil end
   out[2] = out[2] + 1
   running = running + 1
   if i < #ARGV - 6 then fronts = rcall("ZRANGE", K.ready_fronts, 0, -1) end

@@ -3,6 +3,7 @@
   Follow-up YES: the same task returns to its board (same task_id: the head again) with the
   next prompt and summary appended to its context -- unless it already had max_runs runs,
   then it goes to in_review with a note. NO: in_review. Either way run_count + 1, attempts 0.
+  The provider answered: a breaker's probe that completes closes it (lib/core.lua breaker_after).
   Repeating the outcome of the run that just completed changes nothing and answers 8
   (the task keeps `last_digest` = "<run id>|<digest>" of the last recorded outcome).
 
@@ -12,7 +13,7 @@
            inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
            in_review failed cancelled events errors stats_failures stats_completed
   Built from ARGV[1]: task:<id>:runs, task:<id>:context, task:<id>:lease, board:<b>,
-  board:<b>:queue, board:<b>:done, ready:<ck>
+  board:<b>:queue, board:<b>:done, ready:<ck>, breaker:<provider>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id  ARGV[5] follow up (1/0)
   ARGV[6] next prompt  ARGV[7] summary  ARGV[8] extra outcome fields (JSON object)
@@ -47,6 +48,7 @@ if follow_up and run_count >= max_runs then
 end
 
 end_run(K, P, id, t, now, follow_up and "follow_up" or "done", note)
+breaker_after(K, P, t, now, "ok")
 local entry = cjson.decode(ARGV[8])
 entry.run_id = run_id
 entry.run_count = run_count

@@ -14,7 +14,9 @@
       an extra place is dropped; a place listing a task with no hash is cleaned
     - seq:task is at least every task id; `boards` lists every task's board
     - inflight:model / inflight:provider = in-progress tasks by their model / provider
-    - blocked = what the caps, the (repaired) counters and the cooldown keys imply
+    - a half-open breaker's probe (breaker:<provider> probe) is the active run of its task,
+      else the probe slot is freed (a probe lost without a report would hold its provider)
+    - blocked = what the caps, the (repaired) counters, the cooldown keys and the breakers imply
     - board:<b>.running = the board's in-progress task
     - refs = unfinished (up_next, in_progress) tasks per chain key
     - each board is in exactly the index its state implies (reindex_board's rules; a due
@@ -42,7 +44,8 @@
   KEYS[18] cfg_model_cap       HASH
   KEYS[19] cfg_provider_cap    HASH
   KEYS[20] blocked             HASH
-  Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, ready:<ck>, cooldown:<model>
+  Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, ready:<ck>, cooldown:<model>,
+  breaker:<provider>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] repair (1/0)
   ARGV[4..] the ids of the task hashes (found by SCAN of task:*)
@@ -239,8 +242,28 @@ end
 sync_counts(K.inflight_model, "inflight:model", counts.model)
 sync_counts(K.inflight_provider, "inflight:provider", counts.provider)
 sync_counts(K.refs, "refs", counts.refs)
--- The model blocks follow the counters (repaired above), the caps and the cooldown keys. An ended
--- cooldown still listed blocks nothing, so it is left alone.
+-- A breaker's probe must be a run in progress: one that ended without telling the breaker (a lost
+-- report, a repair) would hold its provider half-open with a probe out for ever.
+local provider_seen = {}
+for _, p in ipairs(rcall("HVALS", K.cfg_model_provider)) do
+  if not provider_seen[p] then
+    provider_seen[p] = true
+    local b = rcall("HMGET", breaker_key(P, p), "probe", "probe_task")
+    if b[1] then
+      local t = rcall("HMGET", task_key(P, b[2] or "0"), "status", "run_id")
+      if t[1] ~= "in_progress" or t[2] ~= b[1] then
+        problem("breaker " .. p .. ": probe run " .. b[1] .. " of task " .. (b[2] or "?") .. " is not running")
+        if repair then
+          rcall("HDEL", breaker_key(P, p), "probe", "probe_task")
+          fix("freed the probe slot of breaker " .. p)
+        end
+      end
+    end
+  end
+end
+
+-- The model blocks follow the counters (repaired above), the caps, the cooldown keys and the breakers.
+-- An ended cooldown still listed blocks nothing, so it is left alone.
 local blocks = derived_blocks(K, P, now)
 for f, v in pairs(hash_table(K.blocked)) do
   if string.sub(f, 1, 2) == "c:" and not blocks[f] and cooldown_end(v) <= now then blocks[f] = v end

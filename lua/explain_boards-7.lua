@@ -16,7 +16,7 @@
   Returns {0, reason, reason, ...}, one per board, each one of:
     idle (nothing queued), running (its task runs, nothing else queued), board_busy,
     board_paused, backoff, global_cap, model_rate_limited, model_quota_reached,
-    provider_quota_reached, ready (it may run: the next claim can take it)
+    provider_quota_reached, provider_open, ready (it may run: the next claim can take it)
 ]]
 local rcall = redis.call
 --- @include "core"

@@ -1,18 +1,22 @@
 --[[
   fail_run: a run failed (fenced by run id). attempts + 1; with retry and attempts below
   max_attempts the task returns to its board head after the failure backoff (the board
-  waits for it); otherwise it is failed for good and the board moves on.
+  waits for it); otherwise it is failed for good and the board moves on. The provider's
+  breaker learns of it (lib/core.lua breaker_after).
 
   KEYS[1]  task (task:<id>)   HASH
   KEYS[2..21] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
            cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
            inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
            in_review failed cancelled events errors stats_failures stats_completed
-  Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue, ready:<ck>
+  Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue, ready:<ck>,
+  breaker:<provider>, breaker:<provider>:failures
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id
   ARGV[5] root cause (failed, timeout, overloaded, billing, ...)  ARGV[6] message
   ARGV[7] retry (1/0)
+  ARGV[8] provider fault (1/0; absent = 0): the failure counts toward the provider's breaker
+          (broker/signals.py decides which causes do); any other failure tells the provider answered
 
   Returns {0, status, attempts} | {1, detail} no such task | {2, detail} fenced
 ]]
@@ -23,5 +27,6 @@ local K = keys_from(RUN_END_KEYS, 2)
 local P, now, id = ARGV[1], clock_ms(ARGV[2]), ARGV[3]
 local t, code, detail = active_run(P, id, ARGV[4])
 if not t then return {code, detail} end
-local status, attempts = fail_run(K, P, id, t, now, ARGV[5], ARGV[6], ARGV[7] == "1", true)
+local status, attempts = fail_run(K, P, id, t, now, ARGV[5], ARGV[6], ARGV[7] == "1", true,
+                                 ARGV[8] == "1" and "fault" or "ok")
 return {0, status, attempts}

@@ -2,7 +2,9 @@
   rate_limited_run: the run's model answered with a rate or usage limit (fenced by run id).
   The model cools down until max(its current cooldown end, ARGV[5]) -- a cooldown never
   shrinks -- and the task returns to its board head at once without using an attempt, so
-  the next claim falls to the next model of its chain.
+  the next claim falls to the next model of its chain. A rate limit with no parsed reset
+  (ARGV[8] = 1) counts toward the provider's breaker (lib/core.lua breaker_after); one with
+  a reset cools only the model and tells the provider answered.
 
   KEYS[1]  task (task:<id>)   HASH
   KEYS[2..21] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
@@ -10,10 +12,11 @@
            inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
            in_review failed cancelled events errors stats_failures stats_completed
   Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue,
-  ready:<ck>, cooldown:<model>
+  ready:<ck>, cooldown:<model>, breaker:<provider>, breaker:<provider>:failures
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id
   ARGV[5] cooldown end (ms)  ARGV[6] class: rate_limit | quota_reached  ARGV[7] message
+  ARGV[8] provider fault (1/0; absent = 0): no reset was parsed, so the limit counts toward the breaker
 
   Returns {0, model, cooldown_end_ms} | {1, detail} no such task | {2, detail} fenced
 ]]
@@ -27,6 +30,7 @@ if not t then return {code, detail} end
 
 local until_ms = cool_model(K, P, t.model, now, tonumber(ARGV[5]), reason, true)
 end_run(K, P, id, t, now, reason, message)
+breaker_after(K, P, t, now, ARGV[8] == "1" and "fault" or "ok", reason)
 rcall("HSET", task_key(P, id), "last_error", message, "last_error_reason", reason)
 record_error(K, now, reason, id, t, message)
 requeue(K, P, id, t, now, 0)

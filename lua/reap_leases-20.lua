@@ -2,13 +2,14 @@
   reap_leases: requeue every in-progress task whose lease deadline has passed (its agent
   stopped heart-beating). Each goes back to its board head with no backoff, attempts + 1
   (failed after max_attempts); its run loses the lease, so a late report is refused.
+  A lost lease says nothing about the provider (the worker died): a breaker's probe slot is freed.
 
   KEYS[1..20] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
            cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
            inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
            in_review failed cancelled events errors stats_failures stats_completed
   Built from ARGV[1]: task:<id>, task:<id>:runs, task:<id>:lease, board:<b>,
-  board:<b>:queue, ready:<ck>
+  board:<b>:queue, ready:<ck>, breaker:<provider>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] at most this many leases per call
 
@@ -31,6 +32,7 @@ local function lost(id)
   local run = cjson.decode(raw)
   if run.ended_at or not run.board then return end
   inflight_down(K, run.model, run.provider)
+  breaker_after(K, P, {provider = run.provider, run_id = run.run_id}, now, "void")
   if rcall("HGET", board_key(P, run.board), "running") == id then
     rcall("HDEL", board_key(P, run.board), "running")
   end
@@ -44,7 +46,8 @@ local out = {0, #expired}
 for _, id in ipairs(expired) do
   local t = task_fields(P, id)
   if t and t.status == "in_progress" then
-    local status = fail_run(K, P, id, t, now, "timeout", "no heartbeat: lease expired", true, false)
+    local status = fail_run(K, P, id, t, now, "timeout", "no heartbeat: lease expired", true, false,
+                           "void")
     out[#out + 1] = tonumber(id)
     out[#out + 1] = status
   elseif t then

@@ -2,13 +2,15 @@
   release_run: give a claimed run back without using an attempt (fenced by run id): the
   dispatcher could not hand it to a worker, or the agent runtime was unreachable or refused
   this client (pairing). The task returns to its board head at once; no backoff, no cooldown.
+  A released run tells nothing about its provider: a breaker's probe slot is freed.
 
   KEYS[1]  task (task:<id>)   HASH
   KEYS[2..21] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
            cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
            inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
            in_review failed cancelled events errors stats_failures stats_completed
-  Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue, ready:<ck>
+  Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue, ready:<ck>,
+  breaker:<provider>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id
   ARGV[5] reason (released, pairing, agent_unreachable, ...)  ARGV[6] message
@@ -23,6 +25,7 @@ local P, now, id, reason, message = ARGV[1], clock_ms(ARGV[2]), ARGV[3], ARGV[5]
 local t, code, detail = active_run(P, id, ARGV[4])
 if not t then return {code, detail} end
 end_run(K, P, id, t, now, reason, message)
+breaker_after(K, P, t, now, "void")
 if reason ~= "released" then
   rcall("HSET", task_key(P, id), "last_error", message, "last_error_reason", reason)
   record_error(K, now, reason, id, t, message)

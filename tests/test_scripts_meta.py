@@ -54,7 +54,8 @@ def test_lua_key_builders_agree_with_keys_module() -> None:
     expected = {
         "board": keys.board("B"), "queue": keys.queue("B"), "done": keys.done("B"), "task": keys.task(7),
         "runs": keys.runs(7), "context": keys.context(7), "lease": keys.lease(7),
-        "ready": keys.ready("c:x"), "cooldown": keys.cooldown("B"),
+        "ready": keys.ready("c:x"), "cooldown": keys.cooldown("B"), "breaker": keys.breaker("B"),
+        "breaker_failures": keys.breaker_failures("B"),
     }
     assert set(builders) == set(expected)
     for name, expr in builders.items():

@@ -7,6 +7,7 @@
   from the namespace prefix ARGV[1], `clawq:{<ns>}:`, so every key keeps the hash tag:
     board:<b>  board:<b>:queue  board:<b>:done  task:<id>  task:<id>:runs
     task:<id>:context  task:<id>:lease  ready:<ck>  cooldown:<model>
+    breaker:<provider>  breaker:<provider>:failures
 
   Functions take K, a table of the namespace keys the calling script got in KEYS,
   by their broker/keys.py names (K.running, K.ready_fronts, ...).
@@ -22,6 +23,8 @@ local function context_key(P, id) return P .. "task:" .. id .. ":context" end
 local function lease_key(P, id) return P .. "task:" .. id .. ":lease" end
 local function ready_key(P, ck) return P .. "ready:" .. ck end
 local function cooldown_key(P, m) return P .. "cooldown:" .. m end
+local function breaker_key(P, p) return P .. "breaker:" .. p end
+local function breaker_failures_key(P, p) return P .. "breaker:" .. p .. ":failures" end
 
 local function num(v, default)
   return tonumber(v) or default
@@ -69,9 +72,11 @@ end
 --   m:<model>     model_quota_reached     while inflight:model[model] >= its model cap
 --   p:<provider>  provider_quota_reached  while inflight:provider[provider] >= its provider cap
 --   c:<model>     <until_ms>|<reason>     the model's cooldown; it blocks while until_ms > now
+--   o:<provider>  <until_ms>|<probe>      the provider's breaker is not closed (see breaker_gate)
 -- (cooldown:<model> keeps the same value with a TTL, for redis-cli and the health view). It is kept
 -- where its inputs change: a counter crossing its cap (note_inflight), a cooldown (cool_model), a
 -- config load and doctor --repair (derived_blocks). Each rule has its reason here, nowhere else.
+-- o:<provider> mirrors breaker:<provider> (open_breaker, close_breaker, breaker_probe, breaker_after).
 local BLOCK_REASON = {m = "model_quota_reached", p = "provider_quota_reached"}
 
 -- inflight:<kind>[name] just moved by one to n (kind m = model, p = provider; up = it grew):
@@ -119,7 +124,90 @@ local function cool_model(K, P, model, now, until_ms, reason, grow_only)
   return until_ms
 end
 
--- What `blocked` must hold at `now`, derived from the caps, counters and cooldown keys of the
+-- The provider breaker. breaker:<p> (HASH) exists while the breaker is not closed:
+--   until        end of the opening (ms): open before it, half-open after it
+--   cooldown_ms  the length of that opening (a probe that fails doubles it, up to the max)
+--   cause        what opened it (overloaded, timeout, unreachable, rate_limit, operator)
+--   opened_at    when (ms)
+--   probe        the half-open probe's run id while it runs; probe_task its task id
+-- breaker:<p>:failures (ZSET) run id -> time of each qualifying failure within the window, while closed.
+-- blocked o:<p> = "<until_ms>|<probe run id or empty>" mirrors it, so a claim reads it with the other blocks.
+local function breaker_block(until_ms, probe)
+  return int(until_ms) .. "|" .. (probe or "")
+end
+
+-- Whether breaker block value `v` refuses a claim at `now`: open until its end; half-open after it, where
+-- exactly one run (the probe) may be claimed, so it refuses again while a probe runs.
+local function breaker_refuses(v, now)
+  local sep = string.find(v, "|", 1, true)
+  if not sep then return true end
+  return num(string.sub(v, 1, sep - 1), 0) > now or sep < #v
+end
+
+-- Open provider `p`'s breaker for `cooldown_ms` (an opening: event provider_open, one alert).
+-- K needs blocked, events.
+local function open_breaker(K, P, p, now, cause, cooldown_ms)
+  local bk, until_ms = breaker_key(P, p), now + cooldown_ms
+  rcall("DEL", bk, breaker_failures_key(P, p))
+  rcall("HSET", bk, "until", int(until_ms), "cooldown_ms", int(cooldown_ms), "cause", cause, "opened_at", int(now))
+  rcall("HSET", K.blocked, "o:" .. p, breaker_block(until_ms, ""))
+  emit(K, now, "provider_open", {"provider", p, "cause", cause, "until", int(until_ms),
+                                 "cooldown_ms", int(cooldown_ms)})
+  return until_ms
+end
+
+-- Close provider `p`'s breaker fully: its back-off and failure window reset. K needs blocked, events.
+local function close_breaker(K, P, p, now, why)
+  rcall("DEL", breaker_key(P, p), breaker_failures_key(P, p))
+  rcall("HDEL", K.blocked, "o:" .. p)
+  emit(K, now, "provider_closed", {"provider", p, "message", why})
+end
+
+-- A claim took half-open provider `p` for run `run_id` of task `id`: that run is the probe.
+local function breaker_probe(K, P, p, now, run_id, id)
+  local bk = breaker_key(P, p)
+  rcall("HSET", bk, "probe", run_id, "probe_task", id)
+  rcall("HSET", K.blocked, "o:" .. p, breaker_block(num(rcall("HGET", bk, "until"), now), run_id))
+  emit(K, now, "provider_probe", {"provider", p, "task_id", id, "run_id", run_id})
+end
+
+-- A run of `t.provider` ended. verdict: "fault" (a qualifying failure: the provider failed), "ok" (the
+-- provider answered, whatever the task's fate) or "void" (the run tells nothing: released, reaped,
+-- cancelled). The probe's verdict closes (ok), re-opens with the doubled cooldown (fault) or frees the
+-- probe slot (void). While closed, `breaker_failures` faults within the window open it; a fault of a run
+-- claimed before an opening counts nothing. O(1). K needs cfg_settings, blocked, events.
+local function breaker_after(K, P, t, now, verdict, cause)
+  local p = t.provider
+  if not p or p == "" then return end
+  local bk = breaker_key(P, p)
+  local b = rcall("HMGET", bk, "until", "probe", "cooldown_ms")
+  if b[2] and b[2] == t.run_id then
+    if verdict == "ok" then
+      close_breaker(K, P, p, now, "the probe succeeded")
+    elseif verdict == "fault" then
+      local max_ms = num(rcall("HGET", K.cfg_settings, "breaker_max_cooldown_ms"), 3600000)
+      open_breaker(K, P, p, now, cause, math.max(1, math.min(num(b[3], 0) * 2, max_ms)))
+    else
+      rcall("HDEL", bk, "probe", "probe_task")
+      rcall("HSET", K.blocked, "o:" .. p, breaker_block(num(b[1], now), ""))
+    end
+    return
+  end
+  if verdict ~= "fault" or b[1] then return end
+  local cfg = rcall("HMGET", K.cfg_settings, "breaker_failures", "breaker_window_ms", "breaker_cooldown_ms")
+  local failures = num(cfg[1], 0)
+  if failures < 1 then return end
+  local fk, window = breaker_failures_key(P, p), num(cfg[2], 300000)
+  rcall("ZADD", fk, now, t.run_id)
+  rcall("ZREMRANGEBYSCORE", fk, "-inf", now - window)
+  if rcall("ZCARD", fk) >= failures then
+    open_breaker(K, P, p, now, cause, num(cfg[3], 600000))
+  else
+    rcall("PEXPIRE", fk, window)
+  end
+end
+
+-- What `blocked` must hold at `now`, derived from the caps, counters, cooldown keys and breakers of the
 -- configured models (a config load writes it; doctor compares and repairs with it).
 local function derived_blocks(K, P, now)
   local want = {}
@@ -134,6 +222,12 @@ local function derived_blocks(K, P, now)
   for _, model in ipairs(rcall("HKEYS", K.cfg_model_provider)) do
     local v = rcall("GET", cooldown_key(P, model))
     if v and cooldown_end(v) > now then want["c:" .. model] = v end
+  end
+  for _, p in ipairs(rcall("HVALS", K.cfg_model_provider)) do
+    if not want["o:" .. p] then
+      local b = rcall("HMGET", breaker_key(P, p), "until", "probe")
+      if b[1] then want["o:" .. p] = breaker_block(tonumber(b[1]), b[2]) end
+    end
   end
   return want
 end
@@ -159,6 +253,8 @@ local function check_model(V, now, model)
   if not provider then return "model_quota_reached", nil end
   local c = V.blocked["c:" .. model]
   if c and cooldown_end(c) > now then return "model_rate_limited", nil end
+  local o = V.blocked["o:" .. provider]
+  if o and breaker_refuses(o, now) then return "provider_open", nil end
   local reason = V.blocked["m:" .. model] or V.blocked["p:" .. provider]
   if reason then return reason, nil end
   return nil, provider
@@ -344,8 +440,10 @@ end
 
 -- A run failed (cause: failed, timeout, ...). attempts + 1; below max_attempts the task
 -- returns to its board head (after backoff_ms when backoff is true), else it fails for good.
-local function fail_run(K, P, id, t, now, cause, message, retry, backoff)
+-- verdict: what the failure says about the provider (breaker_after).
+local function fail_run(K, P, id, t, now, cause, message, retry, backoff, verdict)
   end_run(K, P, id, t, now, cause, message)
+  breaker_after(K, P, t, now, verdict, cause)
   local attempts = t.attempts + 1
   local cfg = rcall("HMGET", K.cfg_settings, "max_attempts", "backoff_ms")
   rcall("HSET", task_key(P, id), "attempts", attempts, "last_error", message or "", "last_error_reason", cause)
