@@ -28,8 +28,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from clawq.broker import Broker, NothingToClaim, Outcome
 from clawq.broker.scripts import load_specs
 
 from ._clawq import bench_config, load_tasks, new_broker
-from ._common import Goal, bench_args, median, print_table, write_report
+from ._common import Goal, bench_args, cmdstats, median, print_table, write_report
 from ._server import BenchServer, machine_info
 
 BULLMQ_VERSION = "6.7.6"
@@ -82,25 +81,48 @@ def _node_version(node: str) -> str:
 
 # --- measuring a phase ------------------------------------------------------------------------------------------
 
+_SCRIPT_CMDS = frozenset({"evalsha", "evalsha_ro", "eval", "eval_ro"})
+_HARNESS_CMDS = frozenset({"config|resetstat", "config|set", "slowlog|reset", "slowlog|get", "info"})
+
 
 @dataclass
 class Phase:
-    """What the server ran in one phase: top-level µs and count, inner calls, per script (by name)."""
+    """What the server ran in one phase.
 
-    usec: int = 0
+    From SLOWLOG (threshold 0): top-level commands by name, the calls scripts made, per script (by name) its calls,
+    µs and inner calls. From INFO commandstats, in a second pass of the same phase with SLOWLOG off (logging every
+    command costs the server time too): the phase's server µs.
+    """
+
+    usec: float = 0.0
     commands: int = 0
     inner_calls: int = 0
+    top: dict[str, int] = field(default_factory=dict)  #: top-level command -> calls
+    inner: dict[str, int] = field(default_factory=dict)  #: command a script ran -> calls
     scripts: dict[str, list[int]] = field(default_factory=dict)  #: name -> [calls, usec, inner calls]
 
-    def per(self, name: str, n: int) -> tuple[float, float]:
+    def per(self, name: str) -> tuple[float, float]:
         calls, usec, inner = self.scripts.get(name, [0, 0, 0])
         return usec / max(1, calls), inner / max(1, calls)
 
+    def price(self, stats: dict[str, tuple[int, int]]) -> None:
+        """Server µs of the top-level commands: a script's own; a plain command's, in the share run top-level."""
+        total = 0.0
+        for cmd, (_, usec) in stats.items():
+            if cmd in _HARNESS_CMDS:
+                continue
+            if cmd in _SCRIPT_CMDS:
+                total += usec
+            elif self.top.get(cmd):
+                total += usec * self.top[cmd] / (self.top[cmd] + self.inner.get(cmd, 0))
+        self.usec = total
 
-def _arm(client: redis.Redis) -> None:
-    client.config_set("slowlog-log-slower-than", 0)
+
+def _arm(client: redis.Redis, slowlog: bool) -> None:
+    client.config_set("slowlog-log-slower-than", 0 if slowlog else -1)
     client.config_set("slowlog-max-len", 2_000_000)
     client.slowlog_reset()
+    client.config_resetstat()
 
 
 def _read_phase(client: redis.Redis, names: dict[str, str]) -> Phase:
@@ -108,31 +130,43 @@ def _read_phase(client: redis.Redis, names: dict[str, str]) -> Phase:
     phase, pending = Phase(), 0
     for entry in reversed(entries):  # oldest first
         usec, args, name = int(entry[2]), entry[3], _text(entry[5]) if len(entry) > 5 else ""
+        cmd = _command(args)
         if name == HARNESS_NAME:
             continue
         if _text(entry[4]).startswith("?"):  # a command a script ran: it is logged just before its script
             pending += 1
+            phase.inner[cmd] = phase.inner.get(cmd, 0) + 1
             continue
-        phase.usec += usec
         phase.commands += 1
         phase.inner_calls += pending
-        cmd = _text(args[0]).lower()
-        if cmd in ("evalsha", "evalsha_ro") and len(args) > 1:
+        phase.top[cmd] = phase.top.get(cmd, 0) + 1
+        if cmd in _SCRIPT_CMDS and len(args) > 1:
             acc = phase.scripts.setdefault(names.get(_text(args[1]), _text(args[1])[:8]), [0, 0, 0])
             acc[0], acc[1], acc[2] = acc[0] + 1, acc[1] + usec, acc[2] + pending
         pending = 0
     return phase
 
 
+def _command(args: list[Any]) -> str:
+    cmd = _text(args[0]).lower()
+    if cmd in ("config", "slowlog", "client", "script", "cluster", "object", "memory") and len(args) > 1:
+        return f"{cmd}|{_text(args[1]).lower()}"
+    return cmd
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@contextmanager
-def measured(client: redis.Redis, names: dict[str, str], out: list[Phase]) -> Iterator[None]:
-    _arm(client)
-    yield
-    out.append(_read_phase(client, names))
+def measure_twice(client: redis.Redis, names: dict[str, str], run: Callable[[], None]) -> Phase:
+    """Run the phase with SLOWLOG on (what ran), then again with it off (what it cost)."""
+    _arm(client, slowlog=True)
+    run()
+    phase = _read_phase(client, names)
+    _arm(client, slowlog=False)
+    run()
+    phase.price(cmdstats(client))
+    return phase
 
 
 # --- the BullMQ side ----------------------------------------------------------------------------------------------
@@ -171,18 +205,24 @@ class BullDriver:
             self.proc.wait()
 
 
-def bull_cycle(srv: BenchServer, modules: Path, n: int) -> tuple[Phase, Phase, Phase]:
+def bull_cycle(srv: BenchServer, modules: Path, n: int) -> list[Phase]:
+    """added, processed, trickled: each run twice by the driver (SLOWLOG on, then off)."""
     client = srv.client(client_name=HARNESS_NAME)
     client.flushall()
     driver = BullDriver(modules, srv.port, "cycle", n, 1)
     phases: list[Phase] = []
     try:
-        for _ in range(3):  # added, processed, trickled
-            with measured(client, driver.shas, phases):
+        for slowlog in (True, False):
+            for i in range(3):
+                _arm(client, slowlog)
                 driver.step()
+                if slowlog:
+                    phases.append(_read_phase(client, driver.shas))
+                else:
+                    phases[i].price(cmdstats(client))
     finally:
         driver.close()
-    return phases[0], phases[1], phases[2]
+    return phases
 
 
 def bull_throughput(srv: BenchServer, modules: Path, n: int) -> float:
@@ -206,18 +246,21 @@ def _clawq(srv: BenchServer, namespace: str) -> tuple[Broker, dict[str, str]]:
     return broker, names
 
 
-def clawq_cycle(srv: BenchServer, n: int) -> tuple[Phase, Phase]:
+def clawq_cycle(srv: BenchServer, n: int) -> list[Phase]:
+    """added, processed (claim + complete at concurrency 1), each run twice (SLOWLOG on, then off)."""
     broker, names = _clawq(srv, "cycle")
     client = srv.client(client_name=HARNESS_NAME)
-    phases: list[Phase] = []
-    with measured(client, names, phases):
+
+    def add() -> None:
         for i in range(n):
             broker.add(f"b{i % BOARDS}", "t", chain="coding")
-    with measured(client, names, phases):
+
+    def run() -> None:
         for _ in range(n):
             claim = broker.claim()
             broker.complete(claim.task_id, claim.run_id, DONE)
-    return phases[0], phases[1]
+
+    return [measure_twice(client, names, add), measure_twice(client, names, run)]
 
 
 def clawq_throughput(srv: BenchServer, n: int, boards: int) -> float:
@@ -256,8 +299,8 @@ def _round(srv: BenchServer, modules: Path, n: int, n_tput: int) -> dict[str, An
         "clawq_commands": (c_add.commands + c_run.commands) / n,
     }
     for ours, theirs in PAIRS:
-        mine = (c_add if ours == "add_task" else c_run).per(ours, n)
-        other = {"addStandardJob": b_add, "moveToActive": b_trickle}.get(theirs, b_run).per(theirs, n)
+        mine = (c_add if ours == "add_task" else c_run).per(ours)
+        other = {"addStandardJob": b_add, "moveToActive": b_trickle}.get(theirs, b_run).per(theirs)
         row[f"{ours}_us"], row[f"{ours}_calls"] = mine
         row[f"{theirs}_us"], row[f"{theirs}_calls"] = other
     row["bull_jobs_per_s"] = bull_throughput(srv, modules, n_tput)
