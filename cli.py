@@ -543,7 +543,7 @@ def simulate(tasks: int, boards: int, seed: int, speed: float, workers: int | No
 
     from rich.console import Console
 
-    from clawq.workers.simulator import SimOptions, run_simulation
+    from clawq.sim.simulator import SimOptions, run_simulation
     from clawq.workers.views import LiveView, print_report
 
     console = Console(stderr=as_json)

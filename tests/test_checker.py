@@ -1,4 +1,4 @@
-"""The independent checker of a night's timeline (workers/checker.py), on hand-made timelines.
+"""The independent checker of a night's timeline (sim/checker.py), on hand-made timelines.
 
 One clean timeline where every criterion holds, then one variant per violation that breaks exactly that
 criterion; each violation text must name the tasks and the times involved. Pure: no Redis.
@@ -12,7 +12,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from clawq.broker.config import Config
-from clawq.workers.checker import CRITERIA, Check, Run, TaskFinal, Timeline, check_all
+from clawq.sim.checker import CRITERIA, Check, Run, TaskFinal, Timeline, check_all
 
 CODING = ("codex", "sonnet")
 PROVIDER = {"codex": "openai", "sonnet": "anthropic", "opus": "anthropic", "gemini3": "google"}

@@ -12,13 +12,12 @@ import itertools
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import redis
@@ -26,11 +25,10 @@ from redis_servers import RedisServer
 
 from clawq.broker import Broker, TaskStatus
 from clawq.broker.config import Config
-from clawq.workers.simulator import descendants
+from clawq.sim.fleet import Fleet, alive
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 AGENT = str(Path(__file__).resolve().parent / "agents" / "e2e_agent.py")
 WAIT_FINAL_S = 60.0
 
@@ -42,73 +40,31 @@ def e2e_url(redis_url: str, r: redis.Redis) -> str:
 
 
 # -- processes -------------------------------------------------------------------------------------
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-class Fleet:
-    """Dispatcher and worker processes of one test; everything is stopped by ``stop_all``."""
+class E2EFleet(Fleet):
+    """The shared fleet (INFO logs, in the test's tmp dir), plus the agent log and its agents."""
 
     def __init__(self, url: str, namespace: str, tmp: Path) -> None:
-        self.url, self.namespace, self.tmp = url, namespace, tmp
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: list[IO[bytes]] = []
+        super().__init__(url, namespace, tmp, extra_env={"OPENAI_API_KEY": "sk-test-kept"}, log_level="INFO")
         self.agent_log = tmp / "agent.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWQ_", "REDIS_", "RQ_"))}
-        self.env["OPENAI_API_KEY"] = "sk-test-kept"
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "clawq.cli", *args, "--redis-url", self.url, "--namespace",
-                               self.namespace], cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=60, check=False)
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        out = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop_all)
-        self._logs.append(out)
-        proc = subprocess.Popen([sys.executable, "-m", "clawq.cli", *args, "--redis-url", self.url, "--namespace",
-                                 self.namespace, "--log-level", "INFO"], cwd=REPO, env=self.env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs[name] = proc
-        return proc
 
     def workers(self, n: int, *extra: str) -> None:
-        for i in range(n):
-            self.start(f"worker{i + 1}", "worker", "--name", f"{self.namespace}-w{i + 1}", *extra)
+        for _ in range(n):
+            self.worker(None, *extra)
 
     def log_tails(self, lines: int = 15) -> str:
         parts = []
-        for name in self.procs:
-            text = (self.tmp / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"--- {name} (rc={self.procs[name].poll()})\n" + "\n".join(text))
+        for name, proc in self.procs.items():
+            text = self.log_tail(name, 1 << 20).splitlines()[-lines:]
+            parts.append(f"--- {name} (rc={proc.poll()})\n" + "\n".join(text))
         return "\n".join(parts)
 
     def stop_all(self) -> None:
-        family = {kid for p in self.procs.values() for kid in descendants(p.pid)}
-        family |= {e["pid"] for e in read_log(self.agent_log) if e["ev"] == "start" and _is_agent(e["pid"])}
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + 8
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _kill(proc.pid)
-                proc.wait(5)
-        for pid in family:
-            if _alive(pid):
-                _kill(pid)
-        for fh in self._logs:
-            fh.close()
+        """Stop every process, then every agent the log names that still runs (a killed worker's agent)."""
+        self.stop(grace_s=8)
+        for e in read_log(self.agent_log):
+            if e["ev"] == "start" and _is_agent(e["pid"]) and alive(e["pid"]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(e["pid"], signal.SIGKILL)
 
 
 def _is_agent(pid: int) -> bool:
@@ -119,8 +75,8 @@ def _is_agent(pid: int) -> bool:
 
 
 @pytest.fixture
-def fleet(e2e_url: str, namespace: str, tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(e2e_url, namespace, tmp_path)
+def fleet(e2e_url: str, namespace: str, tmp_path: Path) -> Iterator[E2EFleet]:
+    f = E2EFleet(e2e_url, namespace, tmp_path)
     try:
         yield f
     finally:
@@ -193,7 +149,7 @@ def check_caps(runs: list[dict[str, Any]], cfg: Config) -> dict[str, dict[str, i
     return peaks
 
 
-def wait_final(admin: Broker, fleet: Fleet, n: int, timeout: float = WAIT_FINAL_S) -> list[Any]:
+def wait_final(admin: Broker, fleet: E2EFleet, n: int, timeout: float = WAIT_FINAL_S) -> list[Any]:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         tasks = admin.list_tasks()
@@ -205,7 +161,7 @@ def wait_final(admin: Broker, fleet: Fleet, n: int, timeout: float = WAIT_FINAL_
 
 
 # -- configs and tasks -----------------------------------------------------------------------------
-def e2e_config(fleet: Fleet, **watchdog: float) -> Config:
+def e2e_config(fleet: E2EFleet, **watchdog: float) -> Config:
     return Config.model_validate({
         "night_mode": None,
         "queue": {"global_max_concurrent": 3},
@@ -252,12 +208,12 @@ def check_outcomes(admin: Broker, runs: list[dict[str, Any]], plans: dict[int, d
 
 
 # -- the scenarios ---------------------------------------------------------------------------------
-def test_three_workers_run_every_task_within_every_rule(fleet: Fleet, admin: Broker) -> None:
+def test_three_workers_run_every_task_within_every_rule(fleet: E2EFleet, admin: Broker) -> None:
     cfg = e2e_config(fleet)
     admin.load_config(cfg)
     plans = add_tasks(admin, 15, {1: {"rl": "codex"}, 2: {"follow": 1}, 5: {"follow": 2}, 7: {"follow": 1},
                                   12: {"follow": 1}})
-    fleet.start("dispatcher", "dispatch")
+    fleet.dispatcher("dispatcher")
     fleet.workers(3)
     wait_final(admin, fleet, 15)
     runs = runs_of(read_log(fleet.agent_log))
@@ -276,11 +232,11 @@ def test_three_workers_run_every_task_within_every_rule(fleet: Fleet, admin: Bro
     assert early == [], "codex ran again before the reset the 429 named"
     assert admin.get_task(1).runs[0]["outcome"] == "rate_limit"
 
-    listed = json.loads(fleet.cli("ls", "--json").stdout)
+    listed = json.loads(fleet.run_cli("ls", "--json").stdout)
     assert sorted((t["task_id"], t["status"]) for t in listed) == [(i, "in_review") for i in range(1, 16)]
 
 
-def wait_start(fleet: Fleet, task_id: int, timeout: float = 30.0) -> dict[str, Any]:
+def wait_start(fleet: E2EFleet, task_id: int, timeout: float = 30.0) -> dict[str, Any]:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         found = next((e for e in read_log(fleet.agent_log) if e["ev"] == "start" and e["task_id"] == task_id), None)
@@ -291,10 +247,10 @@ def wait_start(fleet: Fleet, task_id: int, timeout: float = 30.0) -> dict[str, A
 
 
 @pytest.mark.parametrize("mode", ["simple", "fork"])
-def test_a_killed_worker_loses_its_lease_and_another_worker_finishes(fleet: Fleet, admin: Broker, mode: str) -> None:
+def test_a_killed_worker_loses_its_lease_and_another_worker_finishes(fleet: E2EFleet, admin: Broker, mode: str) -> None:
     admin.load_config(e2e_config(fleet, stale_in_progress_minutes=0.05, heartbeat_grace_minutes=0.02))
     plans = add_tasks(admin, 4, {1: {"hang": 60}})
-    fleet.start("dispatcher", "dispatch")
+    fleet.dispatcher("dispatcher")
     fleet.workers(2, *(["--simple"] if mode == "simple" else []))
     worker_pids = {p.pid for name, p in fleet.procs.items() if name.startswith("worker")}
     owner = "ppid" if mode == "simple" else "gppid"  # the agent's parent is the worker, or its work-horse
@@ -316,19 +272,19 @@ def test_a_killed_worker_loses_its_lease_and_another_worker_finishes(fleet: Flee
     assert history[0]["run_id"] == first["run_id"] and history[0]["outcome"] == "timeout"
     check_boards([r for r in runs if r["run_id"] != first["run_id"]])
 
-    late = fleet.cli("complete", "1", first["run_id"], "--summary", "late report from the dead run")
+    late = fleet.run_cli("complete", "1", first["run_id"], "--summary", "late report from the dead run")
     assert late.returncode == 4, (late.returncode, late.stderr)
-    assert fleet.cli("heartbeat", "1", first["run_id"]).returncode == 4
+    assert fleet.run_cli("heartbeat", "1", first["run_id"]).returncode == 4
     assert admin.get_task(1).status is TaskStatus.IN_REVIEW and admin.get_task(1).run_count == 1
 
 
-def test_the_agent_of_a_killed_worker_does_not_outlive_it(fleet: Fleet, admin: Broker,
+def test_the_agent_of_a_killed_worker_does_not_outlive_it(fleet: E2EFleet, admin: Broker,
                                                           redis_server: RedisServer) -> None:
     if redis_server.name != "redis7":
         pytest.skip("one Redis binary is enough for this one")
     admin.load_config(e2e_config(fleet, stale_in_progress_minutes=0.05, heartbeat_grace_minutes=0.02))
     add_tasks(admin, 1, {1: {"hang": 8}})
-    fleet.start("dispatcher", "dispatch")
+    fleet.dispatcher("dispatcher")
     fleet.workers(2)
     first = wait_start(fleet, 1)
     for pid in (first["gppid"], first["ppid"]):  # the worker and its work-horse, as a crash would
@@ -341,15 +297,15 @@ def test_the_agent_of_a_killed_worker_does_not_outlive_it(fleet: Fleet, admin: B
         time.sleep(0.05)
     else:
         raise AssertionError("task 1 was never run again")
-    assert not _alive(first["pid"]), "the first agent still runs beside the new run of the same task"
+    assert not alive(first["pid"]), "the first agent still runs beside the new run of the same task"
 
 
-def test_three_dispatchers_share_one_namespace(fleet: Fleet, admin: Broker) -> None:
+def test_three_dispatchers_share_one_namespace(fleet: E2EFleet, admin: Broker) -> None:
     cfg = e2e_config(fleet)
     admin.load_config(cfg)
     plans = add_tasks(admin, 12, {3: {"follow": 1}, 6: {"follow": 1}, 9: {"follow": 1}})
-    for i in range(3):
-        fleet.start(f"dispatcher{i + 1}", "dispatch")
+    for _ in range(3):
+        fleet.dispatcher()
     fleet.workers(3)
     wait_final(admin, fleet, 12)
     runs = runs_of(read_log(fleet.agent_log))

@@ -18,8 +18,8 @@ from agents import py_agent
 
 from clawq.broker.agent_output import Done, Failed, RateLimited
 from clawq.broker.config import AgentConfig, SimulatedAgentConfig
+from clawq.sim.agent import simulated_result
 from clawq.workers.runners import RunContext, Stalled, agent_env, run_agent, run_command
-from clawq.workers.simulated import simulated_result
 
 AGENTS = Path(__file__).parent / "agents"
 PROBE = str(AGENTS / "probe_agent.py")

