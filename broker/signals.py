@@ -42,9 +42,10 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = [
     "BREAKER_CAUSES", "MAX_RESET_SECONDS", "TAIL_CHARS", "Signal", "SignalClass", "counts_for_breaker", "parse_reset",
@@ -67,6 +68,7 @@ class SignalClass(str, enum.Enum):  # noqa: UP042 (str mixin: the wire values)
     TIMEOUT = "timeout"
     UNREACHABLE = "unreachable"  #: the provider could not be reached: connection refused, DNS
     PAIRING = "pairing"
+    AUTH = "auth"  #: the agent is not logged in or its key is refused
     OTHER = "other"
 
 
@@ -91,10 +93,13 @@ class Signal:
     source: str
 
 
-def parse_signal(text: str, now: float) -> Signal:
-    """Classify ``text`` and find when the limit it reports resets. Never raises."""
+def parse_signal(text: str, now: float, local_tz: tzinfo | None = None) -> Signal:
+    """Classify ``text`` and find when the limit it reports resets. Never raises.
+
+    ``local_tz``: the zone of a wall-clock time that names none (Codex prints ``try again at 12:16 PM`` in
+    the local time of the machine it runs on); without it such a time is not guessed."""
     try:
-        doc = _document(_tail(text))
+        doc = _document(_tail(text), local_tz)
         found = _best(_reset_candidates(doc, float(now)))
         klass = _classify(doc, has_reset=found is not None)
     except Exception:  # a parser must never take the worker down
@@ -104,10 +109,10 @@ def parse_signal(text: str, now: float) -> Signal:
     return Signal(klass, found.reset_at, found.source)
 
 
-def parse_reset(text: str, now: float) -> tuple[float | None, str]:
+def parse_reset(text: str, now: float, local_tz: tzinfo | None = None) -> tuple[float | None, str]:
     """Only the reset part of :func:`parse_signal`: ``(reset_at, source)`` or ``(None, "")``."""
     try:
-        found = _best(_reset_candidates(_document(_tail(text)), float(now)))
+        found = _best(_reset_candidates(_document(_tail(text), local_tz), float(now)))
     except Exception:  # a parser must never take the worker down
         return None, ""
     return (None, "") if found is None else (found.reset_at, found.source)
@@ -128,18 +133,19 @@ class _Document:
     low: str
     objects: tuple[dict[Any, Any], ...]  # every JSON object found, nested ones included
     headers: tuple[tuple[str, object], ...]  # (lower-case name, value)
+    local_tz: tzinfo | None = None  # the zone of wall-clock times that name none (None: not guessed)
 
 
 _HEADER_LINE_RE = re.compile(r"^[ \t<>*-]*([A-Za-z][A-Za-z0-9_-]{0,100})[ \t]*:[ \t]*([^\r\n]*)", re.M)
 
 
-def _document(text: str) -> _Document:
+def _document(text: str, local_tz: tzinfo | None = None) -> _Document:
     objects = tuple(_walk(_extract_objects(text)))
     headers: list[tuple[str, object]] = [
         (m.group(1).lower(), m.group(2).strip()) for m in _HEADER_LINE_RE.finditer(text) if m.group(2).strip()
     ]
     headers.extend(_object_headers(objects))
-    return _Document(text, text.lower(), objects, tuple(headers))
+    return _Document(text, text.lower(), objects, tuple(headers), local_tz)
 
 
 def _object_headers(objects: Iterable[dict[Any, Any]]) -> Iterator[tuple[str, object]]:
@@ -426,6 +432,21 @@ _WALL_CLOCK_RE = re.compile(
     r"\s*\(?(?:UTC|GMT)\)?(?![A-Za-z])",
     re.I,
 )
+# Claude Code: "You've hit your limit · resets 1pm (Europe/Lisbon)": a wall clock in a named IANA zone.
+_ZONED_CLOCK_RE = re.compile(
+    r"\b(?P<trig>resets?(?:\s+at)?|try\s+again\s+at)\s+(?P<h>\d{1,2})(?::(?P<m>\d{2}))?\s*(?P<ampm>[ap]\.?m\.?)?"
+    r"\s*\((?P<zone>[A-Za-z_]+(?:/[A-Za-z0-9_+-]+){1,2})\)",
+    re.I,
+)
+# Codex: "try again at 12:16 PM." or "try again at Sep 5th, 2026 12:16 PM." in the machine's local time.
+_LOCAL_CLOCK_RE = re.compile(
+    r"\b(?P<trig>try\s+again\s+at|resets?\s+at)\s+"
+    r"(?:(?P<mon>[A-Za-z]{3})[a-z]*\.?\s+(?P<day>\d{1,2})(?:st|nd|rd|th)?,?\s+(?P<year>\d{4}),?\s+)?"
+    r"(?P<h>\d{1,2}):(?P<m>\d{2})\s*(?P<ampm>[ap]\.?m\.?)(?!\s*\(?(?:UTC|GMT|[A-Za-z_]+/))",
+    re.I,
+)
+_MONTHS = {m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov",
+                                        "dec"), start=1)}
 _TEXT_RELATIVE_RE = re.compile(
     r"\b(?P<trig>(?:try\s+again|retry|resets?|available(?:\s+again)?)\s+(?:in|after)|please\s+wait(?:\s+for)?)"
     r"\s+(?:about\s+|approximately\s+|roughly\s+|~\s*)?",
@@ -453,7 +474,13 @@ def _text_candidates(doc: _Document, now: float) -> Iterator[_Found | None]:
     for m in _TEXT_ABSOLUTE_RE.finditer(text):
         yield _found(_R_TEXT_ABSOLUTE, _date_time(m.group("when")), _text_source(m.group("trig")), now)
     for m in _WALL_CLOCK_RE.finditer(text):
-        yield _found(_R_TEXT_ABSOLUTE, _next_wall_clock(m, now), _text_source(m.group("trig")), now)
+        yield _found(_R_TEXT_ABSOLUTE, _next_wall_clock(m, now, UTC), _text_source(m.group("trig")), now)
+    for m in _ZONED_CLOCK_RE.finditer(text):
+        yield _found(_R_TEXT_ABSOLUTE, _next_wall_clock(m, now, _zone(m.group("zone"))), _text_source(m.group("trig")),
+                     now)
+    if doc.local_tz is not None:
+        for m in _LOCAL_CLOCK_RE.finditer(text):
+            yield _found(_R_TEXT_ABSOLUTE, _local_clock(m, now, doc.local_tz), _text_source(m.group("trig")), now)
     for m in _TEXT_RELATIVE_RE.finditer(text):
         duration = _text_duration(text, m.end())
         if duration is not None:
@@ -489,27 +516,53 @@ def _text_duration(text: str, pos: int) -> float | None:
     return total if parts else None
 
 
-def _next_wall_clock(m: re.Match[str], now: float) -> float | None:
-    """The next ``3:00 AM UTC`` after ``now`` (times without an explicit UTC are not guessed)."""
+def _zone(name: str) -> tzinfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def _hour24(m: re.Match[str]) -> tuple[int, int] | None:
     hour, minute, ampm = int(m.group("h")), int(m.group("m") or 0), (m.group("ampm") or "").lower()
     if ampm:
         if not 1 <= hour <= 12:
             return None
         hour = hour % 12 + (12 if ampm.startswith("p") else 0)
-    if hour > 23 or minute > 59:
+    return None if hour > 23 or minute > 59 else (hour, minute)
+
+
+def _next_wall_clock(m: re.Match[str], now: float, zone: tzinfo | None) -> float | None:
+    """The next ``3:00 AM`` after ``now`` in ``zone`` (None: an unknown zone, nothing is guessed)."""
+    hm = _hour24(m)
+    if hm is None or zone is None:
         return None
     try:
-        today = datetime.fromtimestamp(now, UTC).replace(hour=hour, minute=minute, second=0, microsecond=0)
+        today = datetime.fromtimestamp(now, zone).replace(hour=hm[0], minute=hm[1], second=0, microsecond=0)
     except (ValueError, OverflowError, OSError):
         return None
     moment = today.timestamp()
     return moment if moment >= now else (today + timedelta(days=1)).timestamp()
 
 
+def _local_clock(m: re.Match[str], now: float, zone: tzinfo) -> float | None:
+    """Codex's local reset time: today's (or tomorrow's) clock time, or the date it names."""
+    if not m.group("mon"):
+        return _next_wall_clock(m, now, zone)
+    hm, month = _hour24(m), _MONTHS.get(m.group("mon").lower())
+    if hm is None or month is None:
+        return None
+    try:
+        return datetime(int(m.group("year")), month, int(m.group("day")), hm[0], hm[1], tzinfo=zone).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 # --------------------------------------------------------------------------- classification
 
 _PRIORITY = (
     SignalClass.PAIRING,
+    SignalClass.AUTH,
     SignalClass.BILLING,
     SignalClass.QUOTA_REACHED,
     SignalClass.OVERLOADED,
@@ -523,6 +576,13 @@ _CODE_CLASSES: dict[str, SignalClass] = {
     "unauthorized_client": SignalClass.PAIRING,
     "pairing_required": SignalClass.PAIRING,
     "not_paired": SignalClass.PAIRING,
+    "authentication_error": SignalClass.AUTH,  # Anthropic 401
+    "authentication_failed": SignalClass.AUTH,  # Claude Code's assistant message error
+    "invalid_api_key": SignalClass.AUTH,  # OpenAI 401
+    "unauthenticated": SignalClass.AUTH,  # google.rpc UNAUTHENTICATED
+    "providerautherror": SignalClass.AUTH,  # opencode
+    "fatalauthenticationerror": SignalClass.AUTH,  # Gemini CLI
+    "401": SignalClass.AUTH,
     "insufficient_quota": SignalClass.BILLING,  # OpenAI: the account is out of credit
     "billing_error": SignalClass.BILLING,  # Anthropic 402
     "payment_required": SignalClass.BILLING,
@@ -566,6 +626,16 @@ _TEXT_CLASS_RULES: tuple[tuple[SignalClass, re.Pattern[str]], ...] = (
         ),
     ),
     (
+        SignalClass.AUTH,
+        re.compile(
+            r"not logged in|please run /login|invalid[ _-]api[ _-]?key|incorrect api key|api key not valid"
+            r"|invalid x-api-key|authentication[ _-](?:failed|error|required)|not able to authenticate"
+            r"|failed to authenticate|please set an auth method|oauth token (?:has )?expired"
+            r"|\b401 unauthorized|missing bearer|providerautherror|no api key (?:found|provided|configured)"
+            r"|missing api key|api key (?:is )?missing"
+        ),
+    ),
+    (
         SignalClass.BILLING,
         # "please check your plan and billing details" is boilerplate in OpenAI and Gemini quota errors
         re.compile(
@@ -581,6 +651,7 @@ _TEXT_CLASS_RULES: tuple[tuple[SignalClass, re.Pattern[str]], ...] = (
             r"|exceeded (?:your |the )?(?:current )?quota|out of quota"
             r"|(?:hit|reached) your (?:usage |weekly |daily |monthly |session )?limit"
             r"|(?:weekly|daily|monthly|5-hour|session) limit reached"
+            r"|exhausted your (?:daily |monthly )?(?:quota|capacity)|terminalquotaerror"
         ),
     ),
     (

@@ -380,9 +380,9 @@ ROWS = [
     pytest.param(
         "Claude usage limit reached. Your limit will reset at 3am (Europe/Paris).",
         QUOTA,
-        None,
-        "",
-        id="claude-code-local-wall-clock-not-guessed",
+        NOW + 2 * H,  # 03:00 CET is 02:00 UTC: the zone is named, so nothing is guessed
+        "text:reset at",
+        id="claude-code-wall-clock-in-named-zone",
     ),
     pytest.param("Please retry in 47.4s.", RL, NOW + 47.4, "text:retry in", id="text-retry-in-fraction"),
     pytest.param("retry after 120 seconds", RL, NOW + 120, "text:retry after", id="text-retry-after-seconds"),
