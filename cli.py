@@ -21,6 +21,8 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from clawq.broker import (
+    BreakerState,
+    BreakerStatus,
     Broker,
     ClawqError,
     NothingToClaim,
@@ -298,6 +300,47 @@ def cooldown_ls(obj: Ctx) -> None:
     emit(obj, cooling, text or "no model is cooling down")
 
 
+# -- provider breakers ---------------------------------------------------------------------------------
+@cli.group()
+def breaker() -> None:
+    """List, open or close the providers' circuit breakers."""
+
+
+def _breaker_line(b: BreakerState) -> str:
+    left = f"  {b.remaining_s:.0f}s left" if b.state is BreakerStatus.OPEN else ""
+    cause = f"  ({b.cause})" if b.cause else ""
+    probe = f"  probe: task {b.probe_task}" if b.probe_task is not None else ""
+    return f"{b.provider:<16} {b.state.value:<10}{left}{cause}{probe}"
+
+
+@breaker.command("ls")
+@command_options
+def breaker_ls(obj: Ctx) -> None:
+    """Each provider's breaker: closed, open (with the time left) or half_open."""
+    states = obj.broker().breakers()
+    emit(obj, {p: s.model_dump(mode="json") for p, s in states.items()},
+         "\n".join(_breaker_line(s) for s in states.values()) or "no provider is configured")
+
+
+@breaker.command("open")
+@click.argument("provider")
+@click.argument("minutes", type=float)
+@command_options
+def breaker_open(obj: Ctx, provider: str, minutes: float) -> None:
+    """Open PROVIDER's breaker for exactly MINUTES (then one probe run may go)."""
+    st = obj.broker().open_breaker(provider, minutes)
+    emit(obj, st.model_dump(mode="json"), f"provider {provider} is open until {_when(st.until or 0)}")
+
+
+@breaker.command("close")
+@click.argument("provider")
+@command_options
+def breaker_close(obj: Ctx, provider: str) -> None:
+    """Close PROVIDER's breaker fully, at once."""
+    st = obj.broker().close_breaker(provider)
+    emit(obj, st.model_dump(mode="json"), f"provider {provider} is closed")
+
+
 # -- config --------------------------------------------------------------------------------------------
 @cli.group()
 def config() -> None:
@@ -460,6 +503,11 @@ def health(obj: Ctx) -> None:
         cool = f"  cooling {m['cooldown_remaining_s']:.0f}s" if m["cooldown_remaining_s"] else ""
         lines.append(f"  model {name:<16} {m['inflight']}/{m['cap'] if m['cap'] is not None else '-'}"
                      f"  failures {m['failures']}{cool}")
+    for name, p in doc["providers"].items():
+        br = p["breaker"]
+        left = f" {br['remaining_s']:.0f}s left" if br["state"] == "open" else ""
+        lines.append(f"  provider {name:<13} {p['inflight']}/{p['cap'] if p['cap'] is not None else '-'}"
+                     f"  breaker {br['state']}{left}")
     for e in doc["recent_errors"][:5]:
         lines.append(f"  error {e['reason']:<13} task {e['task_id']} ({e['board']}, {e['model']}): "
                      f"{_clean(str(e['message']))}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from .breaker import BreakerState
+
 if TYPE_CHECKING:
     from .broker import Broker
 
@@ -44,6 +46,7 @@ def collect_health(broker: Broker) -> dict[str, Any]:
     replies = pipe.execute()
     in_progress, inflight_m, inflight_p, failures, errors = replies[:5]
     cap, night = cfg.global_cap_at(now)
+    breakers = broker.breakers()
     board_docs = _boards(broker, boards, replies[5:], now)
     for name, why in zip(boards, broker.explain_boards(boards, cap), strict=True):
         board_docs[name]["why_waiting"] = why
@@ -52,11 +55,20 @@ def collect_health(broker: Broker) -> dict[str, Any]:
         "boards": board_docs,
         "models": _models(broker, inflight_m, failures, now),
         "providers": {
-            p: {"inflight": _int(_t_map(inflight_p).get(p)), "cap": cfg.limits.provider_max_inflight.get(p)}
+            p: {"inflight": _int(_t_map(inflight_p).get(p)), "cap": cfg.limits.provider_max_inflight.get(p),
+                "breaker": _breaker(breakers.get(p))}
             for p in cfg.providers()
         },
         "recent_errors": [json.loads(_t(e)) for e in errors],
     }
+
+
+def _breaker(st: BreakerState | None) -> dict[str, Any]:
+    """A provider's breaker in the health document: state (closed, open, half_open) and the time left."""
+    if st is None:  # a provider with a cap but no model: nothing can open it
+        return {"state": "closed", "remaining_s": 0.0, "until": None, "cause": None, "probe_task": None}
+    return {"state": st.state.value, "remaining_s": st.remaining_s, "until": st.until, "cause": st.cause,
+            "probe_task": st.probe_task}
 
 
 def _t_map(mapping: dict[Any, Any]) -> dict[str, Any]:

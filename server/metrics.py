@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from clawq.broker import Broker
+from clawq.broker import BreakerStatus, Broker
 from clawq.broker.broker import redis_errors
 from clawq.broker.stats import CLAIM_TO_START_BUCKETS, bucket_field, observe_claim_to_start
 
@@ -168,15 +168,19 @@ def _model_metrics(models: dict[str, Any], providers: dict[str, Any], stats: Sta
                                    labels=["provider"])
     p_cap = GaugeMetricFamily("clawq_provider_cap", "The provider's max inflight runs (uncapped omitted).",
                               labels=["provider"])
+    p_breaker = GaugeMetricFamily("clawq_provider_breaker_state",
+                                  "The provider's circuit breaker: 0 closed, 1 open, 2 half-open.",
+                                  labels=["provider"])
     for name, doc in providers.items():
         p_inflight.add_metric([name], doc["inflight"])
         if doc["cap"] is not None:
             p_cap.add_metric([name], doc["cap"])
+        p_breaker.add_metric([name], BreakerStatus(doc["breaker"]["state"]).gauge)
     failures = CounterMetricFamily("clawq_model_failures", "Failed runs by model and reason.",
                                    labels=["model", "reason"])
     for (model, reason), n in sorted(stats.failures.items()):
         failures.add_metric([model, reason], n)
-    yield from (inflight, cap, p_inflight, p_cap, cooling, failures)
+    yield from (inflight, cap, p_inflight, p_cap, p_breaker, cooling, failures)
 
 
 def _claim_metrics(stats: Stats) -> Iterator[Metric]:

@@ -391,7 +391,8 @@ def test_health_json_shape(run: Run) -> None:
     assert set(doc["models"]) == set(Config().models)
     assert {"inflight", "cap", "cooldown_remaining_s", "failures"} <= set(doc["models"]["codex"])
     assert (doc["models"]["codex"]["inflight"], doc["models"]["codex"]["cap"]) == (1, 2)
-    assert doc["providers"]["openai"] == {"inflight": 1, "cap": 3}
+    assert doc["providers"]["openai"] == {"inflight": 1, "cap": 3, "breaker": {
+        "state": "closed", "remaining_s": 0.0, "until": None, "cause": None, "probe_task": None}}
     assert doc["recent_errors"] == []
 
 
@@ -400,7 +401,7 @@ def test_health_json_has_the_contract_keys(run: Run) -> None:
     add(run, "b1")
     doc = ok(run, "health")
     assert set(doc["global"]) == {"max_concurrent", "in_progress", "night"}
-    assert set(doc["providers"]["openai"]) == {"inflight", "cap"}
+    assert set(doc["providers"]["openai"]) == {"inflight", "cap", "breaker"}
     assert set(doc["boards"]["b1"]) == {
         "queue_depth", "in_progress", "completed_last_hour", "oldest_waiting_s", "running_task", "paused", "state",
         "why_waiting", "head", "running"}

@@ -33,7 +33,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 GAUGES = {
     "clawq_board_queue_depth", "clawq_board_in_progress", "clawq_board_oldest_waiting_seconds",
     "clawq_model_inflight", "clawq_model_cap", "clawq_provider_inflight", "clawq_provider_cap",
-    "clawq_model_cooldown_remaining_seconds",
+    "clawq_model_cooldown_remaining_seconds", "clawq_provider_breaker_state",
 }
 COUNTERS = {"clawq_board_completed", "clawq_model_failures", "clawq_skips", "clawq_claims"}
 

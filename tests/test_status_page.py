@@ -276,3 +276,17 @@ def test_token_from_the_page_url(driver: Any, broker: Broker, queue: dict[str, A
         view = snap(driver)
         assert view["models"]["opus"]["count"] == "1/2" and view["banner"] == ""
         driver.get("about:blank")
+
+
+def test_provider_gauges_show_the_breaker_state(page: tuple[Any, LiveServer], broker: Broker) -> None:
+    driver, _ = page
+    assert "closed" in snap(driver)["providers"]["google"]["text"]
+    broker.open_breaker("google", 10)
+    text = wait_for(driver, lambda d: "open" in (t := snap(d)["providers"]["google"]["text"]) and t,
+                    "the open breaker", 5)
+    left = driver.execute_script(
+        "return document.querySelector('#providers [data-provider=google] .breaker').innerText")
+    assert 590 <= seconds(left) <= 600 and "operator" in text
+    assert "closed" in snap(driver)["providers"]["anthropic"]["text"]
+    broker.close_breaker("google")
+    wait_for(driver, lambda d: "closed" in snap(d)["providers"]["google"]["text"], "the closed breaker", 5)

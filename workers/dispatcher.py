@@ -202,6 +202,12 @@ class Dispatcher:
                                                        ex=_ALERT_TTL_S):
             return
         assert self.notifiers is not None
+        if kind == "provider_open":
+            until = time.strftime("%H:%M:%S", time.localtime(int(event.get("until", 0)) / 1000))
+            text = (f"clawq: provider {event.get('provider')} is down ({event.get('cause')}): its breaker is open "
+                    f"until {until}; tasks move to other providers, then one probe run tests it")
+            self.notifiers.send(kind, text, {"provider": event.get("provider"), "event": event})
+            return
         tid, board = event.get("task_id"), event.get("board")
         what = "needs review" if kind == "in_review" else "failed for good"
         text = f"clawq: task {tid} on {board} {what} ({event.get('model', '-')}): {event.get('message', '')}"
@@ -267,9 +273,12 @@ class Dispatcher:
 
 
 def _alert_kind(event: dict[str, Any]) -> str | None:
-    """in_review for a completed task; failed for any run end that failed the task for good."""
+    """in_review for a completed task; failed for any run end that failed the task for good; provider_open for
+    each opening of a provider's breaker."""
     if event.get("type") == "completed":
         return "in_review"
+    if event.get("type") == "provider_open":
+        return "provider_open"
     if event.get("status") == "failed":  # fail_run's events, whatever their root cause
         return "failed"
     return None
