@@ -27,6 +27,7 @@ from clawq.broker import (
     ClawqError,
     NothingToClaim,
     Outcome,
+    RedisUnavailable,
     TaskStatus,
     load_config_file,
 )
@@ -50,6 +51,18 @@ class Ctx:
     def broker(self) -> Broker:
         if self._broker is None:
             self._broker = Broker.from_url(self.redis_url, self.namespace)
+        return self._broker
+
+    def daemon_broker(self, what: str, stop: threading.Event | None = None) -> Broker | None:
+        """The broker of a long-running command: while Redis does not answer, say so once and wait for it
+        (None when ``stop`` is set meanwhile)."""
+        from clawq.broker.waiting import connect_when_ready
+
+        def waiting(err: ClawqError) -> None:
+            logging.getLogger(f"clawq.{what}").error("%s; waiting for Redis to answer", err)
+
+        if self._broker is None:
+            self._broker = connect_when_ready(self.redis_url, self.namespace, on_wait=waiting, stop=stop)
         return self._broker
 
 
@@ -418,14 +431,27 @@ def top(obj: Ctx, interval: float, once: bool) -> None:
 
     from clawq.workers.views import queue_view
 
-    b = obj.broker()
     console = Console()
     if once or not console.is_terminal:
-        console.print(queue_view(b))
+        console.print(queue_view(obj.broker()))
         return
-    with _keys_raw() as key_pressed, Live(queue_view(b), console=console, screen=True) as live:
+    with _keys_raw() as key_pressed, Live(_top_frame(obj), console=console, screen=True) as live:
         while not key_pressed("q"):
-            live.update(queue_view(b))
+            live.update(_top_frame(obj))
+
+
+def _top_frame(obj: Ctx) -> Any:
+    """One frame of ``clawq top``; while Redis does not answer, a line that says so (the view rides out a
+    blip and resumes by itself)."""
+    import redis
+    from rich.text import Text
+
+    from clawq.workers.views import queue_view
+
+    try:
+        return queue_view(obj.broker())
+    except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as err:
+        return Text(f"clawq top: {err}; retrying every second (q quits)", style="bold red")
 
 
 @contextlib.contextmanager
@@ -462,7 +488,8 @@ def serve(obj: Ctx, host: str, port: int) -> None:
         app = importlib.import_module("clawq.server.app")
     except ImportError as err:
         raise ClawqError(f'clawq serve needs the server extra: pip install "clawq[server]" ({err})') from None
-    app.serve(obj.redis_url, obj.namespace, host=host, port=port, token=os.environ.get("CLAWQ_API_TOKEN") or None)
+    app.serve(obj.redis_url, obj.namespace, host=host, port=port, token=os.environ.get("CLAWQ_API_TOKEN") or None,
+              say=lambda line: click.echo(line, err=True))
 
 
 def _latest_id(b: Broker) -> str:
@@ -534,10 +561,9 @@ def dispatch(obj: Ctx, once: bool, rq_redis_url: str | None, log_level: str) -> 
     from clawq.workers.rq_glue import rq_enqueuer
 
     _setup_logging(log_level)
-    b = obj.broker()
-    rq_conn = rq_connection(rq_redis_url or obj.redis_url)
-    d = Dispatcher(b, rq_enqueuer(b, rq_conn))
     if once:
+        b = obj.broker()
+        d = Dispatcher(b, rq_enqueuer(b, rq_connection(rq_redis_url or obj.redis_url)))
         requeued_and_claimed = d.step()
         emit(obj, {"claimed": requeued_and_claimed, "skip_reasons": d.last_skips},
              f"claimed {requeued_and_claimed} task(s)")
@@ -545,7 +571,11 @@ def dispatch(obj: Ctx, once: bool, rq_redis_url: str | None, log_level: str) -> 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger("clawq.dispatch").info("dispatching namespace %s", b.namespace)
+    found = obj.daemon_broker("dispatch", stop)
+    if found is None:
+        return
+    d = Dispatcher(found, rq_enqueuer(found, rq_connection(rq_redis_url or obj.redis_url)))
+    logging.getLogger("clawq.dispatch").info("dispatching namespace %s", found.namespace)
     d.run(stop)
 
 
@@ -565,7 +595,9 @@ def worker(obj: Ctx, burst: bool, name: str | None, simple: bool, queue: str | N
     from clawq.workers.rq_glue import run_worker
 
     _setup_logging(log_level)
-    queue_name = queue or obj.broker().config().agent.queue
+    b = obj.daemon_broker("worker")
+    assert b is not None  # no stop event: it waits until Redis answers
+    queue_name = queue or b.config().agent.queue
     run_worker(obj.redis_url, queue_name, rq_url=rq_redis_url, burst=burst, name=name,
                simple=simple)
 

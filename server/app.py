@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import socket
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -46,6 +49,7 @@ from clawq.broker import (
     Task,
     TaskNotFound,
     TaskStatus,
+    redact_url,
 )
 from clawq.broker.broker import MAX_TASK_ID
 
@@ -399,8 +403,15 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
     token: str | None = None,
+    *,
+    say: Callable[[str], None] = print,
 ) -> None:
-    """Run the HTTP server until interrupted; a non-loopback ``host`` needs a token."""
+    """Run the HTTP server until interrupted; a non-loopback ``host`` needs a token.
+
+    The port is taken first, so a port in use is one clear error (ClawqError, exit 1) before anything else.
+    While Redis does not answer, ``say`` is told once and the server waits for it; then ``say`` gets the
+    address it listens on.
+    """
     if not is_loopback(host) and not token:
         raise InputError(
             f"refusing to listen on {host}: a non-loopback address needs an API token (set CLAWQ_API_TOKEN)"
@@ -409,8 +420,38 @@ def serve(
         raise InputError(f"bad port {port}: 0-65535")
     import uvicorn
 
-    broker = Broker.from_url(redis_url, namespace)
+    from clawq.broker.waiting import connect_when_ready
+
+    sock = _listen(host, port)
     try:
-        uvicorn.run(create_app(broker, token), host=host, port=port, log_level="warning")
+        broker = connect_when_ready(redis_url, namespace, on_wait=lambda err: say(f"clawq serve: {err}; waiting "
+                                                                                 "for Redis to answer"))
+        assert broker is not None  # no stop event: it waits until Redis answers
+        bound = sock.getsockname()
+        say(f"clawq serve: listening on http://{_url_host(host)}:{bound[1]}/ (namespace {namespace}, "
+            f"Redis {redact_url(redis_url)})")
+        try:
+            config = uvicorn.Config(create_app(broker, token), log_level="warning")
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            broker.close()
     finally:
-        broker.close()
+        sock.close()
+
+
+def _url_host(host: str) -> str:
+    bare = host.strip("[]")
+    return f"[{bare}]" if ":" in bare else bare
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or ClawqError (exit 1) in one line: in use, not permitted…"""
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    try:
+        sock = socket.create_server((bare, port), family=family, backlog=2048)
+    except OSError as err:
+        why = os.strerror(err.errno) if err.errno else str(err)
+        raise ClawqError(f"cannot listen on {_url_host(host)}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock

@@ -21,7 +21,7 @@ with warnings.catch_warnings():  # newer Starlette asks for httpx2 and warns whe
     warnings.filterwarnings("ignore", message=".*httpx2.*")
     from fastapi.testclient import TestClient
 
-from clawq.broker import Broker, InputError, RedisUnavailable, TaskStatus, parse_config
+from clawq.broker import Broker, ClawqError, InputError, TaskStatus, parse_config
 from clawq.server.app import SKIP_REASONS_HEADER, create_app, is_loopback, serve
 
 TOKEN = "s3cret-Token_42"
@@ -555,18 +555,29 @@ def test_is_loopback(host: str, loopback: bool) -> None:
 
 
 def test_serve_runs_uvicorn(redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[Any, dict[str, Any]]] = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **kw: calls.append((app, kw)))
-    serve(redis_url, namespace)
-    serve(redis_url, namespace, host="0.0.0.0", port=9999, token=TOKEN)
-    assert [kw for _, kw in calls] == [
-        {"host": "127.0.0.1", "port": 8765, "log_level": "warning"},
-        {"host": "0.0.0.0", "port": 9999, "log_level": "warning"},
-    ]
-    assert all(isinstance(app, FastAPI) for app, _ in calls)
+    import uvicorn
+
+    calls: list[tuple[Any, str]] = []
+    monkeypatch.setattr(uvicorn.Server, "run",
+                        lambda self, sockets: calls.append((self.config, sockets[0].getsockname()[0])))
+    said: list[str] = []
+    serve(redis_url, namespace, port=0, say=said.append)
+    serve(redis_url, namespace, host="0.0.0.0", port=0, token=TOKEN, say=said.append)
+    assert [host for _, host in calls] == ["127.0.0.1", "0.0.0.0"]
+    assert all(isinstance(config.app, FastAPI) and config.log_level == "warning" for config, _ in calls)
+    assert [line.split("/ (")[0].rsplit(":", 1)[0] for line in said] == [
+        "clawq serve: listening on http://127.0.0.1", "clawq serve: listening on http://0.0.0.0"]
 
 
-def test_serve_reports_unreachable_redis(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("uvicorn.run", lambda *a, **kw: pytest.fail("must not start"))
-    with pytest.raises(RedisUnavailable, match="cannot reach Redis"):
-        serve("redis://127.0.0.1:1/0", "default")
+def test_serve_refuses_a_port_in_use_before_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **kw: pytest.fail("must not start"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ClawqError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use$"):
+            serve("redis://127.0.0.1:1/0", "default", port=port)

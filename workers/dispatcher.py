@@ -32,6 +32,9 @@ _MAX_BLOCK_S = 1.0  #: the longest single wait, so SIGTERM is seen within a seco
 _IDLE_WAKE_S = 60.0  #: with no deadline at all, look again after this long (a safety net, not a tick)
 _GATE_CHECK_S = 3.0  #: the agent health URL is asked at most this often
 _ALERT_TTL_S = 86400
+#: How often a dispatcher that lost Redis tries again. A call already waits through redis-py's own retries
+#: (under a second apart), so a longer backoff here would only make the dispatcher resume late.
+_RETRY_S = 0.5
 CLAIM_BATCH = 16  #: claims per claim call; fewer back means nothing more may run now
 
 
@@ -226,21 +229,21 @@ class Dispatcher:
         return min(waits)
 
     def run(self, stop: threading.Event) -> None:
-        """Loop until ``stop`` is set; survives Redis outages (retry with backoff, logged once)."""
-        backoff, outage = 0.5, False
+        """Loop until ``stop`` is set; survives Redis outages (logged once, retried every :data:`_RETRY_S`,
+        so dispatching resumes within a second or two of Redis answering again)."""
+        outage = False
         self._cursor = ""
         while not stop.is_set():
             try:
                 self._cycle(stop)
                 if outage:
                     log.warning("Redis is reachable again: dispatching resumes")
-                backoff, outage = 0.5, False
+                outage = False
             except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as err:
                 if not outage:
-                    log.error("%s; retrying with backoff", err)
+                    log.error("%s; retrying every %.1fs", err, _RETRY_S)
                 outage = True
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                stop.wait(_RETRY_S)
 
     def _cycle(self, stop: threading.Event) -> None:
         if not self._cursor:  # events from here on wake us (and raise their alerts); none is skipped

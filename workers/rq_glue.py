@@ -22,6 +22,8 @@ log = logging.getLogger("clawq.worker")
 
 #: Extra time RQ gives a job beyond agent.timeout_minutes (our own timeout fires first).
 _JOB_TIMEOUT_MARGIN_S = 300
+#: How often a worker tries a lost Redis again (so it resumes within a second or two of Redis coming back).
+_RETRY_S = 1.0
 
 
 def job_meta(namespace: str, claim: Claim, config_version: str = "") -> dict[str, Any]:
@@ -68,55 +70,104 @@ def _prepare(job: Job) -> None:
         log.warning("cannot prepare job %s", job.id, exc_info=True)
 
 
-class ClawqWorker(Worker):
-    """RQ's forking worker that makes a job's broker, config and agent before forking, once per worker."""
+class _Outage:
+    """What the worker says about Redis: one line when it goes away, one when it answers again.
 
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        _prepare(job)
-        super().execute_job(job, queue)
+    RQ logs every reconnection attempt, and a worker that loses Redis while it watches a job quits with a long
+    traceback; :class:`_OutageFilter` turns both into this state. "Reachable again" is said only after a write
+    succeeded (the worker's own RQ heartbeat), never on a guess.
+    """
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def lost(self, why: str) -> None:
+        if not self.down:
+            self.down = True
+            log.error("Redis is unreachable (%s): the worker waits for it", _one_line(why))
+
+    def back(self) -> None:
+        if self.down:
+            self.down = False
+            log.warning("Redis is reachable again: the worker resumes")
 
 
-class ClawqSimpleWorker(SimpleWorker):
-    """RQ's in-process worker, prepared the same way (so its jobs reuse one broker)."""
-
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        _prepare(job)
-        super().execute_job(job, queue)
+_OUTAGE = _Outage()
+_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
 
 
-class _OncePerOutage(logging.Filter):
-    """RQ logs every reconnection attempt; let the first through and drop repeats until Redis is back."""
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _connection_error(exc_info: Any) -> BaseException | None:
+    """The connection error behind a log record's exception (or its cause), if that is what it is."""
+    err = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
+    seen = 0
+    while err is not None and seen < 5:
+        if isinstance(err, _CONNECTION_ERRORS):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+class _OutageFilter(logging.Filter):
+    """RQ's records about a lost Redis (retries, a traceback when it quits) become one :class:`_Outage` line."""
 
     _PREFIX = "could not connect to Redis"
 
-    def __init__(self) -> None:
+    def __init__(self, outage: _Outage) -> None:
         super().__init__()
-        self.down = False
+        self.outage = outage
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if self._PREFIX not in message:
-            if self.down:
-                self.down = False
-                log.warning("Redis is reachable again: the worker resumes")
-            return True
-        if self.down:
+        if self._PREFIX in message:
+            self.outage.lost(message.partition("Redis instance:")[2].partition(" retrying")[0] or message)
             return False
-        self.down = True
+        err = _connection_error(record.exc_info)
+        if err is not None:
+            self.outage.lost(str(err))
+            return False
         return True
+
+
+class _Reporting:
+    """Mixin: a successful RQ heartbeat (a write) ends an outage; a job is prepared before it runs."""
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        super().heartbeat(timeout, pipeline)  # type: ignore[misc]
+        if pipeline is None:
+            _OUTAGE.back()
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        _prepare(job)
+        super().execute_job(job, queue)  # type: ignore[misc]
+
+
+class ClawqWorker(_Reporting, Worker):
+    """RQ's forking worker that makes a job's broker, config and agent before forking, once per worker. It
+    retries a lost Redis every second (RQ doubles its wait up to a minute, so it would resume late)."""
+
+    max_connection_wait_time = _RETRY_S
+
+
+class ClawqSimpleWorker(_Reporting, SimpleWorker):
+    """RQ's in-process worker, prepared the same way (so its jobs reuse one broker)."""
+
+    max_connection_wait_time = _RETRY_S
 
 
 def run_worker(redis_url: str, queue: str, *, rq_url: str | None = None, burst: bool = False,
                name: str | None = None, simple: bool = False) -> bool:
     """Run an RQ worker on ``queue``; its jobs find clawq's Redis through CLAWQ_REDIS_URL.
 
-    RQ's worker dies when Redis goes away while it watches a job; this loop starts a new one, with
-    backoff, saying so once, so a Redis restart never shrinks the fleet.
+    RQ's worker quits when Redis goes away while it watches a job; this loop starts a new one every second
+    until Redis answers, saying so once, so a Redis restart never shrinks the fleet.
     """
     os.environ["CLAWQ_REDIS_URL"] = redis_url
-    logging.getLogger("rq.worker").addFilter(_OncePerOutage())
+    logging.getLogger("rq.worker").addFilter(_OutageFilter(_OUTAGE))
     cls: Any = ClawqSimpleWorker if simple else ClawqWorker
-    backoff, outage = 1.0, False
     worker: Any = None
     while True:
         connection = rq_connection(rq_url or redis_url, lean=True)
@@ -124,12 +175,12 @@ def run_worker(redis_url: str, queue: str, *, rq_url: str | None = None, burst: 
             if worker is not None:  # the dead worker's registration survives in Redis: clear it first
                 worker.register_death()
             worker = cls([Queue(queue, connection=connection)], connection=connection, name=name)
-            return bool(worker.work(burst=burst))
-        except (redis.ConnectionError, redis.TimeoutError) as err:
-            if not outage:
-                log.error("Redis went away (%s): restarting the worker with backoff", err)
-            outage = True
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            worked = bool(worker.work(burst=burst))
+            if burst or worker._stop_requested or not _OUTAGE.down:
+                return worked
+            time.sleep(_RETRY_S)  # RQ quit on a lost Redis (logged once by the filter): start a new worker
+        except _CONNECTION_ERRORS as err:
+            _OUTAGE.lost(str(err))
+            time.sleep(_RETRY_S)
         finally:
             connection.close()
