@@ -42,6 +42,7 @@ from .models import MAX_TEXT_BYTES, Claim, Completion, Deadlines, Outcome, Task,
 from .scripts import Scripts, load_specs
 from .signals import MAX_RESET_SECONDS, SignalClass, counts_for_breaker, parse_signal
 from .stats import observe_claim_to_start, queue_claim_to_start
+from .timing import start_of
 
 __all__ = ["SCHEMA_VERSION", "Broker", "redact_url", "redis_errors"]
 
@@ -249,8 +250,14 @@ class Broker:
         model: str | None = None,
         prompt: str = "",
         task_id: int | None = None,
+        not_before: float | None = None,
+        night_only: bool = False,
     ) -> int:
-        """Queue a task on ``board`` (its place is its id); returns the task id."""
+        """Queue a task on ``board`` (its place is its id); returns the task id.
+
+        ``not_before`` (epoch s): the task waits as ``scheduled`` until then. ``night_only`` (or the board's
+        ``night_only`` option): it may only start inside the night window, and waits for it as ``scheduled``.
+        """
         _check_board(board)
         _check_text("title", title, _MAX_TITLE, required=True)
         _check_text("prompt", prompt, MAX_TEXT_BYTES)
@@ -259,9 +266,11 @@ class Broker:
         if task_id is not None:
             _check_task_id(task_id)
         self._check_known(chain=chain, model=model)
+        start = start_of(self.config(), board, self.now(), not_before=not_before, night_only=night_only)
         args: list[str | int | float] = [
             self._now_arg(), "" if task_id is None else task_id, board, title, prompt,
-            chain or "", model or "",
+            chain or "", model or "", "" if start.due is None else _ms(start.due), "1" if start.night_only else "",
+            "" if start.not_before is None else _ms(start.not_before),
         ]
         reply = self._call("add_task", args)
         status = Status(reply[0])
@@ -292,10 +301,12 @@ class Broker:
             raise InputError(f"bad claim batch {limit!r}: 1 to {MAX_CLAIM_BATCH}")
         for _ in range(3):
             now = self.now()
-            cap, night = self.config().global_cap_at(now)
+            cfg = self.config()
+            cap, night = cfg.global_cap_at(now)
+            night_next = cfg.night_next(now)
             run_ids = [str(uuid.uuid4()) for _ in range(limit)]
             args: list[str | int | float] = [self._now_arg(), run_ids[0], cap, int(night), self._config_version,
-                                             *run_ids[1:]]
+                                             "" if night_next is None else _ms(night_next), *run_ids[1:]]
             reply = self._call("claim_task", args)
             status = Status(reply[0])
             if status is Status.CONFIG_STALE:
@@ -616,8 +627,8 @@ class Broker:
     def _placed_ids(self, board: str | None, status: TaskStatus | None) -> list[int]:
         """The ids in the places of ``status`` (every status when None), of ``board``'s queue only when given."""
         k = self.keys
-        places = {TaskStatus.IN_PROGRESS: k.running, TaskStatus.IN_REVIEW: k.in_review,
-                  TaskStatus.FAILED: k.failed, TaskStatus.CANCELLED: k.cancelled}
+        places = {TaskStatus.SCHEDULED: k.scheduled, TaskStatus.IN_PROGRESS: k.running,
+                  TaskStatus.IN_REVIEW: k.in_review, TaskStatus.FAILED: k.failed, TaskStatus.CANCELLED: k.cancelled}
         keys = [key for st, key in places.items() if status in (None, st)]
         if status in (None, TaskStatus.UP_NEXT):
             boards = [board] if board is not None else sorted(_str(b) for b in self.client.smembers(k.boards))
@@ -687,7 +698,8 @@ class Broker:
             pipe.zrange(self.keys.idx_backoff, 0, 0, withscores=True)
             pipe.hgetall(self.keys.blocked)
             pipe.pttl(self.keys.summary_lock)
-            lease, backoff, blocked, pttl = pipe.execute()
+            pipe.zrange(self.keys.scheduled, 0, 0, withscores=True)
+            lease, backoff, blocked, pttl, scheduled = pipe.execute()
         now_ms = self.now() * 1000
         cooling = [int(str(_text(v)).partition("|")[0]) for f, v in blocked.items()
                    if _str(f)[:2] in ("c:", "o:")]
@@ -697,6 +709,7 @@ class Broker:
             backoff=float(backoff[0][1]) / 1000 if backoff else None,
             cooldown=min(ends) / 1000 if ends else None,
             summary_lock_s=int(pttl) / 1000 if int(pttl) > 0 else None,
+            scheduled=float(scheduled[0][1]) / 1000 if scheduled else None,
         )
 
     def health(self) -> dict[str, Any]:
@@ -829,6 +842,9 @@ def _task_from(task_id: int, f: dict[str, str], context: list[Any], runs: list[A
         last_error_reason=f.get("last_error_reason") or None,
         created_at=created / 1000,
         updated_at=int(f.get("updated_at", created)) / 1000,
+        not_before=_opt_float_s(f.get("not_before")),
+        night_only=f.get("night") == "1",
+        due_at=_opt_float_s(f.get("due_at")),
         context=[json.loads(_text(x)) for x in context],
         runs=[json.loads(_text(x)) for x in runs],
     )

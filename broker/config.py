@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -107,6 +107,27 @@ class NightModeConfig(_Section):
             return start <= minute < end
         return minute >= start or minute < end
 
+    def next_open(self, ts: float) -> float:
+        """The first epoch second at or after ``ts`` inside the window: ``ts`` itself while the window is open,
+        else the window's next start (in the window's zone, across DST changes)."""
+        if self.contains(ts):
+            return ts
+        return next_local_time(self.start, ts, self.timezone)
+
+
+def next_local_time(hhmm: str, ts: float, zone: str) -> float:
+    """The first epoch second after ``ts`` whose local time in ``zone`` is ``hhmm`` (a time skipped by a DST
+    change counts as the instant it maps to)."""
+    tz = ZoneInfo(zone)
+    local = datetime.fromtimestamp(ts, tz=UTC).astimezone(tz)
+    hours, minutes = (int(x) for x in hhmm.split(":"))
+    for days in range(3):
+        day = local.date() + timedelta(days=days)
+        at = datetime(day.year, day.month, day.day, hours, minutes, tzinfo=tz).timestamp()
+        if at > ts:
+            return at
+    raise AssertionError("unreachable: a local time recurs within two days")
+
 
 def _minutes(hhmm: str) -> int:
     hours, minutes = hhmm.split(":")
@@ -193,6 +214,12 @@ class NotifyConfig(_Section):
     webhook: WebhookConfig | None = None
 
 
+class BoardConfig(_Section):
+    """Per-board options (``boards: {<board>: {...}}``)."""
+
+    night_only: bool = False  #: every task added to the board may only start inside the night window
+
+
 def _default_models() -> dict[str, str]:
     return {
         "opus": "anthropic",
@@ -225,8 +252,9 @@ class Config(_Section):
     notify: NotifyConfig = NotifyConfig()
     models: dict[str, str] = Field(default_factory=_default_models)
     chains: dict[str, list[str]] = Field(default_factory=_default_chains)
+    boards: dict[str, BoardConfig] = Field(default_factory=dict)
 
-    @field_validator("models", "chains")
+    @field_validator("models", "chains", "boards")
     @classmethod
     def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
@@ -246,7 +274,22 @@ class Config(_Section):
                 )
         for chain, members in self.chains.items():
             _check_chain(chain, members, self.models)
+        for board, options in self.boards.items():
+            if options.night_only and self.night_mode is None:
+                raise ValueError(f"boards.{board}.night_only needs night_mode (there is no night window)")
         return self
+
+    def board_night_only(self, board: str) -> bool:
+        """Whether every task of ``board`` is night-only (its ``boards:`` option)."""
+        options = self.boards.get(board)
+        return options is not None and options.night_only
+
+    def night_next(self, ts: float) -> float | None:
+        """None while night-only tasks may start at epoch second ``ts`` (the window is open, or night mode is
+        off), else when the window next opens."""
+        if self.night_mode is None or self.night_mode.contains(ts):
+            return None
+        return self.night_mode.next_open(ts)
 
     # -- derived values ------------------------------------------------------------------------------
     def global_cap_at(self, ts: float) -> tuple[int, bool]:

@@ -114,6 +114,18 @@ class Keys:
         return self._k("status", "cancelled")
 
     @property
+    def scheduled(self) -> str:
+        """ZSET: task id -> time (ms) it becomes due, for every ``scheduled`` task (waiting for its not-before
+        time or for the night window); a claim moves the due ones to their board queues."""
+        return self._k("scheduled")
+
+    @property
+    def night_queued(self) -> str:
+        """ZSET: task id -> task id, night-only tasks that went to a board queue (cleaned lazily: a claim made
+        outside the night window moves the queued ones back to ``scheduled`` and drops the finished ones)."""
+        return self._k("night_queued")
+
+    @property
     def inflight_model(self) -> str:
         """HASH: model -> runs in progress."""
         return self._k("inflight", "model")
@@ -216,7 +228,8 @@ class Keys:
 
     # -- per-board keys ------------------------------------------------------------------------------
     def board(self, board: str) -> str:
-        """HASH: running (task id), paused, ck (ready line it sits in), state (index it sits in)."""
+        """HASH: running (task id), paused, ck (ready line it sits in), state (index it sits in), scheduled (its
+        tasks in ``scheduled``)."""
         return self._k("board", board)
 
     def queue(self, board: str) -> str:

@@ -18,6 +18,7 @@ MAX_TEXT_BYTES = 256 * 1024
 class TaskStatus(enum.StrEnum):
     """Where a task is; it is always in exactly one of these places."""
 
+    SCHEDULED = "scheduled"  #: waiting for its not-before time or the night window (in no board queue)
     UP_NEXT = "up_next"  #: in its board's queue (maybe its head in failure backoff)
     IN_PROGRESS = "in_progress"  #: a run holds its lease
     IN_REVIEW = "in_review"  #: the last run said no follow-up is needed
@@ -38,11 +39,12 @@ class Deadlines(BaseModel):
     backoff: float | None  #: the earliest end of a failure backoff
     cooldown: float | None  #: the earliest end of a model cooldown
     summary_lock_s: float | None  #: how long the periodic summary's lock still holds, None when it is free
+    scheduled: float | None = None  #: when the earliest scheduled task becomes due
 
     @property
     def next(self) -> float | None:
-        """The nearest lease deadline, backoff end or cooldown end."""
-        times = [t for t in (self.lease, self.backoff, self.cooldown) if t is not None]
+        """The nearest lease deadline, backoff end, cooldown end or scheduled task's due time."""
+        times = [t for t in (self.lease, self.backoff, self.cooldown, self.scheduled) if t is not None]
         return min(times) if times else None
 
 
@@ -131,5 +133,8 @@ class Task(BaseModel):
     last_error_reason: str | None = None
     created_at: float
     updated_at: float
+    not_before: float | None = None  #: the time it was asked to wait for (epoch s)
+    night_only: bool = False  #: it may only start inside the night window
+    due_at: float | None = None  #: while scheduled: when it joins its board queue (epoch s)
     context: list[dict[str, Any]] = Field(default_factory=list)
     runs: list[dict[str, Any]] = Field(default_factory=list)

@@ -36,9 +36,10 @@ LEASE_S = 23 * 60
 HEARTBEAT_S = 20 * 60
 BACKOFF_S = 5 * 60
 DONE = Outcome(summary="finished")
-PLACE_KEYS = ("running", "in_review", "failed", "cancelled")
+PLACE_KEYS = ("scheduled", "running", "in_review", "failed", "cancelled")
 PLACE_STATUS = {
-    "running": "in_progress", "in_review": "in_review", "failed": "failed", "cancelled": "cancelled"
+    "scheduled": "scheduled", "running": "in_progress", "in_review": "in_review", "failed": "failed",
+    "cancelled": "cancelled",
 }
 MAP_FIELDS = ("models", "chains")
 
@@ -137,7 +138,7 @@ def check_refs(broker: Broker) -> None:
     expected: Counter[str] = Counter()
     for tid in task_hash_ids(c, k):
         ck, status = c.hmget(k.task(tid), "ck", "status")
-        if status in ("up_next", "in_progress"):
+        if status in ("scheduled", "up_next", "in_progress"):
             expected[str(ck)] += 1
     assert {ck: int(n) for ck, n in c.hgetall(k.refs).items()} == dict(expected)
 
@@ -203,9 +204,27 @@ def check_indexes(broker: Broker) -> None:
             assert ck == actual.split(":", 1)[1]
 
 
+def check_scheduled(broker: Broker) -> None:
+    """`scheduled` scores are the tasks' due times, boards count their scheduled tasks, and every queued
+    night-only task is in night_queued."""
+    c, k = rc(broker), broker.keys
+    counts: Counter[str] = Counter()
+    for tid, due in c.zrange(k.scheduled, 0, -1, withscores=True):
+        t = c.hgetall(k.task(tid))
+        assert t["status"] == "scheduled" and int(t["due_at"]) == due, f"task {tid}"
+        counts[t["board"]] += 1
+    night = set(c.zrange(k.night_queued, 0, -1))
+    for board in c.smembers(k.boards):
+        assert int(c.hget(k.board(board), "scheduled") or 0) == counts[board], f"board {board} scheduled count"
+        for tid in c.zrange(k.queue(board), 0, -1):
+            if c.hget(k.task(tid), "night") == "1":
+                assert tid in night, f"queued night-only task {tid} is not in night_queued"
+
+
 def check(broker: Broker) -> dict[int, str]:
     """Every invariant; returns the places of all tasks."""
     where = places(broker)
+    check_scheduled(broker)
     check_running(broker)
     check_blocks(broker)
     check_refs(broker)

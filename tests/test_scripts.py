@@ -105,7 +105,7 @@ def complete_args(run_id: str, now: float, task_id: int, outcome: Outcome) -> li
 def test_add_task_ok(broker: Broker, clock: Clock) -> None:
     assert broker.add("web", "first", chain="coding", prompt="p1") == 1
     reply = raw(broker, "add_task", ms(clock()), "", "web", "second", "p2", "", "glm")
-    assert reply == [Status.OK, 2]
+    assert reply == [Status.OK, 2, "up_next"]
     c, k = rc(broker), broker.keys
     assert c.zrange(k.queue("web"), 0, -1) == ["1", "2"]
     assert c.smembers(k.boards) == {"web"}
@@ -135,6 +135,7 @@ def test_the_fields_add_task_leaves_out_read_as_before(broker: Broker, clock: Cl
         "status": "up_next", "run_count": 0, "attempts": 0, "run_id": None, "running_model": None,
         "running_provider": None, "lease_deadline": None, "backoff_until": None, "last_error": None,
         "last_error_reason": None, "created_at": at / 1000, "updated_at": at / 1000, "context": [], "runs": [],
+        "not_before": None, "night_only": False, "due_at": None,
     }
     assert broker.get_task(tid).model_dump(mode="json") == expected
     assert [t.model_dump(mode="json") for t in broker.list_tasks()] == [expected]
@@ -165,7 +166,7 @@ def test_add_task_duplicate_raw_past_the_api_bound(broker: Broker, clock: Clock,
     """The script itself recognises large ids (no %.14g key text) even where the API refuses them."""
     broker.add("web", "seed", chain="coding")
     assert raw(broker, "add_task", ms(clock()), task_id, "web", "original", "", "coding", "") == [
-        Status.OK, task_id
+        Status.OK, task_id, "up_next"
     ]
     before = snapshot(broker)
     assert raw(broker, "add_task", ms(clock()), task_id, "web", "copy", "", "coding", "") == [
@@ -243,7 +244,7 @@ def test_claim_task_ok_batch_raw_reply(broker: Broker, clock: Clock) -> None:
     broker.add("api", "v", model="codex")
     ids = [str(uuid.uuid4()) for _ in range(3)]
     version = rc(broker).hget(broker.keys.cfg_settings, "version")
-    reply = raw(broker, "claim_task", ms(clock()), ids[0], 6, 0, version, *ids[1:])
+    reply = raw(broker, "claim_task", ms(clock()), ids[0], 6, 0, version, "", *ids[1:])
     deadline = ms(clock()) + LEASE_MS
     assert reply == [Status.OK, 2, 1, "web", "glm", "zai", ids[0], 1, 1, deadline,
                      3, "api", "codex", "openai", ids[1], 1, 1, deadline, "board_busy", 1]

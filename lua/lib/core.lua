@@ -422,6 +422,15 @@ local function end_run(K, P, id, t, now, outcome, detail)
   rcall("HSET", task_key(P, id), "last_run_id", t.run_id, "updated_at", int(now))
 end
 
+-- Scheduled tasks: `scheduled` (ZSET id -> due ms) holds every task that waits for its not-before time
+-- or for the night window, and board:<b>.scheduled counts them per board. A scheduled task is in no
+-- board queue, so it is no board's head and blocks nothing. K needs scheduled.
+local function schedule_task(K, P, id, board, due)
+  rcall("ZADD", K.scheduled, due, id)
+  rcall("HSET", task_key(P, id), "status", "scheduled", "due_at", int(due))
+  rcall("HINCRBY", board_key(P, board), "scheduled", 1)
+end
+
 -- Back to the board's queue, scored by its id: it is the head again if nothing lower waits.
 local function requeue(K, P, id, t, now, backoff_until)
   rcall("ZADD", queue_key(P, t.board), id, id)
@@ -430,11 +439,13 @@ local function requeue(K, P, id, t, now, backoff_until)
 end
 
 -- A final place: in_review, failed or cancelled (each a ZSET of id -> time). An unfinished
--- task (up_next, in_progress) stops counting in refs, the uses of its chain key.
+-- task (scheduled, up_next, in_progress) stops counting in refs, the uses of its chain key.
 local function finish(K, P, id, t, now, status, place)
   rcall("ZADD", place, now, id)
   rcall("HSET", task_key(P, id), "status", status, "finished_at", int(now))
-  if t.status == "up_next" or t.status == "in_progress" then counter_down(K.refs, t.ck) end
+  if t.status == "up_next" or t.status == "in_progress" or t.status == "scheduled" then
+    counter_down(K.refs, t.ck)
+  end
   reindex_board(K, P, t.board, now)
 end
 

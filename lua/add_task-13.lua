@@ -1,11 +1,13 @@
 --[[
-  add_task: add a task to the tail of its board (its place is its task_id).
+  add_task: add a task to the tail of its board (its place is its task_id), or, when it is due later,
+  to `scheduled` (a claim moves it to its board's queue, at its place, once it is due).
 
   The task hash gets only what is not known otherwise: board, title, prompt (when not empty), ck,
-  status and `at`, the time it was added (ms; the task's created_at). The id is in the key; chain /
-  pinned model are in ck (c:<chain> / m:<model>); run_count, attempts and backoff_until are 0 while
-  absent; updated_at and queued_at are `at` while absent (broker/keys.py `Keys.task` lists these
-  defaults; every reader applies them).
+  status and `at`, the time it was added (ms; the task's created_at), and when given `not_before` (ms),
+  `night` ("1": it may only start inside the night window) and `due_at` (while scheduled). The id is in
+  the key; chain / pinned model are in ck (c:<chain> / m:<model>); run_count, attempts and
+  backoff_until are 0 while absent; updated_at and queued_at are `at` while absent (broker/keys.py
+  `Keys.task` lists these defaults; every reader applies them).
 
   KEYS[1]  task_seq            STRING highest task id handed out or given
   KEYS[2]  boards              SET    board names
@@ -18,19 +20,25 @@
   KEYS[9]  idx_paused          SET
   KEYS[10] idx_backoff         ZSET
   KEYS[11] events              STREAM
+  KEYS[12] scheduled           ZSET   task id -> due time (ms)
+  KEYS[13] night_queued        ZSET   night-only tasks that went to a board queue
   Built from ARGV[1]: task:<id>, board:<b>, board:<b>:queue, ready:<ck>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id, or "" for the next from task_seq
   ARGV[4] board  ARGV[5] title  ARGV[6] prompt  ARGV[7] chain name or ""  ARGV[8] pinned model or ""
+  ARGV[9] due time (ms) or "": a task due after now waits in `scheduled` (the caller computes it from the
+          not-before time and the night window)
+  ARGV[10] "1" for a night-only task, else ""  ARGV[11] the not-before time asked for (ms) or ""
 
-  Returns {0, task_id} | {4, task_id} duplicate id | {5, message} unknown chain or model
+  Returns {0, task_id, status} | {4, task_id} duplicate id | {5, message} unknown chain or model
           | {3, message} no auto id left below 10**14
 ]]
 local rcall = redis.call
 --- @include "core"
 
 local K = {refs = KEYS[5], ready_fronts = KEYS[6], ready_seq = KEYS[7], idx_busy = KEYS[8],
-           idx_paused = KEYS[9], idx_backoff = KEYS[10], events = KEYS[11]}
+           idx_paused = KEYS[9], idx_backoff = KEYS[10], events = KEYS[11], scheduled = KEYS[12],
+           night_queued = KEYS[13]}
 local P, now, board, chain, pinned = ARGV[1], clock_ms(ARGV[2]), ARGV[4], ARGV[7], ARGV[8]
 
 local ck
@@ -55,14 +63,24 @@ end
 local sid = int(id)
 
 local fields = {"board", board, "title", ARGV[5], "ck", ck, "status", "up_next", "at", int(now)}
-if ARGV[6] ~= "" then
-  fields[#fields + 1] = "prompt"
-  fields[#fields + 1] = ARGV[6]
+for _, f in ipairs({{"prompt", ARGV[6]}, {"night", ARGV[10]}, {"not_before", ARGV[11]}}) do
+  if f[2] and f[2] ~= "" then
+    fields[#fields + 1] = f[1]
+    fields[#fields + 1] = f[2]
+  end
 end
 rcall("HSET", task_key(P, sid), unpack(fields))
 rcall("SADD", KEYS[2], board)
-rcall("ZADD", queue_key(P, board), id, sid)
 rcall("HINCRBY", K.refs, ck, 1)
-reindex_board(K, P, board, now)
-emit(K, now, "added", {"task_id", sid, "board", board, "chain", chain, "model", pinned})
-return {0, id}
+local due, status = tonumber(ARGV[9]), "up_next"
+if due and due > now then
+  status = "scheduled"
+  schedule_task(K, P, sid, board, due)
+else
+  rcall("ZADD", queue_key(P, board), id, sid)
+  if ARGV[10] == "1" then rcall("ZADD", K.night_queued, id, sid) end
+  reindex_board(K, P, board, now)
+end
+emit(K, now, "added", {"task_id", sid, "board", board, "chain", chain, "model", pinned, "status", status,
+                       "due", due and due > now and int(due) or nil})
+return {0, id, status}

@@ -9,7 +9,7 @@
   with SCAN, which does not block Redis, and passes their ids; the places list the rest. A task added
   after the SCAN is in its place, so it is found there.
   Checked (and repaired):
-    - each task is in exactly the place its status names (board queue / running /
+    - each task is in exactly the place its status names (scheduled / board queue / running /
       status:in_review / status:failed / status:cancelled); a missing place is restored,
       an extra place is dropped; a place listing a task with no hash is cleaned
     - seq:task is at least every task id; `boards` lists every task's board
@@ -18,7 +18,10 @@
       else the probe slot is freed (a probe lost without a report would hold its provider)
     - blocked = what the caps, the (repaired) counters, the cooldown keys and the breakers imply
     - board:<b>.running = the board's in-progress task
-    - refs = unfinished (up_next, in_progress) tasks per chain key
+    - refs = unfinished (scheduled, up_next, in_progress) tasks per chain key
+    - board:<b>.scheduled = the board's scheduled tasks; every queued night-only task is in
+      night_queued (which may also hold night-only tasks in progress or finished: a claim outside the
+      window forgets the finished ones)
     - each board is in exactly the index its state implies (reindex_board's rules; a due
       backoff still in idx:backoff is fine: the next claim moves it) and board.state/ck agree
     - ready:fronts = the place of each non-empty ready line's front board
@@ -44,6 +47,8 @@
   KEYS[18] cfg_model_cap       HASH
   KEYS[19] cfg_provider_cap    HASH
   KEYS[20] blocked             HASH
+  KEYS[21] scheduled           ZSET   task id -> due time (ms)
+  KEYS[22] night_queued        ZSET
   Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, ready:<ck>, cooldown:<model>,
   breaker:<provider>
 
@@ -60,7 +65,8 @@ local K = {task_seq = KEYS[1], boards = KEYS[2], running = KEYS[3], in_review = 
            cancelled = KEYS[6], inflight_model = KEYS[7], inflight_provider = KEYS[8],
            ready_fronts = KEYS[9], ready_seq = KEYS[10], idx_busy = KEYS[11], idx_paused = KEYS[12],
            idx_backoff = KEYS[13], refs = KEYS[14], cfg_chains = KEYS[15], cfg_model_provider = KEYS[16],
-           events = KEYS[17], cfg_model_cap = KEYS[18], cfg_provider_cap = KEYS[19], blocked = KEYS[20]}
+           events = KEYS[17], cfg_model_cap = KEYS[18], cfg_provider_cap = KEYS[19], blocked = KEYS[20],
+           scheduled = KEYS[21], night_queued = KEYS[22]}
 local P, now, repair = ARGV[1], clock_ms(ARGV[2]), ARGV[3] == "1"
 
 local problems, fixed = {}, {}
@@ -86,8 +92,8 @@ end
 
 -- 1. Places -------------------------------------------------------------------------------------
 local STATUS_PLACE = {in_progress = K.running, in_review = K.in_review, failed = K.failed,
-                      cancelled = K.cancelled}
-local PLACE_NAME = {[K.running] = "running", [K.in_review] = "status:in_review",
+                      cancelled = K.cancelled, scheduled = K.scheduled}
+local PLACE_NAME = {[K.running] = "running", [K.scheduled] = "scheduled", [K.in_review] = "status:in_review",
                     [K.failed] = "status:failed", [K.cancelled] = "status:cancelled"}
 local function place_name(key)
   return PLACE_NAME[key] or ("queue of board " .. string.sub(key, #P + 7, -7))
@@ -106,13 +112,13 @@ end
 local function load(id, walking)
   if tasks[id] ~= nil then return true end
   local v = rcall("HMGET", task_key(P, id), "board", "status", "ck", "model", "provider",
-                  "lease_deadline", "finished_at")
+                  "lease_deadline", "finished_at", "due_at", "night")
   if not v[1] and not v[2] and rcall("EXISTS", task_key(P, id)) == 0 then
     if not walking then tasks[id] = false end
     return false
   end
   tasks[id] = {board = v[1], status = v[2], ck = v[3], model = v[4], provider = v[5],
-               lease_deadline = v[6], finished_at = v[7]}
+               lease_deadline = v[6], finished_at = v[7], due_at = v[8], night = v[9] == "1"}
   if v[1] then boards[v[1]] = true end
   return true
 end
@@ -120,7 +126,7 @@ end
 -- Every task hash: the caller found them with SCAN (ARGV[4..]), so a task in no place is found too.
 for i = 4, #ARGV do load(ARGV[i], true) end
 
-for _, key in ipairs({K.running, K.in_review, K.failed, K.cancelled}) do
+for _, key in ipairs({K.scheduled, K.running, K.in_review, K.failed, K.cancelled}) do
   local r = rcall("ZRANGE", key, 0, -1, "WITHSCORES")
   for i = 1, #r, 2 do
     at(r[i], key, r[i + 1])
@@ -135,7 +141,8 @@ for _, b in ipairs(sorted_keys(boards)) do
   end
 end
 
-local counts = {model = {}, provider = {}, refs = {}}
+local counts = {model = {}, provider = {}, refs = {}, scheduled = {}}
+local night_queued = set_of(rcall("ZRANGE", K.night_queued, 0, -1))
 local top                 -- the highest task id that has a hash
 local runs_on = {}        -- board -> list of in-progress task ids
 local cks = {}            -- candidate chain keys of ready lines
@@ -184,6 +191,8 @@ for _, id in ipairs(sorted_keys(tasks, true)) do
           local score = id
           if expected == K.running then
             score = t.lease_deadline or int(now)
+          elseif expected == K.scheduled then
+            score = t.due_at or int(now)
           elseif t.status ~= "up_next" then
             score = t.finished_at or int(now)
           end
@@ -206,7 +215,17 @@ for _, id in ipairs(sorted_keys(tasks, true)) do
       runs_on[t.board or ""] = runs_on[t.board or ""] or {}
       table.insert(runs_on[t.board or ""], id)
     end
-    if t.status == "up_next" or t.status == "in_progress" then bump(counts.refs, t.ck) end
+    if t.status == "up_next" or t.status == "in_progress" or t.status == "scheduled" then
+      bump(counts.refs, t.ck)
+    end
+    if t.status == "scheduled" then bump(counts.scheduled, t.board) end
+    if t.status == "up_next" and t.night and not night_queued[id] then
+      problem("night-only task " .. id .. " is queued but missing from night_queued")
+      if repair then
+        rcall("ZADD", K.night_queued, id, id)
+        fix("added task " .. id .. " to night_queued")
+      end
+    end
     if t.ck and t.ck ~= "" then cks[t.ck] = true end
   end
 end
@@ -275,6 +294,17 @@ local board_list = sorted_keys(board_set)
 for _, b in ipairs(board_list) do
   local ids = runs_on[b] or {}
   local actual = rcall("HGET", board_key(P, b), "running")
+  local n_sched = rcall("HGET", board_key(P, b), "scheduled")
+  local want_sched = counts.scheduled[b] and tostring(counts.scheduled[b]) or false
+  if n_sched ~= want_sched then
+    problem("board " .. b .. " counts " .. (n_sched or "no") .. " scheduled tasks, expected " ..
+            (want_sched or "none"))
+    if repair then
+      if want_sched then rcall("HSET", board_key(P, b), "scheduled", want_sched)
+      else rcall("HDEL", board_key(P, b), "scheduled") end
+      fix("set board " .. b .. " scheduled count to " .. (want_sched or "none"))
+    end
+  end
   if #ids > 1 then
     problem("board " .. b .. " has " .. #ids .. " tasks in progress: " .. table.concat(ids, ",") ..
             " (not repairable)")

@@ -34,12 +34,16 @@
   KEYS[15] events              STREAM
   KEYS[16] stats_skips         HASH   reason -> total
   KEYS[17] stats_claims        STRING
+  KEYS[18] scheduled           ZSET   task id -> due time (ms)
+  KEYS[19] night_queued        ZSET   night-only tasks that went to a board queue
   Built from ARGV[1]: ready:<ck>, board:<b>, board:<b>:queue, task:<id>, task:<id>:runs,
   task:<id>:lease, breaker:<provider> (the probe of a half-open breaker)
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] run id (new UUID)  ARGV[4] global cap
-  ARGV[5] night (1/0)  ARGV[6] config version the caller computed ARGV[4] from
-  ARGV[7..] more run ids: one claim per run id while the rules allow (a dispatcher claims a batch)
+  ARGV[5] night (1/0)  ARGV[6] config version the caller computed ARGV[4] and ARGV[7] from
+  ARGV[7] "" while night-only tasks may start (the night window is open, or night mode is off), else
+          when the window next opens (ms)
+  ARGV[8..] more run ids: one claim per run id while the rules allow (a dispatcher claims a batch)
 
   Returns
     {0, n, task_id, board, model, provider, run_id, run_count, attempt, lease_deadline_ms, ...,
@@ -56,7 +60,8 @@ local K = {cfg_settings = KEYS[1], cfg_chains = KEYS[2], cfg_model_cap = KEYS[3]
            cfg_provider_cap = KEYS[4], cfg_model_provider = KEYS[5], inflight_model = KEYS[6],
            inflight_provider = KEYS[7], blocked = KEYS[8], running = KEYS[9], ready_fronts = KEYS[10],
            ready_seq = KEYS[11], idx_busy = KEYS[12], idx_paused = KEYS[13],
-           idx_backoff = KEYS[14], events = KEYS[15], stats_skips = KEYS[16], stats_claims = KEYS[17]}
+           idx_backoff = KEYS[14], events = KEYS[15], stats_skips = KEYS[16], stats_claims = KEYS[17],
+           scheduled = KEYS[18], night_queued = KEYS[19]}
 local P = ARGV[1]
 local now = clock_ms(ARGV[2])
 
@@ -66,6 +71,46 @@ if settings[1] ~= ARGV[6] then return {7} end
 -- Boards whose backoff ended join their ready line (the broker's delayed work, atomic with claims).
 local due = rcall("ZRANGEBYSCORE", K.idx_backoff, "-inf", now, "LIMIT", 0, 100)
 for _, b in ipairs(due) do reindex_board(K, P, b, now) end
+
+-- The night rule: outside the window (night_next ~= ""), no night-only run starts. Night-only tasks
+-- that reached a board queue go back to `scheduled` until the window opens; a due night-only task
+-- waits for it there. night_queued also keeps the night-only tasks in progress (a run that is going
+-- when the window closes is not stopped; its task is checked again once it is back in its queue) and
+-- forgets the finished ones here.
+local night_next = ARGV[7] or ""
+if night_next ~= "" then
+  for _, id in ipairs(rcall("ZRANGE", K.night_queued, 0, -1)) do
+    local t = rcall("HMGET", task_key(P, id), "board", "status")
+    if t[2] == "up_next" then
+      rcall("ZREM", queue_key(P, t[1]), id)
+      schedule_task(K, P, id, t[1], night_next)
+      reindex_board(K, P, t[1], now)
+      emit(K, now, "scheduled", {"task_id", id, "board", t[1], "due", night_next,
+                                 "message", "night-only: the night window is closed"})
+    end
+    if t[2] ~= "in_progress" then rcall("ZREM", K.night_queued, id) end
+  end
+end
+
+-- Scheduled tasks that are due join their board queues at their places (their ids), O(log N) each.
+for _, id in ipairs(rcall("ZRANGEBYSCORE", K.scheduled, "-inf", now, "LIMIT", 0, 100)) do
+  local t = rcall("HMGET", task_key(P, id), "board", "night")
+  if not t[1] then
+    rcall("ZREM", K.scheduled, id)  -- no hash (doctor reports it): nothing to queue
+  elseif t[2] == "1" and night_next ~= "" then
+    rcall("ZADD", K.scheduled, night_next, id)
+    rcall("HSET", task_key(P, id), "due_at", night_next)
+  else
+    rcall("ZREM", K.scheduled, id)
+    counter_down(board_key(P, t[1]), "scheduled")
+    rcall("ZADD", queue_key(P, t[1]), id, id)
+    rcall("HSET", task_key(P, id), "status", "up_next", "queued_at", int(now))
+    rcall("HDEL", task_key(P, id), "due_at")
+    if t[2] == "1" then rcall("ZADD", K.night_queued, id, id) end
+    reindex_board(K, P, t[1], now)
+    emit(K, now, "due", {"task_id", id, "board", t[1]})
+  end
+end
 
 -- Nothing claimable: every waiting board counts once, under the reason it waits for.
 -- lines: {chain key, reason} for the ready lines that were refused.
@@ -148,7 +193,8 @@ local function stop(refused)
   for j = 2, #skips do out[#out + 1] = skips[j] end
   return out
 end
-for i = 0, #ARGV - 6 do
+local extra = math.max(0, #ARGV - 7)  -- run ids after ARGV[3]
+for i = 0, extra do
   if running >= cap then
     local lines = {}
     for _, ck in ipairs(fronts) do lines[#lines + 1] = {ck, "global_cap"} end
@@ -157,9 +203,9 @@ for i = 0, #ARGV - 6 do
   view = view or model_view(K)
   local best, refused = choose(fronts, view)
   if not best then return stop(refused) end
-  if take(best, i == 0 and ARGV[3] or ARGV[6 + i], out, view) then view = nil end
+  if take(best, i == 0 and ARGV[3] or ARGV[7 + i], out, view) then view = nil end
   out[2] = out[2] + 1
   running = running + 1
-  if i < #ARGV - 6 then fronts = rcall("ZRANGE", K.ready_fronts, 0, -1) end
+  if i < extra then fronts = rcall("ZRANGE", K.ready_fronts, 0, -1) end
 end
 return out

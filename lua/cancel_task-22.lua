@@ -4,7 +4,8 @@
   it held is freed.
 
   KEYS[1]  task (task:<id>)   HASH
-  KEYS[2..21] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
+  KEYS[2]  scheduled          ZSET   task id -> due time
+  KEYS[3..22] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
            cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
            inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
            in_review failed cancelled events errors stats_failures stats_completed
@@ -18,7 +19,8 @@
 local rcall = redis.call
 --- @include "core"
 
-local K = keys_from(RUN_END_KEYS, 2)
+local K = keys_from(RUN_END_KEYS, 3)
+K.scheduled = KEYS[2]
 local P, now, id = ARGV[1], clock_ms(ARGV[2]), ARGV[3]
 local t = task_fields(P, id)
 if not t then return {1, "task not found"} end
@@ -26,6 +28,10 @@ local was = t.status
 if was == "cancelled" then return {3, "already cancelled"} end
 if was == "up_next" then
   rcall("ZREM", queue_key(P, t.board), id)
+elseif was == "scheduled" then
+  rcall("ZREM", K.scheduled, id)
+  counter_down(board_key(P, t.board), "scheduled")
+  rcall("HDEL", task_key(P, id), "due_at")
 elseif was == "in_progress" then
   end_run(K, P, id, t, now, "cancelled", "cancelled")
   breaker_after(K, P, t, now, "void")

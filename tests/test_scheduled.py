@@ -1,0 +1,272 @@
+"""Tasks that wait for a time or for the night: ``scheduled``, promoted by the claim, on real Redis (7 and 6.2).
+
+The clock is the test's (``FakeClock``): the broker hands its milliseconds to the scripts, so a whole day and
+night pass in a few calls.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from test_doctor import repaired
+from test_rules import Clock, check, config, follow, nothing, rc
+
+from clawq.broker import Broker, InputError, NothingToClaim, Outcome, TaskStatus
+from clawq.broker.timing import parse_not_before
+
+DONE = Outcome(summary="finished")
+NIGHT = {"timezone": "UTC", "start": "22:00", "end": "06:00", "global_max_concurrent": 8}
+
+
+def noon(clock: Clock) -> float:
+    """Move the clock to the next 12:00 UTC (a day time, outside the 22:00-06:00 window)."""
+    now = datetime.fromtimestamp(clock(), tz=UTC)
+    at = now.replace(hour=12, minute=0, second=0, microsecond=0)
+    if at <= now:
+        at += timedelta(days=1)
+    clock.t = at.timestamp()
+    return clock.t
+
+
+def at_hour(clock: Clock, hour: int, minute: int = 0) -> float:
+    """Move the clock forward to the next hh:mm UTC."""
+    now = datetime.fromtimestamp(clock(), tz=UTC)
+    at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if at <= now:
+        at += timedelta(days=1)
+    clock.t = at.timestamp()
+    return clock.t
+
+
+def night_broker(broker: Broker, clock: Clock, **extra: Any) -> Broker:
+    broker.load_config(config(night_mode=NIGHT, **extra))
+    noon(clock)
+    return broker
+
+
+def snapshot(r: redis.Redis) -> dict[Any, Any]:
+    return {k: r.dump(k) for k in r.keys("*")}
+
+
+# -- not before ----------------------------------------------------------------------------------
+
+
+def test_a_task_not_before_a_time_waits_blocks_nothing_and_joins_at_its_place(broker: Broker, clock: Clock) -> None:
+    broker.load_config(config())
+    t0 = clock()
+    early = broker.add("web", "later", chain="coding", not_before=t0 + 600)
+    plain = broker.add("web", "now", chain="coding")
+    task = broker.get_task(early)
+    assert task.status is TaskStatus.SCHEDULED
+    assert (task.not_before, task.due_at) == (t0 + 600, t0 + 600)
+    assert check(broker) == {early: "scheduled", plain: "up_next"}
+    assert [t.task_id for t in broker.list_tasks(status=TaskStatus.SCHEDULED)] == [early]
+    assert broker.deadlines().scheduled == t0 + 600 and broker.next_deadline() == t0 + 600
+    # it is not the head: the later task of its board runs, and the board is idle after it
+    first = broker.claim()
+    assert first.task_id == plain
+    broker.complete(plain, first.run_id, DONE)
+    clock.advance(599)
+    assert nothing(broker) == {}
+    clock.advance(1)
+    assert broker.claim().task_id == early
+
+
+def test_a_due_task_is_the_head_by_its_id(broker: Broker, clock: Clock) -> None:
+    broker.load_config(config())
+    t0 = clock()
+    early = broker.add("web", "first by id", chain="coding", not_before=t0 + 60)
+    later = broker.add("web", "second", chain="coding")
+    claim = broker.claim()
+    assert claim.task_id == later
+    broker.complete(later, claim.run_id, follow("more", "part one"))  # back at its place, the head again
+    clock.advance(60)
+    claim = broker.claim()  # the due task joined at its place, ahead of the follow-up
+    assert claim.task_id == early
+    assert broker.get_task(early).due_at is None
+    events = [e["type"] for e in broker.events(count=1000) if e.get("task_id") == early]
+    assert events == ["added", "due", "claimed"]
+    assert check(broker) == {early: "in_progress", later: "up_next"}
+    assert broker.deadlines().scheduled is None
+
+
+def test_not_before_in_the_past_queues_at_once(broker: Broker, clock: Clock) -> None:
+    broker.load_config(config())
+    tid = broker.add("web", "t", chain="coding", not_before=clock() - 3600)
+    task = broker.get_task(tid)
+    assert task.status is TaskStatus.UP_NEXT and task.not_before == clock() - 3600 and task.due_at is None
+    assert broker.claim().task_id == tid
+
+
+def test_a_scheduled_task_is_cancelled_and_counted_out(broker: Broker, clock: Clock) -> None:
+    broker.load_config(config())
+    tid = broker.add("web", "t", chain="coding", not_before=clock() + 60)
+    assert rc(broker).hget(broker.keys.board("web"), "scheduled") == "1"
+    assert broker.cancel(tid) is TaskStatus.SCHEDULED
+    assert check(broker) == {tid: "cancelled"}
+    assert rc(broker).hget(broker.keys.board("web"), "scheduled") is None
+    assert rc(broker).hgetall(broker.keys.refs) == {}
+    clock.advance(120)
+    assert nothing(broker) == {}
+
+
+def test_a_not_before_more_than_a_year_ahead_is_refused_and_nothing_is_written(
+    broker: Broker, clock: Clock, r: redis.Redis
+) -> None:
+    broker.load_config(config())
+    before = snapshot(r)
+    with pytest.raises(InputError, match="a year"):
+        broker.add("web", "t", chain="coding", not_before=clock() + 367 * 86400)
+    with pytest.raises(InputError, match="a year"):
+        broker.add("web", "t", chain="coding", not_before=float("nan"))
+    with pytest.raises(InputError, match="night_mode"):
+        broker.add("web", "t", chain="coding", night_only=True)  # config() has no night window
+    assert snapshot(r) == before
+
+
+# -- the night -----------------------------------------------------------------------------------
+
+
+def test_night_only_tasks_wait_through_the_day_and_start_when_the_night_opens(
+    broker: Broker, clock: Clock
+) -> None:
+    night_broker(broker, clock)
+    t12 = clock()
+    a = broker.add("web", "nightly", chain="coding", night_only=True)
+    b = broker.add("web", "daytime", chain="coding")
+    c = broker.add("api", "nightly too", chain="bulk", night_only=True)
+    assert broker.get_task(a).due_at == t12 + 10 * 3600  # 22:00 UTC
+    assert check(broker) == {a: "scheduled", b: "up_next", c: "scheduled"}
+    day = broker.claim()  # a night-only task blocks nothing
+    assert day.task_id == b
+    broker.complete(b, day.run_id, DONE)
+    for hour in (13, 18, 21):
+        at_hour(clock, hour, 59)
+        assert nothing(broker) == {}
+    assert check(broker) == {a: "scheduled", b: "in_review", c: "scheduled"}
+    at_hour(clock, 22)
+    assert broker.deadlines().scheduled == clock()
+    assert {x.task_id for x in broker.claim_many(5)[0]} == {a, c}
+    runs = broker.get_task(a).runs
+    assert runs[-1]["night"] is True
+
+
+def test_a_night_only_run_is_not_stopped_at_dawn_but_no_new_one_starts(broker: Broker, clock: Clock) -> None:
+    night_broker(broker, clock, watchdog={"stale_in_progress_minutes": 1200})
+    at_hour(clock, 23)
+    a = broker.add("web", "long", chain="coding", night_only=True)
+    b = broker.add("api", "queued at dawn", chain="coding", night_only=True)
+    c = broker.add("api", "behind it", chain="coding")
+    run = broker.claim()
+    assert run.task_id == a
+    assert rc(broker).zrange(broker.keys.night_queued, 0, -1) == [str(a), str(b)]
+    # b waits behind a global cap of one until the window closes
+    long_lease = {"stale_in_progress_minutes": 1200}
+    broker.load_config(config(night_mode={**NIGHT, "global_max_concurrent": 1}, watchdog=long_lease))
+    assert nothing(broker) == {"global_cap": 1}
+    dawn = at_hour(clock, 6)
+    broker.load_config(config(night_mode={**NIGHT, "global_max_concurrent": 1}, queue={"global_max_concurrent": 5},
+                              watchdog=long_lease))
+    claim = broker.claim()  # b goes back to scheduled; c (not night-only) is now api's head
+    assert claim.task_id == c
+    assert broker.get_task(b).status is TaskStatus.SCHEDULED
+    assert broker.get_task(b).due_at == dawn + 16 * 3600
+    assert broker.get_task(a).status is TaskStatus.IN_PROGRESS  # the night run goes on
+    broker.heartbeat(a, run.run_id)
+    # its follow-up outside the window does not start: a goes back to wait for the night
+    broker.complete(a, run.run_id, follow("next step", "first half"))
+    assert nothing(broker) == {}
+    assert broker.get_task(a).status is TaskStatus.SCHEDULED
+    assert check(broker) == {a: "scheduled", b: "scheduled", c: "in_progress"}
+    assert rc(broker).zrange(broker.keys.night_queued, 0, -1) == []
+    at_hour(clock, 22)
+    broker.load_config(config(night_mode=NIGHT, watchdog=long_lease))
+    assert {x.task_id for x in broker.claim_many(5)[0]} == {a}  # api is busy with c
+    assert check(broker) == {a: "in_progress", b: "up_next", c: "in_progress"}
+
+
+def test_a_night_only_board_holds_every_task_for_the_night(broker: Broker, clock: Clock) -> None:
+    night_broker(broker, clock, boards={"infra": {"night_only": True}})
+    a = broker.add("infra", "upgrade", chain="coding")
+    b = broker.add("web", "fix", chain="coding")
+    assert broker.get_task(a).night_only and broker.get_task(a).status is TaskStatus.SCHEDULED
+    assert not broker.get_task(b).night_only
+    assert broker.claim().task_id == b
+
+
+def test_a_night_only_task_added_at_night_runs_now(broker: Broker, clock: Clock) -> None:
+    night_broker(broker, clock)
+    at_hour(clock, 2)
+    tid = broker.add("web", "t", chain="coding", night_only=True)
+    assert broker.get_task(tid).status is TaskStatus.UP_NEXT
+    assert broker.claim().task_id == tid
+
+
+def test_not_before_and_night_only_together_wait_for_both(broker: Broker, clock: Clock) -> None:
+    night_broker(broker, clock)
+    t12 = clock()
+    late = broker.add("web", "after 3am", chain="coding", night_only=True, not_before=t12 + 15 * 3600)
+    early = broker.add("api", "after 6 in the morning", chain="coding", night_only=True, not_before=t12 + 19 * 3600)
+    assert broker.get_task(late).due_at == t12 + 15 * 3600  # 03:00, inside the window
+    assert broker.get_task(early).due_at == t12 + 34 * 3600  # 07:00 is day: the next night, 22:00
+    check(broker)
+
+
+def test_a_night_only_task_due_outside_the_window_is_held_again(broker: Broker, clock: Clock) -> None:
+    """A due time computed under one config, promoted under another: the claim's rule decides."""
+    night_broker(broker, clock)
+    tid = broker.add("web", "t", chain="coding", not_before=clock() + 60)
+    rc(broker).hset(broker.keys.task(tid), "night", "1")  # as if the board turned night-only
+    clock.advance(60)
+    assert nothing(broker) == {}
+    assert broker.get_task(tid).due_at == clock() - 60 + 10 * 3600
+    check(broker)
+
+
+# -- time parsing ----------------------------------------------------------------------------------
+
+
+def test_hh_mm_is_the_next_such_time_in_the_night_zone_or_utc() -> None:
+    base = datetime(2026, 12, 5, 15, 30, tzinfo=UTC).timestamp()
+    utc = config()
+    assert parse_not_before("23:00", utc, base) == datetime(2026, 12, 5, 23, 0, tzinfo=UTC).timestamp()
+    assert parse_not_before("09:15", utc, base) == datetime(2026, 12, 6, 9, 15, tzinfo=UTC).timestamp()
+    ba = config(night_mode={**NIGHT, "timezone": "America/Argentina/Buenos_Aires"})  # UTC-3
+    assert parse_not_before("23:00", ba, base) == datetime(2026, 12, 6, 2, 0, tzinfo=UTC).timestamp()
+    assert parse_not_before("2026-12-24T20:00:00+01:00", ba, base) == datetime(
+        2026, 12, 24, 19, 0, tzinfo=UTC).timestamp()
+    assert parse_not_before("2026-12-24T20:00", ba, base) == datetime(2026, 12, 24, 23, 0, tzinfo=UTC).timestamp()
+    for bad in ("25:00", "tomorrow", "2026-13-01", "", "12:60"):
+        with pytest.raises(InputError, match="bad time"):
+            parse_not_before(bad, utc, base)
+
+
+# -- doctor --------------------------------------------------------------------------------------
+
+
+def test_doctor_knows_the_scheduled_place(broker: Broker, clock: Clock) -> None:
+    night_broker(broker, clock)
+    a = broker.add("web", "t", chain="coding", not_before=clock() + 60)
+    b = broker.add("web", "n", chain="coding", night_only=True)
+    assert broker.doctor()["ok"]
+    rc(broker).zrem(broker.keys.scheduled, a)
+    rc(broker).hset(broker.keys.board("web"), "scheduled", "5")
+    repaired(broker, f"task {a} (scheduled) is missing from scheduled", "board web counts 5 scheduled tasks")
+    assert rc(broker).zscore(broker.keys.scheduled, a) == (clock() + 60) * 1000
+    at_hour(clock, 22, 30)
+    assert broker.claim().task_id == a
+    assert broker.get_task(b).status is TaskStatus.UP_NEXT
+    rc(broker).zrem(broker.keys.night_queued, b)
+    repaired(broker, f"night-only task {b} is queued but missing from night_queued")
+
+
+def test_a_scheduled_task_in_a_queue_too_is_taken_out_of_the_queue(broker: Broker, clock: Clock) -> None:
+    broker.load_config(config())
+    tid = broker.add("web", "t", chain="coding", not_before=clock() + 60)
+    rc(broker).zadd(broker.keys.queue("web"), {str(tid): tid})
+    repaired(broker, f"task {tid} (scheduled) is also in queue of board web")
+    with pytest.raises(NothingToClaim):
+        broker.claim()
