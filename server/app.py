@@ -3,16 +3,21 @@
 Routes (``/docs`` and ``/openapi.json`` describe them):
 
 - ``GET  /api/v1/tasks/queue_health``: the health document (``clawq health --json``);
-- ``GET  /api/v1/tasks/next``: claim one task for a pull-style agent (200 the claim, 204 + skip reasons);
+- ``GET  /api/v1/tasks/next``: claim one task for a pull-style agent (200 the claim with the task as ClawTrol
+  renders it, 204 + skip reasons);
 - ``POST /api/v1/tasks``: add a task (201);  ``GET /api/v1/tasks/{id}``: one task;
 - ``POST /api/v1/tasks/{id}/heartbeat``: extend the run's lease;
+- ClawTrol's agent routes, on the task's active run (409 when it has none): ``PATCH /api/v1/tasks/{id}/claim``,
+  ``PATCH /api/v1/tasks/{id}/unclaim``, ``POST /api/v1/tasks/{id}/report_rate_limit``,
+  ``POST /api/v1/tasks/{id}/agent_complete`` (:mod:`server.clawtrol`);
 - ``POST /api/v1/hooks/task_outcome``: ClawTrol's outcome payload v1 (idempotent per run);
 - ``GET  /metrics``: Prometheus text (never behind the token);
 - ``GET  /``: ``server/static/index.html``;  ``GET /static/…``: that directory.
 
+ClawTrol's routes take their body as JSON or as a Rails-style form (:mod:`server.params`).
 Broker errors map to statuses (InputError 422, DuplicateTask 409, TaskNotFound 404, RunFenced 409,
-RedisUnavailable 503, anything else 500) and every error body is ``{"error": "<one line>"}``. Requests are
-validated before the broker is called, so a refused request writes nothing to Redis.
+NoActiveRun 409, RedisUnavailable 503, anything else 500) and every error body is ``{"error": "<one line>"}``.
+Requests are validated before the broker is called, so a refused request writes nothing to Redis.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi import Path as PathParam
@@ -52,9 +57,13 @@ from clawq.broker import (
     redact_url,
 )
 from clawq.broker.broker import MAX_TASK_ID
+from clawq.workers.clawtrol import OutcomeV1
 
+from . import clawtrol
 from .auth import BearerAuth
+from .clawtrol import AgentCompleteIn, ClaimIn, ClawtrolTask, NoActiveRun, RateLimitIn, RateLimitOut
 from .metrics import CONTENT_TYPE, make_registry, render
+from .params import FORM, BodyError, parse_body
 
 __all__ = ["STATIC_DIR", "create_app", "is_loopback", "serve"]
 
@@ -129,51 +138,22 @@ class HeartbeatOut(BaseModel):
     lease_deadline: float
 
 
-TextList = list[str] | str | None
+class NextOut(ClaimOut):
+    """A claim, with the task as ClawTrol renders it (``id``, ``name``, ``description``, ``status``; ``model``
+    and ``board`` are the claim's)."""
+
+    id: int
+    name: str
+    description: str
+    status: TaskStatus
 
 
-class OutcomePayloadV1(BaseModel):
-    """ClawTrol's outcome payload v1 (the same rules as an agent's outcome line; unknown fields ignored)."""
+class OutcomeOut(Completion):
+    """What the outcome did: ClawTrol's fields (``success``, ``idempotent``, ``run_number``) and clawq's."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    version: Literal["1"]
-    task_id: TaskId
-    run_id: RunId
-    needs_follow_up: bool | None = None
-    recommended_action: Literal["in_review", "requeue_same_task"] = "in_review"
-    next_prompt: str | None = None
-    summary: str | None = None
-    achieved: TextList = None
-    evidence: TextList = None
-    remaining: TextList = None
-    model_used: str | None = None
-
-    @model_validator(mode="after")
-    def _rules(self) -> OutcomePayloadV1:
-        requeue = self.recommended_action == "requeue_same_task"
-        if self.needs_follow_up is not None and self.needs_follow_up != requeue:
-            raise ValueError("needs_follow_up and recommended_action disagree")
-        if requeue and not (self.next_prompt or "").strip():
-            raise ValueError("next_prompt is required when recommended_action is requeue_same_task")
-        try:
-            self.outcome()
-        except ValidationError as err:
-            raise ValueError(_first_error(err)) from None
-        return self
-
-    def outcome(self) -> Outcome:
-        """The broker's outcome (built exactly like an agent's outcome line, so a repeat has the same digest)."""
-        fields = {
-            "needs_follow_up": self.recommended_action == "requeue_same_task",
-            "next_prompt": self.next_prompt,
-            "summary": self.summary,
-            "achieved": self.achieved,
-            "evidence": self.evidence,
-            "remaining": self.remaining,
-            "model_used": self.model_used,
-        }
-        return Outcome.model_validate({k: v for k, v in fields.items() if v is not None})
+    success: Literal[True] = True
+    idempotent: bool = Field(description="The same outcome had already been recorded: nothing changed.")
+    run_number: int = Field(description="The number of the run the outcome is for.")
 
 
 # -- errors -----------------------------------------------------------------------------------------------
@@ -197,16 +177,10 @@ def _message(err: Any) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _first_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = _loc(tuple(first["loc"]))
-    return f"{where}: {_message(first)}" if where else _message(first)
-
-
 def _status_for(err: ClawqError) -> int:
     if isinstance(err, TaskNotFound):
         return 404
-    if isinstance(err, DuplicateTask | RunFenced):
+    if isinstance(err, DuplicateTask | RunFenced | NoActiveRun):
         return 409
     if isinstance(err, InputError):
         return 422
@@ -247,6 +221,11 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     return _error(422, f"invalid request: {text}" if text else "invalid request")
 
 
+async def _on_body_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BodyError)
+    return _error(exc.status, f"invalid request: {exc}")
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     # Starlette still re-raises the exception after this response, so the server logs its traceback.
     return _error(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -267,7 +246,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": Error, "description": text}
     for code, text in (
         (404, "No such task."),
-        (409, "Duplicate task id, or the run is fenced (not the task's active run)."),
+        (409, "Duplicate task id, or the run is fenced (not the task's active run), or the task has no active run."),
+        (415, "A body that is neither JSON nor application/x-www-form-urlencoded."),
         (422, "Invalid input."),
         (503, "Redis is unreachable."),
     )
@@ -280,22 +260,69 @@ def _broker(request: Request) -> Broker:
     return found
 
 
+async def _params(request: Request) -> dict[str, Any]:
+    """The body as Rails params: a JSON object or a form (:mod:`server.params`); none is an empty object."""
+    return parse_body(await request.body(), request.headers.get("content-type"))
+
+
+BodyModel = TypeVar("BodyModel", bound=BaseModel)
+
+
+def _validate(model: type[BodyModel], params: dict[str, Any]) -> BodyModel:
+    """``params`` as ``model``; a refusal is the same one-line 422 as a JSON body's."""
+    try:
+        return model.model_validate(params)
+    except ValidationError as err:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
+
+
+#: Models whose schema the spec lists although no route declares them as a body (their routes read params).
+_BODY_MODELS: tuple[type[BaseModel], ...] = (OutcomeV1, ClaimIn, RateLimitIn, AgentCompleteIn)
+
+
+def _body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads params: ``model`` as JSON or as a form."""
+    ref = {"$ref": f"#/components/schemas/{_schema_name(model)}"}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": ref},
+                                                               FORM: {"schema": ref}}}}
+
+
+def _schema_name(model: type[BaseModel]) -> str:
+    return str(model.model_config.get("title") or model.__name__)
+
+
+async def _required_params(request: Request) -> dict[str, Any]:
+    """As :func:`_params`, for a route whose body is required."""
+    params = await _params(request)
+    if not params:
+        raise BodyError(f"body: send a JSON object (Content-Type: application/json) or a form ({FORM})")
+    return params
+
+
 BrokerDep = Annotated[Broker, Depends(_broker)]
+Params = Annotated[dict[str, Any], Depends(_params)]
+RequiredParams = Annotated[dict[str, Any], Depends(_required_params)]
 PathTaskId = Annotated[int, PathParam(ge=1, lt=MAX_TASK_ID, description="The task id.")]
 
 api = APIRouter(prefix="/api/v1", responses={503: _ERRORS[503]})
 
 
-@api.get("/tasks/queue_health", tags=["tasks"], summary="Queue health (the `clawq health --json` document)")
+@api.get("/tasks/queue_health", tags=["tasks"],
+         summary="Queue health (the `clawq health --json` document, with ClawTrol's snapshot keys beside)",
+         description="clawq's keys (`global`, `boards`, `models`, `providers`, `recent_errors`) and ClawTrol's: "
+                     "`now`, `in_night_window`, `max_concurrent`, `active_in_progress`, `available_slots`, "
+                     "`queue_depth`, `queue_depth_by_board`, `inflight_by_model`, `inflight_by_provider`, "
+                     "`model_limits_active`.")
 def queue_health(broker: BrokerDep) -> dict[str, Any]:
-    return broker.health()
+    doc = broker.health()
+    return {**doc, **clawtrol.queue_snapshot(doc, broker.now())}
 
 
 @api.get(
     "/tasks/next",
     tags=["agents"],
     summary="Claim the next runnable task (pull-style agents)",
-    response_model=ClaimOut,
+    response_model=NextOut,
     responses={204: {"description": f"Nothing is claimable now; the {SKIP_REASONS_HEADER} header holds the "
                                     "skip reasons as a JSON object (reason -> boards)."}},
 )
@@ -304,7 +331,10 @@ def next_task(broker: BrokerDep) -> Response:
         claim = broker.claim()
     except NothingToClaim as err:
         return _nothing(err)
-    return JSONResponse(ClaimOut(**claim.model_dump()).model_dump(mode="json"))
+    task = broker.get_task(claim.task_id)
+    out = NextOut(**claim.model_dump(), id=task.task_id, name=task.title, description=clawtrol.describe(task),
+                  status=task.status)
+    return JSONResponse(out.model_dump(mode="json"))
 
 
 @api.post("/tasks", tags=["tasks"], status_code=201, summary="Queue a task",
@@ -328,10 +358,80 @@ def heartbeat(task_id: PathTaskId, body: HeartbeatIn, broker: BrokerDep) -> Hear
     return HeartbeatOut(task_id=task_id, run_id=body.run_id, lease_deadline=deadline)
 
 
+_ACTIVE: dict[int | str, dict[str, Any]] = {404: _ERRORS[404], 409: _ERRORS[409], 415: _ERRORS[415], 422: _ERRORS[422]}
+
+
+@api.patch("/tasks/{task_id}/claim", tags=["agents"], summary="Confirm the active run (ClawTrol's claim)",
+           description="Confirms the run that `GET /tasks/next` handed out and extends its lease; idempotent. "
+                       "The body (`session_id`, `session_key`) is optional and not stored.",
+           responses=_ACTIVE, openapi_extra=_body(ClaimIn, required=False))
+def claim_task(task_id: PathTaskId, params: Params, broker: BrokerDep) -> ClawtrolTask:
+    _validate(ClaimIn, params)
+    task, run_id = clawtrol.active_task(broker, task_id)
+    deadline = broker.heartbeat(task_id, run_id)
+    return clawtrol.render(task).model_copy(update={"lease_deadline": deadline})
+
+
+@api.patch("/tasks/{task_id}/unclaim", tags=["agents"], summary="Give the active run back (ClawTrol's unclaim)",
+           description="The task is its board's head again at once; no attempt is used.",
+           responses=_ACTIVE, openapi_extra=_body(ClaimIn, required=False))
+def unclaim_task(task_id: PathTaskId, params: Params, broker: BrokerDep) -> ClawtrolTask:
+    _validate(ClaimIn, params)
+    _, run_id = clawtrol.active_task(broker, task_id)
+    broker.release(task_id, run_id, "released", "unclaimed by the agent")
+    return clawtrol.render(broker.get_task(task_id))
+
+
+@api.post("/tasks/{task_id}/report_rate_limit", tags=["agents"], summary="The active run hit a rate limit",
+          description="Cools the run's model until `resets_at`, else until the reset parsed from `error_message`, "
+                      "else for the configured rate-limit cooldown; the task is its board's head again and no "
+                      "attempt is used. The next claim falls back along the task's chain.",
+          responses=_ACTIVE, openapi_extra=_body(RateLimitIn, required=False))
+def report_rate_limit(task_id: PathTaskId, params: Params, broker: BrokerDep) -> RateLimitOut:
+    body = _validate(RateLimitIn, params)
+    _, run_id = clawtrol.active_task(broker, task_id)
+    model, until = broker.rate_limited(task_id, run_id, message=body.error_message or "Rate limit exceeded",
+                                       reset_at=body.resets_at)
+    left = until - broker.now()
+    limit = clawtrol.ModelLimit(model=model, limited=left > 0, resets_at=clawtrol.iso(until),
+                                resets_in=clawtrol.resets_in(left))
+    return RateLimitOut(task=clawtrol.render(broker.get_task(task_id)), model_limit=limit)
+
+
+@api.post("/tasks/{task_id}/agent_complete", tags=["agents"], summary="The active run is done: to in_review",
+          description="Records the active run's outcome: no follow-up, `output` as its summary and `files` as its "
+                      "evidence. Repeating the same completion answers 200 and changes nothing.",
+          responses=_ACTIVE, openapi_extra=_body(AgentCompleteIn, required=False))
+def agent_complete(task_id: PathTaskId, params: Params, broker: BrokerDep) -> ClawtrolTask:
+    outcome = _validate(AgentCompleteIn, params).outcome()
+    task = broker.get_task(task_id)
+    if task.status is TaskStatus.IN_PROGRESS and task.run_id:
+        broker.complete(task_id, task.run_id, outcome)
+    elif not _repeated(broker, task, outcome):
+        raise NoActiveRun(task)
+    return clawtrol.render(broker.get_task(task_id))
+
+
+def _repeated(broker: Broker, task: Task, outcome: Outcome) -> bool:
+    """Whether ``outcome`` is exactly the one recorded for the task's last run (then nothing changes)."""
+    last = task.context[-1].get("run_id") if task.context else None
+    if not isinstance(last, str):
+        return False
+    try:
+        return broker.complete(task.task_id, last, outcome).repeated
+    except RunFenced:
+        return False
+
+
 @api.post("/hooks/task_outcome", tags=["agents"], summary="Record a run's outcome (ClawTrol outcome payload v1)",
-          responses={404: _ERRORS[404], 409: _ERRORS[409], 422: _ERRORS[422]})
-def task_outcome(body: OutcomePayloadV1, broker: BrokerDep) -> Completion:
-    return broker.complete(body.task_id, body.run_id, body.outcome())
+          description="The body is JSON or a Rails-style form (`achieved[]=a&achieved[]=b`). Only the run id the "
+                      "claim handed out is accepted (fencing); the same outcome again answers 200 with "
+                      "`idempotent: true` and changes nothing.",
+          responses=_ACTIVE, openapi_extra=_body(OutcomeV1))
+def task_outcome(params: RequiredParams, broker: BrokerDep) -> OutcomeOut:
+    body = _validate(OutcomeV1, params)
+    done = broker.complete(body.task_id, body.run_id, body.outcome())
+    return OutcomeOut(**done.model_dump(), idempotent=done.repeated, run_number=done.run_count)
 
 
 class _StaticDir(StaticFiles):
@@ -379,11 +479,30 @@ def create_app(broker: Broker, token: str | None = None, *, static_dir: Path | N
     app.mount("/static", _StaticDir(directory=directory, check_dir=False), name="static")
     app.add_exception_handler(ClawqError, _on_clawq_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(BodyError, _on_body_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
     if token:
         app.add_middleware(BearerAuth, token=token)
+    _list_body_models(app)
     return app
+
+
+def _list_body_models(app: FastAPI) -> None:
+    """Add the schemas of :data:`_BODY_MODELS` to the generated spec (their routes refer to them)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = generate()
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            for model in _BODY_MODELS:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[_schema_name(model)] = schema
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def is_loopback(host: str) -> bool:

@@ -28,6 +28,11 @@ TOKEN = "s3cret-Token_42"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLAIM_FIELDS = {"claimed", "task_id", "board", "model", "provider", "run_id", "run_count", "attempt",
                 "lease_deadline"}
+#: What ClawTrol's TaskSerializer gives an agent, beside the claim (``model`` and ``board`` are the claim's).
+CLAWTROL_TASK_FIELDS = {"id", "name", "description", "status"}
+CLAWTROL_HEALTH_KEYS = {"now", "in_night_window", "max_concurrent", "active_in_progress", "available_slots",
+                        "queue_depth", "queue_depth_by_board", "inflight_by_model", "inflight_by_provider",
+                        "model_limits_active"}
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -186,18 +191,33 @@ def test_queue_health_is_the_health_document(client: TestClient, broker: Broker,
     clock.advance(30)
     resp = client.get("/api/v1/tasks/queue_health")
     assert resp.status_code == 200
-    assert resp.json() == json.loads(json.dumps(broker.health()))
-    assert resp.json()["models"]["opus"]["cooldown_remaining_s"] == pytest.approx(90, abs=0.01)
+    doc = resp.json()
+    clawq = json.loads(json.dumps(broker.health()))
+    assert {k: doc[k] for k in clawq} == clawq  # clawq's own keys, unchanged
+    assert doc["models"]["opus"]["cooldown_remaining_s"] == pytest.approx(90, abs=0.01)
+    assert set(doc) - set(clawq) == CLAWTROL_HEALTH_KEYS
+    assert (doc["queue_depth"], doc["active_in_progress"]) == (3, 0)
+    assert doc["queue_depth_by_board"] == {"web": 2, "ops": 1}
+    assert (doc["inflight_by_model"], doc["inflight_by_provider"]) == ({}, {})
+    assert doc["model_limits_active"] == ["opus"]
+    assert doc["max_concurrent"] == doc["available_slots"] == clawq["global"]["max_concurrent"]
+    c = broker.claim()
+    doc = client.get("/api/v1/tasks/queue_health").json()
+    assert (doc["queue_depth"], doc["active_in_progress"]) == (2, 1)
+    assert doc["inflight_by_model"] == {c.model: 1}
+    assert doc["inflight_by_provider"] == {c.provider: 1}
+    assert doc["available_slots"] == doc["max_concurrent"] - 1
 
 
 # -- claiming ---------------------------------------------------------------------------------------------
 def test_next_claims_a_task(client: TestClient, broker: Broker, clock: FakeClock) -> None:
-    tid = broker.add("web", "t", chain="coding")
+    tid = broker.add("web", "t", chain="coding", prompt="do it")
     resp = client.get("/api/v1/tasks/next")
     assert resp.status_code == 200
     doc = resp.json()
-    assert set(doc) == CLAIM_FIELDS
+    assert set(doc) == CLAIM_FIELDS | CLAWTROL_TASK_FIELDS
     assert doc["claimed"] is True
+    assert (doc["id"], doc["name"], doc["description"], doc["status"]) == (tid, "t", "do it", "in_progress")
     assert (doc["task_id"], doc["board"], doc["model"], doc["provider"]) == (tid, "web", "codex", "openai")
     assert (doc["run_count"], doc["attempt"]) == (1, 1)
     assert doc["lease_deadline"] == pytest.approx(clock() + 23 * 60, abs=0.01)
@@ -264,7 +284,8 @@ def test_pull_agent_flow(client: TestClient, broker: Broker, clock: FakeClock) -
     assert client.post(f"/api/v1/tasks/{tid}/heartbeat", json={"run_id": first["run_id"]}).status_code == 200
     resp = client.post("/api/v1/hooks/task_outcome", json=outcome_doc(tid, first["run_id"], requeue=True))
     assert resp.status_code == 200
-    assert resp.json() == {"task_id": tid, "status": "up_next", "run_count": 1, "repeated": False, "note": ""}
+    assert resp.json() == {"task_id": tid, "status": "up_next", "run_count": 1, "repeated": False, "note": "",
+                           "success": True, "idempotent": False, "run_number": 1}
     again = client.get("/api/v1/tasks/next").json()
     assert again["task_id"] == tid
     assert again["run_id"] != first["run_id"]
@@ -291,7 +312,7 @@ def test_repeated_outcome_is_idempotent(client: TestClient, broker: Broker, r: r
     after_first = snapshot(r)
     second = client.post("/api/v1/hooks/task_outcome", json=doc)
     assert second.status_code == 200
-    assert second.json() == {**first.json(), "repeated": True, "note": ""}
+    assert second.json() == {**first.json(), "repeated": True, "idempotent": True, "note": ""}
     assert snapshot(r) == after_first
 
 
@@ -332,24 +353,29 @@ RUN = "0b7a3c1e-5f2d-4e8a-9c6b-1d2e3f4a5b6c"
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        ({"version": "2"}, "version: Input should be '1'"),
-        ({"version": 1}, "version: Input should be '1'"),
-        ({"version": None}, "version"),
-        ({"run_id": "not-a-uuid"}, "run_id: run_id must be a UUID in canonical"),
-        ({"run_id": RUN.upper()}, "run_id: run_id must be a UUID in canonical"),
-        ({"run_id": RUN.replace("-", "")}, "run_id: run_id must be a UUID in canonical"),
-        ({"run_id": None}, "run_id"),
-        ({"recommended_action": "delete"}, "recommended_action: Input should be 'in_review' or 'requeue_same_task'"),
+        ({"version": "2"}, "version: invalid version '2'"),
+        ({"version": 2}, "version: invalid version '2'"),
+        ({"version": 1.0}, "version: invalid version '1.0'"),
+        ({"version": True}, "version: invalid version"),
+        ({"version": None}, "version: Field required"),
+        ({"run_id": "not-a-uuid"}, "run_id: invalid run_id 'not-a-uuid': a 36-character UUID"),
+        ({"run_id": RUN.replace("-", "")}, "run_id: invalid run_id"),
+        ({"run_id": "0" * 36}, "a UUID in 8-4-4-4-12 form"),
+        ({"run_id": None}, "run_id: Field required"),
+        ({"run_id": 5}, "run_id: Input should be a valid string"),
+        ({"recommended_action": "delete"}, "recommended_action: invalid recommended_action 'delete': one of in_review"),
+        ({"recommended_action": ["x"]}, "recommended_action: invalid recommended_action"),
         ({"recommended_action": "requeue_same_task", "needs_follow_up": True},
-         "next_prompt is required when recommended_action is requeue_same_task"),
+         "next_prompt is required for requeue_same_task"),
         ({"recommended_action": "requeue_same_task", "needs_follow_up": True, "next_prompt": "  "},
          "next_prompt is required"),
-        ({"recommended_action": "requeue_same_task", "needs_follow_up": False, "next_prompt": "go"},
-         "needs_follow_up and recommended_action disagree"),
-        ({"needs_follow_up": True, "next_prompt": "go"}, "needs_follow_up and recommended_action disagree"),
-        ({"needs_follow_up": "yes"}, "needs_follow_up: Input should be a valid boolean"),
-        ({"task_id": "1"}, "task_id: Input should be a valid integer"),
+        ({"recommended_action": "requeue_same_task", "needs_follow_up": None}, "next_prompt is required"),
+        ({"needs_follow_up": "maybe"}, "needs_follow_up: not a boolean: 'maybe'"),
+        ({"needs_follow_up": 2}, "needs_follow_up: not a boolean"),
+        ({"task_id": "1x"}, "task_id: Input should be a valid integer"),
         ({"task_id": 0}, "task_id: Input should be greater than or equal to 1"),
+        ({"task_id": "0"}, "task_id: Input should be greater than or equal to 1"),
+        ({"task_id": True}, "task_id: Input should be a valid integer"),
         ({"summary": 5}, "summary: Input should be a valid string"),
         ({"achieved": [1, 2]}, "achieved"),
         ({"summary": "x" * (256 * 1024 + 1)}, "summary is larger than 262144 bytes"),
@@ -377,7 +403,7 @@ def test_outcome_body_must_be_an_object(client: TestClient, r: redis.Redis) -> N
     for body in bodies:
         resp = client.post("/api/v1/hooks/task_outcome", json=body)
         assert resp.status_code == 422
-        assert error_of(resp) == "invalid request: body: send a JSON object (Content-Type: application/json)"
+        assert error_of(resp).startswith("invalid request: body: send a JSON object (Content-Type: application/json)")
     assert snapshot(r) == before
 
 
