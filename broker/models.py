@@ -92,9 +92,10 @@ class Outcome(BaseModel):
         return self
 
     def extras(self) -> dict[str, Any]:
-        """The optional fields that were given, for the task's context entry."""
+        """The optional fields that were given, for the task's context entry. An empty list is left out: the
+        script's cjson cannot tell an empty array from an empty object and would store it as ``{}``."""
         fields = ("achieved", "evidence", "remaining", "model_used")
-        return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in fields if getattr(self, k) not in (None, [])}
 
     def digest(self) -> str:
         """A stable fingerprint: a repeat of the same outcome is recognised by it."""

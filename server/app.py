@@ -8,6 +8,7 @@ Routes (``/docs`` and ``/openapi.json`` describe them):
 - ``POST /api/v1/tasks``: add a task (201);  ``GET /api/v1/tasks/{id}``: one task;
 - ``POST /api/v1/tasks/{id}/heartbeat``: extend the run's lease;
 - ClawTrol's agent routes, on the task's active run (409 when it has none): ``PATCH /api/v1/tasks/{id}/claim``,
+  ``PATCH /api/v1/tasks/{id}`` (a progress note: extends the lease),
   ``PATCH /api/v1/tasks/{id}/unclaim``, ``POST /api/v1/tasks/{id}/report_rate_limit``,
   ``POST /api/v1/tasks/{id}/agent_complete`` (:mod:`server.clawtrol`);
 - ``POST /api/v1/hooks/task_outcome``: ClawTrol's outcome payload v1 (idempotent per run);
@@ -61,7 +62,7 @@ from clawq.workers.clawtrol import OutcomeV1
 
 from . import clawtrol
 from .auth import BearerAuth
-from .clawtrol import AgentCompleteIn, ClaimIn, ClawtrolTask, NoActiveRun, RateLimitIn, RateLimitOut
+from .clawtrol import AgentCompleteIn, ClaimIn, ClawtrolTask, NoActiveRun, ProgressIn, RateLimitIn, RateLimitOut
 from .metrics import CONTENT_TYPE, make_registry, render
 from .params import FORM, BodyError, parse_body
 
@@ -277,7 +278,7 @@ def _validate(model: type[BodyModel], params: dict[str, Any]) -> BodyModel:
 
 
 #: Models whose schema the spec lists although no route declares them as a body (their routes read params).
-_BODY_MODELS: tuple[type[BaseModel], ...] = (OutcomeV1, ClaimIn, RateLimitIn, AgentCompleteIn)
+_BODY_MODELS: tuple[type[BaseModel], ...] = (OutcomeV1, ClaimIn, ProgressIn, RateLimitIn, AgentCompleteIn)
 
 
 def _body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
@@ -362,11 +363,22 @@ _ACTIVE: dict[int | str, dict[str, Any]] = {404: _ERRORS[404], 409: _ERRORS[409]
 
 
 @api.patch("/tasks/{task_id}/claim", tags=["agents"], summary="Confirm the active run (ClawTrol's claim)",
-           description="Confirms the run that `GET /tasks/next` handed out and extends its lease; idempotent. "
-                       "The body (`session_id`, `session_key`) is optional and not stored.",
+           description="Confirms the run that `GET /tasks/next` handed out and answers the task; writes nothing, "
+                       "so it is idempotent. The body (`session_id`, `session_key`) is optional and not stored.",
            responses=_ACTIVE, openapi_extra=_body(ClaimIn, required=False))
 def claim_task(task_id: PathTaskId, params: Params, broker: BrokerDep) -> ClawtrolTask:
     _validate(ClaimIn, params)
+    task, _ = clawtrol.active_task(broker, task_id)
+    return clawtrol.render(task)
+
+
+@api.patch("/tasks/{task_id}", tags=["agents"], summary="A progress note on the active run: extends its lease",
+           description="ClawTrol's progress update (`{\"task\": {\"activity_note\": \"…\"}}`): the note is "
+                       "accepted, not stored, and the active run's lease is extended as by a heartbeat. Other task "
+                       "fields cannot be changed here.",
+           responses=_ACTIVE, openapi_extra=_body(ProgressIn, required=False))
+def progress(task_id: PathTaskId, params: Params, broker: BrokerDep) -> ClawtrolTask:
+    _validate(ProgressIn, params)
     task, run_id = clawtrol.active_task(broker, task_id)
     deadline = broker.heartbeat(task_id, run_id)
     return clawtrol.render(task).model_copy(update={"lease_deadline": deadline})

@@ -22,6 +22,7 @@ __all__ = [
     "ClawtrolTask",
     "ModelLimit",
     "NoActiveRun",
+    "ProgressIn",
     "RateLimitIn",
     "RateLimitOut",
     "active_task",
@@ -146,6 +147,21 @@ class ClaimIn(BaseModel):
 
     session_id: str | None = None
     session_key: str | None = None
+
+
+class NoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    activity_note: str | None = None
+
+
+class ProgressIn(BaseModel):
+    """``PATCH /tasks/{id}``: a progress note, as ``{"task": {"activity_note": …}}`` or at the top level."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    task: NoteIn | None = None
+    activity_note: str | None = None
 
 
 def _when(value: Any) -> Any:

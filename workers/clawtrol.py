@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from clawq.broker import Outcome
 from clawq.broker.broker import MAX_TASK_ID
 
-__all__ = ["ACTIONS", "OutcomeV1", "rails_bool"]
+__all__ = ["ACTIONS", "Action", "OutcomeV1", "rails_bool"]
 
 #: The values of ``recommended_action``; only ``requeue_same_task`` can put the task back on its board.
-ACTIONS = ("in_review", "requeue_same_task", "prompt_user", "split_into_subtasks")
+Action = Literal["in_review", "requeue_same_task", "prompt_user", "split_into_subtasks"]
+ACTIONS: tuple[str, ...] = get_args(Action)
 _TRUE = frozenset({"true", "t", "1", "yes", "y", "on"})
 _FALSE = frozenset({"false", "f", "0", "no", "n", "off"})
 _RUN_ID_RE = re.compile(r"[0-9a-fA-F-]{36}")
@@ -106,15 +107,15 @@ class OutcomeV1(BaseModel):
 
     version: Annotated[str, BeforeValidator(_version, json_schema_input_type=str | int)] = Field(
         description='"1" (the number 1 is the same)')
-    task_id: Annotated[int, BeforeValidator(_task_id, json_schema_input_type=int | str), Field(ge=1, lt=MAX_TASK_ID)]
+    task_id: Annotated[int, BeforeValidator(_task_id), Field(ge=1, lt=MAX_TASK_ID)] = Field(
+        description="The task id (its decimal text is the same).")
     run_id: Annotated[str, BeforeValidator(_run_id)] = Field(
         description="The run id the claim handed out (any case).")
     needs_follow_up: Annotated[bool | None, BeforeValidator(rails_bool, json_schema_input_type=bool | str | int | None)
-                               ] = None
-    recommended_action: Annotated[
-        Literal["in_review", "requeue_same_task", "prompt_user", "split_into_subtasks"],
-        BeforeValidator(_action, json_schema_input_type=str | None),
-    ] = "in_review"
+                               ] = Field(None, description="A boolean or true/false, 1/0, t/f, yes/no, on/off; "
+                                                           "false keeps requeue_same_task from requeueing.")
+    recommended_action: Annotated[Action, BeforeValidator(_action, json_schema_input_type=Action | None)] = Field(
+        "in_review", description="Only requeue_same_task puts the task back on its board (with next_prompt).")
     next_prompt: str | None = None
     summary: str | None = None
     achieved: TextList = None
