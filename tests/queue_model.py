@@ -12,7 +12,11 @@ It mirrors lua/lib/core.lua and the scripts in lua/ step by step, in integer mil
   is not cooling down and its model cap and its provider's cap are not reached; the global cap comes first;
 * failures and timeouts count attempts (failed at max_attempts), outcomes reset them; a follow-up returns the
   task to its board unless it already had max_runs runs; a rate limit cools the model (a cooldown never
-  shrinks) and requeues the task without using an attempt; so does a release (without the cooldown).
+  shrinks) and requeues the task without using an attempt; so does a release (without the cooldown);
+* a provider's breaker (core.lua breaker_*): ``breaker_failures`` provider faults within the window open it;
+  while open no model of it is usable (``provider_open``); once its end passed one claim may take it (the
+  probe) and the provider is refused again until the probe ends; the probe's ok closes it, its fault
+  re-opens it for twice as long (up to the max), its void (release, reap, cancel) frees the probe slot.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ class Rules:
     backoff_ms: int
     max_attempts: int
     max_runs: int
+    breaker_failures: int = 0  #: 0: failures never open a breaker
+    breaker_window_ms: int = 300_000
+    breaker_cooldown_ms: int = 600_000
+    breaker_max_cooldown_ms: int = 3_600_000
 
     def models_of(self, ck: str) -> tuple[str, ...]:
         kind, name = ck[:2], ck[2:]
@@ -73,6 +81,21 @@ class MBoard:
     score: int = 0  #: place in its ready line, or end of its backoff
 
 
+@dataclass
+class MBreaker:
+    """A provider's breaker that is not closed (breaker:<provider>)."""
+
+    until: int
+    cooldown_ms: int
+    cause: str
+    opened_at: int
+    probe: str | None = None  #: the probe's run id while it runs
+    probe_task: int | None = None
+
+    def refuses(self, now: int) -> bool:
+        return self.until > now or self.probe is not None
+
+
 @dataclass(frozen=True)
 class Claimed:
     task_id: int
@@ -97,6 +120,8 @@ class QueueModel:
         self.tasks: dict[int, MTask] = {}
         self.boards: dict[str, MBoard] = {}
         self.cooldowns: dict[str, int] = {}  #: model -> stored cooldown end (cooling while > now)
+        self.breakers: dict[str, MBreaker] = {}  #: provider -> its breaker, while not closed
+        self.breaker_failures: dict[str, dict[str, int]] = {}  #: provider -> run id -> time of a fault
         self.ready_seq = 0
         self.task_seq = 0
 
@@ -177,6 +202,8 @@ class QueueModel:
         provider = r.providers[model]
         if self.cooling(model, now):
             return "model_rate_limited"
+        if provider in self.breakers and self.breakers[provider].refuses(now):
+            return "provider_open"
         if model in r.model_caps and self.inflight_models()[model] >= r.model_caps[model]:
             return "model_quota_reached"
         if provider in r.provider_caps and self.inflight_providers()[provider] >= r.provider_caps[provider]:
@@ -229,6 +256,8 @@ class QueueModel:
         t.backoff_until = 0
         self.boards[name].running = t.id
         self.reindex(name, now)
+        if t.provider in self.breakers:  # half-open, no probe out (else it would refuse): this run is the probe
+            self.breakers[t.provider].probe, self.breakers[t.provider].probe_task = run_id, t.id
         return Claimed(t.id, name, model, t.provider, t.run_count + 1, t.attempts + 1, t.deadline)
 
     def active(self, task_id: int, run_id: str) -> tuple[MTask | None, str]:
@@ -253,8 +282,42 @@ class QueueModel:
         t.status = status
         self.reindex(t.board, now)
 
-    def _fail_run(self, t: MTask, now: int, how: str, retry: bool, backoff: bool) -> str:
+    # -- the provider breaker (core.lua open_breaker, close_breaker, breaker_after) ------------------------
+    def open_breaker(self, provider: str, now: int, cause: str, length_ms: int) -> int:
+        self.breakers[provider] = MBreaker(now + length_ms, length_ms, cause, now)
+        self.breaker_failures.pop(provider, None)
+        return now + length_ms
+
+    def close_breaker(self, provider: str) -> None:
+        self.breakers.pop(provider, None)
+        self.breaker_failures.pop(provider, None)
+
+    def _breaker_after(self, provider: str | None, run_id: str | None, now: int, verdict: str, cause: str) -> None:
+        if not provider:
+            return
+        r, b = self.rules, self.breakers.get(provider)
+        if b is not None and b.probe is not None and b.probe == run_id:
+            if verdict == "ok":
+                self.close_breaker(provider)
+            elif verdict == "fault":
+                self.open_breaker(provider, now, cause, max(1, min(b.cooldown_ms * 2, r.breaker_max_cooldown_ms)))
+            else:
+                b.probe = b.probe_task = None
+            return
+        if verdict != "fault" or b is not None or r.breaker_failures < 1 or run_id is None:
+            return
+        window = self.breaker_failures.setdefault(provider, {})
+        window[run_id] = now
+        for rid in [rid for rid, at in window.items() if at <= now - r.breaker_window_ms]:
+            del window[rid]
+        if len(window) >= r.breaker_failures:
+            self.open_breaker(provider, now, cause, r.breaker_cooldown_ms)
+
+    def _fail_run(self, t: MTask, now: int, how: str, retry: bool, backoff: bool,
+                  verdict: str = "ok", cause: str = "failed") -> str:
+        run_id = t.run_id
         self._end_run(t, how)
+        self._breaker_after(t.provider, run_id, now, verdict, cause)
         t.attempts += 1
         if retry and t.attempts < self.rules.max_attempts:
             self._requeue(t, now, now + self.rules.backoff_ms if backoff else 0)
@@ -287,6 +350,7 @@ class QueueModel:
         run_count = t.run_count + 1
         limit = follow_up and run_count >= self.rules.max_runs
         self._end_run(t, "complete")
+        self._breaker_after(t.provider, run_id, now, "ok", "")
         t.run_count, t.attempts, t.last_outcome = run_count, 0, (run_id, digest)
         if follow_up and not limit:
             self._requeue(t, now, 0)
@@ -294,12 +358,14 @@ class QueueModel:
             self._finish(t, now, IN_REVIEW)
         return "ok", t.status, run_count, limit
 
-    def fail(self, task_id: int, run_id: str, retry: bool, now: int) -> tuple[object, ...]:
-        """("ok", status, attempts) | (code,)."""
+    def fail(self, task_id: int, run_id: str, retry: bool, now: int, cause: str = "failed",
+             fault: bool = False) -> tuple[object, ...]:
+        """("ok", status, attempts) | (code,). ``fault``: the failure counts toward the provider's breaker."""
         t, code = self.active(task_id, run_id)
         if t is None:
             return (code,)
-        status = self._fail_run(t, now, "fail", retry, backoff=True)
+        status = self._fail_run(t, now, "fail", retry, backoff=True, verdict="fault" if fault else "ok",
+                                cause=cause)
         return "ok", status, t.attempts
 
     def cool(self, model: str, now: int, until: int, grow_only: bool) -> int:
@@ -313,14 +379,16 @@ class QueueModel:
         self.cooldowns[model] = until
         return until
 
-    def rate_limited(self, task_id: int, run_id: str, until: int, now: int) -> tuple[object, ...]:
-        """("ok", model, cooldown_end) | (code,)."""
+    def rate_limited(self, task_id: int, run_id: str, until: int, now: int,
+                     fault: bool = False) -> tuple[object, ...]:
+        """("ok", model, cooldown_end) | (code,). ``fault``: no reset was parsed, so it counts toward the breaker."""
         t, code = self.active(task_id, run_id)
         if t is None:
             return (code,)
         assert t.model is not None
         end = self.cool(t.model, now, until, grow_only=True)
         self._end_run(t, "rate_limited")
+        self._breaker_after(t.provider, run_id, now, "fault" if fault else "ok", "rate_limit")
         self._requeue(t, now, 0)
         return "ok", t.model, end
 
@@ -330,6 +398,7 @@ class QueueModel:
         if t is None:
             return (code,)
         self._end_run(t, "release")
+        self._breaker_after(t.provider, run_id, now, "void", "")
         self._requeue(t, now, 0)
         return "ok", t.status
 
@@ -338,7 +407,7 @@ class QueueModel:
         expired = sorted((t for t in self.running() if t.deadline is not None and t.deadline <= now),
                          key=lambda t: (t.deadline, str(t.id)))
         for t in expired:
-            self._fail_run(t, now, "timeout", retry=True, backoff=False)
+            self._fail_run(t, now, "timeout", retry=True, backoff=False, verdict="void", cause="timeout")
         return [t.id for t in expired]
 
     def cancel(self, task_id: int, now: int) -> tuple[str, str | None]:
@@ -350,7 +419,9 @@ class QueueModel:
         if was == CANCELLED:
             return "bad_state", None
         if was == IN_PROGRESS:
+            run_id = t.run_id
             self._end_run(t, "cancel")
+            self._breaker_after(t.provider, run_id, now, "void", "")
         self._finish(t, now, CANCELLED)
         return "ok", was
 

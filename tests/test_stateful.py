@@ -2,8 +2,10 @@
 
 A hypothesis ``RuleBasedStateMachine`` adds tasks (auto and explicit ids), claims, heart-beats, completes
 (with and without follow-up), fails (retry or not), reports rate limits, reaps, cancels, pauses and resumes
-boards, sets and clears cooldowns, reports late for ended runs, and moves a fake clock (small and large
-steps, and exactly onto / just around the next lease deadline, backoff end or cooldown end). Each step runs
+boards, sets and clears cooldowns, opens and closes provider breakers, reports late for ended runs, and
+moves a fake clock (small and large steps, and exactly onto / just around the next lease deadline, backoff
+end, cooldown end or breaker end). Failures come with root causes that count toward the provider's breaker
+(overloaded, timeout) and one that does not (failed), so breakers open, probe, close and re-open. Each step runs
 on a fresh namespace of the private Redis through :class:`broker.Broker` and on
 :class:`queue_model.QueueModel`; every reply must agree, and after every step the raw Redis keys must match
 the model (tasks, places, board indexes, ready lines with their round-robin places, counters, cooldowns)
@@ -64,6 +66,9 @@ BOARDS = ("b0", "b1", "b2", "b3")
 ROUTES = ("c:plan", "c:code", "m:glm", "m:sonnet")
 CHAIN_KEYS = ROUTES
 MODELS = ("opus", "sonnet", "codex", "glm")
+PROVIDERS = ("anthropic", "openai", "zai")
+#: Root causes of a failed run: the task's fault, and two that count toward the provider's breaker.
+CAUSES = ("failed", "overloaded", "timeout")
 
 CONFIG = Config.model_validate({
     "queue": {"global_max_concurrent": 2},
@@ -80,6 +85,8 @@ CONFIG = Config.model_validate({
     },
     "night_mode": None,
     "followup": {"max_runs": 3},
+    # Two faults within 2 minutes open a breaker for 30 s; a failed probe doubles it, up to 2 minutes.
+    "breaker": {"failures": 2, "window_minutes": 2, "cooldown_minutes": 0.5, "max_cooldown_minutes": 2},
     "models": {"opus": "anthropic", "sonnet": "anthropic", "codex": "openai", "glm": "zai"},
     "chains": {"plan": ["opus", "codex"], "code": ["sonnet", "codex", "glm"]},
 })
@@ -95,13 +102,17 @@ RULES = Rules(
     backoff_ms=_S["backoff_ms"],
     max_attempts=_S["max_attempts"],
     max_runs=_S["max_runs"],
+    breaker_failures=_S["breaker_failures"],
+    breaker_window_ms=_S["breaker_window_ms"],
+    breaker_cooldown_ms=_S["breaker_cooldown_ms"],
+    breaker_max_cooldown_ms=_S["breaker_max_cooldown_ms"],
 )
 DEFAULT_COOLDOWN_MS = _S["cooldown_ms"]
 #: Cooldowns stay >= 30 s: Redis expires the key in real time, the model only in fake time.
 RETRY_AFTERS = (None, 30, 45.5, 90, 600)
 STEPS_S = (0.5, 1, 10, 29.5, 30, 30.5, 59.5, 60, 61, 89.5, 90, 91, 150, 600)
 SUMMARIES = ("done", "more")
-EVENTS = ("lease", "backoff", "cooldown")
+EVENTS = ("lease", "backoff", "cooldown", "breaker")
 LATE_KINDS = ("complete", "complete", "fail", "heartbeat", "rate_limited", "release")
 
 SETTINGS = settings(
@@ -180,6 +191,24 @@ def _cooling(raw: str | None, now: int) -> int | None:
     return until if until > now else None
 
 
+def _queue_breaker_reads(p: Any, k: Keys) -> None:
+    for pr in PROVIDERS:
+        p.hgetall(k.breaker(pr))
+        p.zrange(k.breaker_failures(pr), 0, -1, withscores=True)
+
+
+def _breaker_reads(it: Iterator[Any]) -> dict[str, Any]:
+    """The breaker hashes and failure windows of :func:`_queue_breaker_reads`, the empty ones left out."""
+    breakers, failures = {}, {}
+    for pr in PROVIDERS:
+        h, window = next(it), _zmap(next(it))
+        if h:
+            breakers[pr] = h
+        if window:
+            failures[pr] = window
+    return {"breakers": breakers, "breaker_failures": failures}
+
+
 def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> dict[str, Any]:
     """Everything the model predicts, read from the raw keys in one round trip."""
     p = client.pipeline(transaction=False)  # nothing else writes the namespace between steps
@@ -199,6 +228,7 @@ def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> d
         p.zrange(k.ready(ck), 0, -1, withscores=True)
     for m in MODELS:
         p.get(k.cooldown(m))
+    _queue_breaker_reads(p, k)
     for b in BOARDS:
         p.hgetall(k.board(b))
         p.zrange(k.queue(b), 0, -1)
@@ -220,6 +250,7 @@ def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> d
     }
     snap["ready"] = {ck: lines for ck in CHAIN_KEYS if (lines := _zmap(next(it)))}
     snap["cooling"] = {m: until for m in MODELS if (until := _cooling(next(it), now)) is not None}
+    snap.update(_breaker_reads(it))
     snap["board"], snap["queue"] = {}, {}
     for b in BOARDS:
         h, q = next(it), next(it)
@@ -256,7 +287,20 @@ def _model_blocks(m: QueueModel, now: int) -> dict[str, str | int]:
     models, providers = m.inflight_models(), m.inflight_providers()
     out |= {f"m:{x}": "model_quota_reached" for x, cap in r.model_caps.items() if models[x] >= cap}
     out |= {f"p:{x}": "provider_quota_reached" for x, cap in r.provider_caps.items() if providers[x] >= cap}
+    out |= {f"o:{p}": f"{b.until}|{b.probe or ''}" for p, b in m.breakers.items()}
     return out
+
+
+def _model_breakers(m: QueueModel) -> dict[str, Any]:
+    """breaker:<provider> hashes (as strings) and the failure windows, as the scripts keep them."""
+    hashes = {}
+    for p, b in m.breakers.items():
+        h = {"until": str(b.until), "cooldown_ms": str(b.cooldown_ms), "cause": b.cause,
+             "opened_at": str(b.opened_at)}
+        if b.probe is not None:
+            h |= {"probe": b.probe, "probe_task": str(b.probe_task)}
+        hashes[p] = h
+    return {"breakers": hashes, "breaker_failures": {p: dict(w) for p, w in m.breaker_failures.items() if w}}
 
 
 def expected_snapshot(m: QueueModel, now: int) -> dict[str, Any]:
@@ -277,6 +321,7 @@ def expected_snapshot(m: QueueModel, now: int) -> dict[str, Any]:
                  for t in m.tasks.values()},
     }
     snap.update(_model_boards(m))
+    snap.update(_model_breakers(m))
     return snap
 
 
@@ -425,11 +470,12 @@ class QueueMachine(RuleBasedStateMachine):
         assert not c.repeated
 
     @precondition(lambda self: self.model.running())
-    @rule(i=st.integers(0, 3), retry=st.booleans())
-    def fail(self, i: int, retry: bool) -> None:
+    @rule(i=st.integers(0, 3), retry=st.booleans(), cause=st.sampled_from(CAUSES))
+    def fail(self, i: int, retry: bool, cause: str = "failed") -> None:
         t = self._running(i)
-        status, attempts = self.broker.fail(t.id, t.run_id, "boom", retry=retry)
-        assert ("ok", status, attempts) == self.model.fail(t.id, t.run_id, retry, self.now)
+        status, attempts = self.broker.fail(t.id, t.run_id, "boom", retry=retry, cause=cause)
+        expected = self.model.fail(t.id, t.run_id, retry, self.now, cause, fault=cause != "failed")
+        assert ("ok", status, attempts) == expected
 
     @precondition(lambda self: self.model.running())
     @rule(i=st.integers(0, 3), retry_after=st.sampled_from(RETRY_AFTERS))
@@ -437,7 +483,8 @@ class QueueMachine(RuleBasedStateMachine):
         t = self._running(i)
         until = self.now + (DEFAULT_COOLDOWN_MS if retry_after is None else int(retry_after * 1000))
         model, end = self.broker.rate_limited(t.id, t.run_id, retry_after=retry_after)
-        assert ("ok", model, round(end * 1000)) == self.model.rate_limited(t.id, t.run_id, until, self.now)
+        expected = self.model.rate_limited(t.id, t.run_id, until, self.now, fault=retry_after is None)
+        assert ("ok", model, round(end * 1000)) == expected
 
     @precondition(lambda self: self.model.running())
     @rule(i=st.integers(0, 3), reason=st.sampled_from(("released", "pairing")))
@@ -493,12 +540,21 @@ class QueueMachine(RuleBasedStateMachine):
         assert c.repeated
 
     # -- the operator: one rule, so these do not crowd out the runs ------------------------------------
-    @rule(action=st.sampled_from(("cancel", "pause", "resume", "resume", "cooldown")), i=st.integers(0, 30),
-          board=st.sampled_from(BOARDS), model=st.sampled_from(MODELS),
+    @rule(action=st.sampled_from(("cancel", "pause", "resume", "resume", "cooldown", "breaker")),
+          i=st.integers(0, 30), board=st.sampled_from(BOARDS), model=st.sampled_from(MODELS),
           seconds=st.sampled_from((0, 30, 60, 120)))
     def operator(self, action: str, i: int, board: str, model: str, seconds: int) -> None:
         if action == "cancel":
             self._cancel(i)
+        elif action == "breaker":  # open the model's provider for `seconds`, or close it (0)
+            provider = RULES.providers[model]
+            if seconds:
+                st_ = self.broker.open_breaker(provider, seconds / 60)
+                assert round(st_.until * 1000) == self.model.open_breaker(provider, self.now, "operator",
+                                                                          seconds * 1000)
+            else:
+                self.broker.close_breaker(provider)
+                self.model.close_breaker(provider)
         elif action == "cooldown":
             end = self.broker.set_cooldown(model, seconds)
             expected = self.model.cool(model, self.now, self.now + seconds * 1000, grow_only=False)
@@ -521,6 +577,7 @@ class QueueMachine(RuleBasedStateMachine):
             "lease": [t.deadline for t in m.running() if t.deadline is not None],
             "backoff": [t.backoff_until for t in m.tasks.values() if t.status == UP_NEXT],
             "cooldown": list(m.cooldowns.values()),
+            "breaker": [b.until for b in m.breakers.values()],
         }
         return [x for kind in kinds for x in times[kind] if x > self.now]
 
