@@ -48,7 +48,6 @@ if follow_up and run_count >= max_runs then
 end
 
 end_run(K, P, id, t, now, follow_up and "follow_up" or "done", note)
-breaker_after(K, P, t, now, "ok")
 local entry = cjson.decode(ARGV[8])
 entry.run_id = run_id
 entry.run_count = run_count
@@ -75,4 +74,5 @@ else
   emit(K, now, "completed", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                              "run_id", run_id, "run_count", run_count, "message", note ~= "" and note or ARGV[7]})
 end
+breaker_after(K, P, t, now, "ok")
 return {0, status, run_count, note}

@@ -30,10 +30,10 @@ if not t then return {code, detail} end
 
 local until_ms = cool_model(K, P, t.model, now, tonumber(ARGV[5]), reason, true)
 end_run(K, P, id, t, now, reason, message)
-breaker_after(K, P, t, now, ARGV[8] == "1" and "fault" or "ok", reason)
 rcall("HSET", task_key(P, id), "last_error", message, "last_error_reason", reason)
 record_error(K, now, reason, id, t, message)
 requeue(K, P, id, t, now, 0)
 emit(K, now, reason, {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                       "run_id", t.run_id, "until", int(until_ms), "message", message})
+breaker_after(K, P, t, now, ARGV[8] == "1" and "fault" or "ok", reason)
 return {0, t.model, until_ms}

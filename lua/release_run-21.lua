@@ -25,7 +25,6 @@ local P, now, id, reason, message = ARGV[1], clock_ms(ARGV[2]), ARGV[3], ARGV[5]
 local t, code, detail = active_run(P, id, ARGV[4])
 if not t then return {code, detail} end
 end_run(K, P, id, t, now, reason, message)
-breaker_after(K, P, t, now, "void")
 if reason ~= "released" then
   rcall("HSET", task_key(P, id), "last_error", message, "last_error_reason", reason)
   record_error(K, now, reason, id, t, message)
@@ -33,4 +32,5 @@ end
 requeue(K, P, id, t, now, 0)
 emit(K, now, "released", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                           "run_id", t.run_id, "reason", reason, "message", message})
+breaker_after(K, P, t, now, "void")
 return {0, "up_next"}

@@ -454,7 +454,6 @@ end
 -- verdict: what the failure says about the provider (breaker_after).
 local function fail_run(K, P, id, t, now, cause, message, retry, backoff, verdict)
   end_run(K, P, id, t, now, cause, message)
-  breaker_after(K, P, t, now, verdict, cause)
   local attempts = t.attempts + 1
   local cfg = rcall("HMGET", K.cfg_settings, "max_attempts", "backoff_ms")
   rcall("HSET", task_key(P, id), "attempts", attempts, "last_error", message or "", "last_error_reason", cause)
@@ -470,6 +469,7 @@ local function fail_run(K, P, id, t, now, cause, message, retry, backoff, verdic
   end
   emit(K, now, cause, {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                        "run_id", t.run_id, "attempts", attempts, "status", status, "message", message})
+  breaker_after(K, P, t, now, verdict, cause)  -- after the run's own event: the failure, then the opening
   return status, attempts
 end
 

@@ -8,6 +8,9 @@ Usage: ``e2e_agent.py LOGFILE``. The task's prompt is a JSON document saying how
   ``429 Too Many Requests. Please try again in 10s`` on stderr and exits 1;
 - ``hang`` (s): the first run of this task sleeps that long (a worker gets killed under it).
 
+While the file ``LOGFILE.down`` names the run's provider, that provider is down: every run on it answers
+Anthropic's 529 ``overloaded_error`` on stderr and exits 1 (the breaker's end-to-end test).
+
 Each log line is one JSON object appended in one write (task_id, board, model, provider, run_id,
 run_count, t, pid, ppid, gppid; ``leaked`` lists clawq/Redis settings found in the environment).
 """
@@ -41,6 +44,14 @@ def _first_time(log: str, task_id: int, what: str) -> bool:
     return True
 
 
+def _provider_down(log: str, provider: str) -> bool:
+    try:
+        with open(f"{log}.down", encoding="utf-8") as fh:
+            return fh.read().strip() == provider
+    except OSError:
+        return False
+
+
 def _parent_of(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
@@ -60,6 +71,11 @@ def main() -> int:
     _log(log, {"ev": "start", **base, "t": time.time(), "pid": os.getpid(), "ppid": os.getppid(),
                "gppid": _parent_of(os.getppid()),
                "leaked": leaked, "env_ok": env_ok})
+    if _provider_down(log, str(task["provider"])):
+        time.sleep(float(plan.get("dur", 0.2)) / 2)
+        _log(log, {"ev": "end", **base, "t": time.time(), "result": "overloaded"})
+        print('{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}', file=sys.stderr)
+        return 1
     if plan.get("hang") and _first_time(log, task["task_id"], "hang"):
         time.sleep(float(plan["hang"]))
     time.sleep(float(plan.get("dur", 0.2)))
