@@ -28,6 +28,7 @@ from clawq.broker import (
     NothingToClaim,
     Outcome,
     RedisUnavailable,
+    Task,
     TaskStatus,
     load_config_file,
 )
@@ -134,13 +135,25 @@ RUN = click.argument("run_id", metavar="RUN_ID")
 @click.option("--model", default=None, help="Pin the task to one model instead of a chain.")
 @click.option("--id", "task_id", type=click.IntRange(min=1), default=None, help="Use this task id.")
 @click.option("--prompt", default="", help="The agent prompt.")
+@click.option("--not-before", "not_before", default=None, metavar="T",
+              help="Wait until T: ISO 8601, or HH:MM (the next such time in the night window's zone, else UTC).")
+@click.option("--night-only", is_flag=True, help="Start only inside the night window.")
 @click.argument("title")
 @command_options
 def add(obj: Ctx, board: str, chain: str | None, model: str | None, task_id: int | None, prompt: str,
-        title: str) -> None:
-    """Queue a task at its place (its task_id) on BOARD."""
-    tid = obj.broker().add(board, title, chain=chain, model=model, prompt=prompt, task_id=task_id)
-    emit(obj, {"task_id": tid, "board": board, "status": "up_next"}, f"added task {tid} to board {board}")
+        not_before: str | None, night_only: bool, title: str) -> None:
+    """Queue a task at its place (its task_id) on BOARD, or schedule it (--not-before, --night-only)."""
+    broker = obj.broker()
+    at = broker.parse_time(not_before) if not_before is not None else None
+    done = broker.add_task(board, title, chain=chain, model=model, prompt=prompt, task_id=task_id, not_before=at,
+                           night_only=night_only)
+    tid = done.task_id
+    doc: dict[str, Any] = {"task_id": tid, "board": board, "status": done.status.value}
+    text = f"added task {tid} to board {board}"
+    if done.due_at is not None:
+        doc["due_at"] = done.due_at
+        text += f" (scheduled: due {_when(done.due_at)})"
+    emit(obj, doc, text)
 
 
 @cli.command()
@@ -234,6 +247,11 @@ def show(obj: Ctx, task_id: int) -> None:
     lines = [f"task {task.task_id} [{task.status.value}] on {task.board}: {_clean(task.title)}",
              f"  chain {task.chain or '-'}  model {task.model or '-'}  runs {task.run_count}  "
              f"attempts {task.attempts}"]
+    if task.due_at is not None or task.not_before is not None or task.night_only:
+        lines.append("  " + "  ".join(part for part in (
+            f"due {_when(task.due_at)}" if task.due_at is not None else "",
+            f"not before {_when(task.not_before)}" if task.not_before is not None else "",
+            "night-only" if task.night_only else "") if part))
     lines += [f"  run {r.get('run_id')} {r.get('model')} -> {r.get('outcome', 'running')}" for r in task.runs]
     if task.last_error:
         lines.append(f"  last error ({task.last_error_reason}): {_clean(task.last_error)}")
@@ -248,8 +266,17 @@ def ls_(obj: Ctx, board: str | None, status: str | None) -> None:
     """List tasks (id order)."""
     tasks = obj.broker().list_tasks(board=board, status=TaskStatus(status) if status else None)
     doc = [t.model_dump(mode="json", exclude={"context", "runs", "prompt"}) for t in tasks]
-    text = "\n".join(f"{t.task_id:>6}  {t.status.value:<11}  {t.board:<16}  {_clean(t.title)}" for t in tasks)
+    text = "\n".join(f"{t.task_id:>6}  {t.status.value:<11}  {t.board:<16}  {_clean(t.title)}{_due(t)}"
+                     for t in tasks)
     emit(obj, doc, text or "no tasks")
+
+
+def _due(task: Task) -> str:
+    """`` (due <time>)`` for a scheduled task, `` night-only`` for one that waits for the night."""
+    night = " night-only" if task.night_only else ""
+    if task.due_at is not None:
+        return f"  (due {_when(task.due_at)}{',' if night else ''}{night})"
+    return f"  ({night.strip()})" if night and not task.status.final else ""
 
 
 @cli.command()

@@ -23,11 +23,12 @@ from .errors import (
     UnknownChain,
 )
 from .keys import Keys
-from .models import Claim, Completion, Deadlines, Outcome, Task, TaskStatus
+from .models import Added, Claim, Completion, Deadlines, Outcome, Task, TaskStatus
 
 __all__ = [
     "DEFAULT_CONFIG",
     "SCHEMA_VERSION",
+    "Added",
     "BreakerState",
     "BreakerStatus",
     "Broker",

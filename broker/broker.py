@@ -38,11 +38,11 @@ from .errors import (
     error_for,
 )
 from .keys import BOARD_RE, NAMESPACE_RE, Keys
-from .models import MAX_TEXT_BYTES, Claim, Completion, Deadlines, Outcome, Task, TaskStatus
+from .models import MAX_TEXT_BYTES, Added, Claim, Completion, Deadlines, Outcome, Task, TaskStatus
 from .scripts import Scripts, load_specs
 from .signals import MAX_RESET_SECONDS, SignalClass, counts_for_breaker, parse_signal
 from .stats import observe_claim_to_start, queue_claim_to_start
-from .timing import start_of
+from .timing import parse_not_before, start_of
 
 __all__ = ["SCHEMA_VERSION", "Broker", "redact_url", "redis_errors"]
 
@@ -253,7 +253,23 @@ class Broker:
         not_before: float | None = None,
         night_only: bool = False,
     ) -> int:
-        """Queue a task on ``board`` (its place is its id); returns the task id.
+        """Queue a task on ``board`` (its place is its id); returns the task id. See :meth:`add_task`."""
+        return self.add_task(board, title, chain=chain, model=model, prompt=prompt, task_id=task_id,
+                             not_before=not_before, night_only=night_only).task_id
+
+    def add_task(
+        self,
+        board: str,
+        title: str,
+        *,
+        chain: str | None = None,
+        model: str | None = None,
+        prompt: str = "",
+        task_id: int | None = None,
+        not_before: float | None = None,
+        night_only: bool = False,
+    ) -> Added:
+        """Queue a task on ``board`` (its place is its id): its id, status (up_next or scheduled) and due time.
 
         ``not_before`` (epoch s): the task waits as ``scheduled`` until then. ``night_only`` (or the board's
         ``night_only`` option): it may only start inside the night window, and waits for it as ``scheduled``.
@@ -278,7 +294,14 @@ class Broker:
             raise InputError(str(reply[1]))
         if status is not Status.OK:
             raise error_for(status, int(task_id or 0), "", str(reply[1]))
-        return int(reply[1])
+        scheduled = str(reply[2]) == TaskStatus.SCHEDULED
+        return Added(task_id=int(reply[1]), status=TaskStatus(str(reply[2])),
+                     due_at=start.due if scheduled else None)
+
+    def parse_time(self, text: str) -> float:
+        """A not-before time as epoch seconds: ISO 8601, or ``HH:MM`` (the next such time in the night window's
+        zone, UTC without night mode). Raises InputError."""
+        return parse_not_before(text, self.config(), self.now())
 
     def _check_known(self, *, chain: str | None = None, model: str | None = None) -> None:
         """Refuse an unknown chain or model before anything is written (the scripts check again)."""

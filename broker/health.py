@@ -40,7 +40,7 @@ def collect_health(broker: Broker) -> dict[str, Any]:
     pipe.lrange(keys.errors, 0, _RECENT_ERRORS - 1)
     for b in boards:
         pipe.zcard(keys.queue(b))
-        pipe.hmget(keys.board(b), "running", "paused", "state")
+        pipe.hmget(keys.board(b), "running", "paused", "state", "scheduled")
         pipe.zcount(keys.done(b), now_ms - _HOUR_MS, "+inf")
         pipe.zrange(keys.queue(b), 0, _HEAD - 1)
     replies = pipe.execute()
@@ -51,7 +51,8 @@ def collect_health(broker: Broker) -> dict[str, Any]:
     for name, why in zip(boards, broker.explain_boards(boards, cap), strict=True):
         board_docs[name]["why_waiting"] = why
     return {
-        "global": {"max_concurrent": cap, "in_progress": int(in_progress), "night": night},
+        "global": {"max_concurrent": cap, "in_progress": int(in_progress), "night": night,
+                   "scheduled": sum(b["scheduled"] for b in board_docs.values())},
         "boards": board_docs,
         "models": _models(broker, inflight_m, failures, now),
         "providers": {
@@ -81,11 +82,12 @@ def _boards(broker: Broker, boards: list[str], replies: list[Any], now: float) -
     fields = _task_fields(broker, {tid for q in queues for tid in q} | {int(x) for x in running if x})
     out: dict[str, Any] = {}
     for i, b in enumerate(boards):
-        depth, (run_id, paused, state), done = replies[4 * i : 4 * i + 3]
+        depth, (run_id, paused, state, scheduled), done = replies[4 * i : 4 * i + 3]
         head = queues[i][0] if queues[i] else None
         waited = max(0.0, now - int(fields[head].get("queued_at", 0)) / 1000) if head is not None else 0.0
         out[b] = {
             "queue_depth": int(depth),
+            "scheduled": _int(scheduled),
             "in_progress": 1 if run_id else 0,
             "running_task": int(_t(run_id)) if run_id else None,
             "completed_last_hour": int(done),

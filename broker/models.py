@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-__all__ = ["Claim", "Completion", "Deadlines", "Outcome", "Task", "TaskStatus"]
+__all__ = ["Added", "Claim", "Completion", "Deadlines", "Outcome", "Task", "TaskStatus"]
 
 #: Largest prompt, next_prompt or summary accepted, in bytes of UTF-8.
 MAX_TEXT_BYTES = 256 * 1024
@@ -46,6 +46,16 @@ class Deadlines(BaseModel):
         """The nearest lease deadline, backoff end, cooldown end or scheduled task's due time."""
         times = [t for t in (self.lease, self.backoff, self.cooldown, self.scheduled) if t is not None]
         return min(times) if times else None
+
+
+class Added(BaseModel):
+    """What ``add`` did: the new task's id, its status (up_next, or scheduled) and when it becomes due."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task_id: int
+    status: TaskStatus
+    due_at: float | None = None  #: epoch seconds, while scheduled
 
 
 class Claim(BaseModel):

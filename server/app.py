@@ -107,6 +107,8 @@ class AddTaskIn(BaseModel):
     model: str | None = None
     prompt: str = ""
     id: TaskId | None = None
+    not_before: str | None = None  #: ISO 8601 (or HH:MM): the task waits as `scheduled` until then
+    night_only: bool = False  #: the task may only start inside the night window
 
     @model_validator(mode="after")
     def _one_target(self) -> AddTaskIn:
@@ -119,6 +121,7 @@ class AddTaskOut(BaseModel):
     task_id: int
     board: str
     status: TaskStatus
+    due_at: float | None = None  #: epoch seconds, while scheduled
 
 
 class ClaimOut(Claim):
@@ -341,9 +344,10 @@ def next_task(broker: BrokerDep) -> Response:
 @api.post("/tasks", tags=["tasks"], status_code=201, summary="Queue a task",
           responses={409: _ERRORS[409], 422: _ERRORS[422]})
 def add_task(body: AddTaskIn, broker: BrokerDep) -> AddTaskOut:
-    task_id = broker.add(body.board, body.title, chain=body.chain, model=body.model, prompt=body.prompt,
-                         task_id=body.id)
-    return AddTaskOut(task_id=task_id, board=body.board, status=TaskStatus.UP_NEXT)
+    at = broker.parse_time(body.not_before) if body.not_before is not None else None
+    done = broker.add_task(body.board, body.title, chain=body.chain, model=body.model, prompt=body.prompt,
+                           task_id=body.id, not_before=at, night_only=body.night_only)
+    return AddTaskOut(task_id=done.task_id, board=body.board, status=done.status, due_at=done.due_at)
 
 
 @api.get("/tasks/{task_id}", tags=["tasks"], summary="One task, with its context and runs",

@@ -139,15 +139,19 @@ def _board_metrics(boards: dict[str, Any], stats: Stats) -> Iterator[Metric]:
                                 labels=["board"])
     waiting = GaugeMetricFamily("clawq_board_oldest_waiting_seconds",
                                 "How long the board's head task has been waiting.", labels=["board"])
+    scheduled = GaugeMetricFamily("clawq_board_scheduled",
+                                  "Tasks of the board waiting for their not-before time or the night window.",
+                                  labels=["board"])
     for name, doc in boards.items():
         depth.add_metric([name], doc["queue_depth"])
+        scheduled.add_metric([name], doc["scheduled"])
         running.add_metric([name], doc["in_progress"])
         waiting.add_metric([name], doc["oldest_waiting_s"])
     completed = CounterMetricFamily("clawq_board_completed", "Run outcomes recorded on the board.",
                                     labels=["board"])
     for name in sorted(set(boards) | set(stats.completed)):
         completed.add_metric([name], stats.completed.get(name, 0.0))
-    yield from (depth, running, completed, waiting)
+    yield from (depth, scheduled, running, completed, waiting)
 
 
 def _model_metrics(models: dict[str, Any], providers: dict[str, Any], stats: Stats) -> Iterator[Metric]:

@@ -383,7 +383,7 @@ def test_health_json_shape(run: Run) -> None:
     doc = ok(run, "health")
     assert set(doc) == {"global", "boards", "models", "providers", "recent_errors"}
     cap, night = Config().global_cap_at(time.time())
-    assert doc["global"] == {"max_concurrent": cap, "in_progress": 1, "night": night}
+    assert doc["global"] == {"max_concurrent": cap, "in_progress": 1, "night": night, "scheduled": 0}
     board = doc["boards"]["b1"]
     assert {"queue_depth", "in_progress", "completed_last_hour", "oldest_waiting_s"} <= set(board)
     assert (board["queue_depth"], board["in_progress"], board["completed_last_hour"]) == (1, 1, 0)
@@ -397,14 +397,15 @@ def test_health_json_shape(run: Run) -> None:
 
 
 def test_health_json_has_the_contract_keys(run: Run) -> None:
-    """The contract keys, plus documented extras (running_task, paused, state, why_waiting, head, running)."""
+    """The contract keys, plus documented extras (running_task, paused, state, why_waiting, head, running,
+    scheduled)."""
     add(run, "b1")
     doc = ok(run, "health")
-    assert set(doc["global"]) == {"max_concurrent", "in_progress", "night"}
+    assert set(doc["global"]) == {"max_concurrent", "in_progress", "night", "scheduled"}
     assert set(doc["providers"]["openai"]) == {"inflight", "cap", "breaker"}
     assert set(doc["boards"]["b1"]) == {
         "queue_depth", "in_progress", "completed_last_hour", "oldest_waiting_s", "running_task", "paused", "state",
-        "why_waiting", "head", "running"}
+        "why_waiting", "head", "running", "scheduled"}
     assert set(doc["models"]["codex"]) == {"inflight", "cap", "cooldown_remaining_s", "failures", "provider"}
 
 

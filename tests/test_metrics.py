@@ -32,7 +32,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 GAUGES = {
     "clawq_board_queue_depth", "clawq_board_in_progress", "clawq_board_oldest_waiting_seconds",
-    "clawq_model_inflight", "clawq_model_cap", "clawq_provider_inflight", "clawq_provider_cap",
+    "clawq_board_scheduled", "clawq_model_inflight", "clawq_model_cap", "clawq_provider_inflight", "clawq_provider_cap",
     "clawq_model_cooldown_remaining_seconds", "clawq_provider_breaker_state",
 }
 COUNTERS = {"clawq_board_completed", "clawq_model_failures", "clawq_skips", "clawq_claims"}
@@ -77,6 +77,7 @@ def busy_namespace(broker: Broker, clock: FakeClock) -> None:
     broker.fail(docs.task_id, docs.run_id, "it broke")
     broker.rate_limited(ops.task_id, ops.run_id, retry_after=300)
     broker.add("ops", "second", model="opus")
+    broker.add("ops", "tomorrow", model="opus", not_before=clock() + 86400)
     web2 = broker.claim()
     assert web2.board == "web"
     for _ in range(2):
@@ -99,6 +100,7 @@ def test_metrics_agree_with_health(client: TestClient, broker: Broker, clock: Fa
     assert set(boards) == {"web", "ops", "docs"}
     assert labelled(samples, "clawq_board_queue_depth", "board") == {b: d["queue_depth"] for b, d in boards.items()}
     assert labelled(samples, "clawq_board_in_progress", "board") == {b: d["in_progress"] for b, d in boards.items()}
+    assert labelled(samples, "clawq_board_scheduled", "board") == {b: d["scheduled"] for b, d in boards.items()}
     assert labelled(samples, "clawq_board_oldest_waiting_seconds", "board") == pytest.approx(
         {b: d["oldest_waiting_s"] for b, d in boards.items()})
     assert labelled(samples, "clawq_board_oldest_waiting_seconds", "board")["ops"] == pytest.approx(42, abs=0.01)

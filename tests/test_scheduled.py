@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import run_cli
+from test_cli import UNREACHABLE, Run, ok
 from test_doctor import repaired
 from test_rules import Clock, check, config, follow, nothing, rc
 
@@ -160,8 +162,8 @@ def test_a_night_only_run_is_not_stopped_at_dawn_but_no_new_one_starts(broker: B
     a = broker.add("web", "long", chain="coding", night_only=True)
     b = broker.add("api", "queued at dawn", chain="coding", night_only=True)
     c = broker.add("api", "behind it", chain="coding")
-    run = broker.claim()
-    assert run.task_id == a
+    first = broker.claim()
+    assert first.task_id == a
     assert rc(broker).zrange(broker.keys.night_queued, 0, -1) == [str(a), str(b)]
     # b waits behind a global cap of one until the window closes
     long_lease = {"stale_in_progress_minutes": 1200}
@@ -175,9 +177,9 @@ def test_a_night_only_run_is_not_stopped_at_dawn_but_no_new_one_starts(broker: B
     assert broker.get_task(b).status is TaskStatus.SCHEDULED
     assert broker.get_task(b).due_at == dawn + 16 * 3600
     assert broker.get_task(a).status is TaskStatus.IN_PROGRESS  # the night run goes on
-    broker.heartbeat(a, run.run_id)
+    broker.heartbeat(a, first.run_id)
     # its follow-up outside the window does not start: a goes back to wait for the night
-    broker.complete(a, run.run_id, follow("next step", "first half"))
+    broker.complete(a, first.run_id, follow("next step", "first half"))
     assert nothing(broker) == {}
     assert broker.get_task(a).status is TaskStatus.SCHEDULED
     assert check(broker) == {a: "scheduled", b: "scheduled", c: "in_progress"}
@@ -270,3 +272,67 @@ def test_a_scheduled_task_in_a_queue_too_is_taken_out_of_the_queue(broker: Broke
     repaired(broker, f"task {tid} (scheduled) is also in queue of board web")
     with pytest.raises(NothingToClaim):
         broker.claim()
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_run(redis_url: str, r: redis.Redis, namespace: str, capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch) -> Run:
+    """``clawq --redis-url <private> --namespace <ns> args`` in-process: (exit code, stdout, stderr)."""
+    monkeypatch.setenv("CLAWQ_REDIS_URL", UNREACHABLE)
+    return lambda *args, **_: run_cli(["--redis-url", redis_url, "--namespace", namespace, *args], capsys)
+
+
+def test_cli_add_not_before_ls_and_show_say_when_a_task_is_due(cli_run: Run, r: redis.Redis) -> None:
+    soon = datetime.now(UTC) + timedelta(hours=2)
+    doc = ok(cli_run, "add", "--board", "web", "--chain", "coding", "--not-before", soon.isoformat(), "later")
+    assert doc["status"] == "scheduled" and abs(doc["due_at"] - soon.timestamp()) < 0.01
+    assert ok(cli_run, "add", "--board", "web", "--chain", "coding", "now")["status"] == "up_next"
+    listed = ok(cli_run, "ls", "--status", "scheduled")
+    assert [(t["task_id"], t["status"]) for t in listed] == [(1, "scheduled")]
+    assert abs(listed[0]["due_at"] - soon.timestamp()) < 0.01
+    code, out, _ = cli_run("ls", "--status", "scheduled")
+    assert code == 0 and "scheduled" in out and "(due " in out
+    code, out, _ = cli_run("show", "1")
+    assert code == 0 and "due " in out and "not before " in out
+    health = ok(cli_run, "health")
+    assert health["boards"]["web"]["scheduled"] == 1 and health["global"]["scheduled"] == 1
+    assert ok(cli_run, "doctor")["ok"]
+
+
+def test_cli_add_hh_mm_is_scheduled_in_utc_without_night_mode(cli_run: Run, tmp_path: Any) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("night_mode: null\n")
+    ok(cli_run, "config", "load", str(cfg))
+    at = (datetime.now(UTC) + timedelta(hours=3)).strftime("%H:%M")
+    doc = ok(cli_run, "add", "--board", "web", "--chain", "coding", "--not-before", at, "t")
+    due = datetime.fromtimestamp(doc["due_at"], tz=UTC)
+    assert doc["status"] == "scheduled" and due.strftime("%H:%M") == at and due.second == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["--not-before", "tomorrow"],
+    ["--not-before", "25:00"],
+    ["--not-before", "2026-02-30T10:00"],
+    ["--not-before", (datetime.now(UTC) + timedelta(days=400)).isoformat()],
+])
+def test_cli_bad_not_before_is_one_line_exit_2_and_nothing_written(
+    cli_run: Run, r: redis.Redis, args: list[str]
+) -> None:
+    code, out, err = cli_run("add", "--board", "web", "--chain", "coding", *args, "t")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert r.keys("*") == [] or not any(b":task:" in k for k in r.keys("*"))
+
+
+def test_cli_night_only_without_night_mode_is_refused(cli_run: Run, r: redis.Redis, tmp_path: Any) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("night_mode: null\n")
+    ok(cli_run, "config", "load", str(cfg))
+    code, _, err = cli_run("add", "--board", "web", "--chain", "coding", "--night-only", "t")
+    assert code == 2 and "night_mode" in err and len(err.strip().splitlines()) == 1
+    assert not any(b":task:" in k for k in r.keys("*"))
+    cfg.write_text("night_mode: null\nboards: {infra: {night_only: true}}\n")
+    code, _, err = cli_run("config", "load", str(cfg))
+    assert code == 2 and "boards.infra.night_only needs night_mode" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -111,7 +112,7 @@ def test_add_then_get_task(client: TestClient, broker: Broker) -> None:
     resp = client.post("/api/v1/tasks", json={"board": "web", "title": "fix it", "chain": "coding",
                                               "prompt": "details"})
     assert resp.status_code == 201
-    assert resp.json() == {"task_id": 1, "board": "web", "status": "up_next"}
+    assert resp.json() == {"task_id": 1, "board": "web", "status": "up_next", "due_at": None}
     resp = client.post("/api/v1/tasks", json={"board": "web", "title": "pinned", "model": "opus", "id": 40})
     assert resp.status_code == 201
     assert resp.json()["task_id"] == 40
@@ -607,3 +608,31 @@ def test_serve_refuses_a_port_in_use_before_anything_else(monkeypatch: pytest.Mo
         port = taken.getsockname()[1]
         with pytest.raises(ClawqError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use$"):
             serve("redis://127.0.0.1:1/0", "default", port=port)
+
+
+def test_add_not_before_and_night_only_over_http(client: TestClient, broker: Broker) -> None:
+    soon = time.time() + 3600
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(soon))
+    resp = client.post("/api/v1/tasks", json={"board": "web", "title": "later", "chain": "coding", "not_before": iso})
+    assert resp.status_code == 201
+    body = resp.json()
+    assert body["status"] == "scheduled" and body["due_at"] == int(soon)
+    task = client.get(f"/api/v1/tasks/{body['task_id']}").json()
+    assert task["status"] == "scheduled" and task["not_before"] == int(soon) and task["night_only"] is False
+    broker.load_config(parse_config({"night_mode": {"timezone": "UTC", "start": "00:00", "end": "00:01"}}))
+    resp = client.post("/api/v1/tasks", json={"board": "ops", "title": "n", "chain": "coding", "night_only": True})
+    assert resp.status_code == 201
+    assert client.get(f"/api/v1/tasks/{resp.json()['task_id']}").json()["night_only"] is True
+
+
+@pytest.mark.parametrize("extra", [
+    {"not_before": "not a time"},
+    {"not_before": "2999-01-01T00:00:00Z"},
+    {"not_before": 1700000000},
+    {"night_only": "yes"},
+])
+def test_add_with_a_bad_time_is_422_and_writes_nothing(client: TestClient, broker: Broker,
+                                                      extra: dict[str, Any]) -> None:
+    resp = client.post("/api/v1/tasks", json={"board": "web", "title": "t", "chain": "coding", **extra})
+    assert resp.status_code == 422, resp.text
+    assert broker.list_tasks() == []
