@@ -182,6 +182,61 @@ def test_stop_kills_the_agent_and_returns_none(tmp_path: Path, reaper: list[int]
     assert wait_dead(agent) and wait_dead(child)
 
 
+def _run_in_thread(argv: list[str], c: RunContext) -> tuple[threading.Thread, list[Any]]:
+    box: list[Any] = []
+    runner = threading.Thread(target=lambda: box.append(run_command(argv, c)), daemon=True)
+    runner.start()
+    return runner, box
+
+
+def test_timeout_kills_a_child_that_left_the_session_and_holds_the_pipes(tmp_path: Path, reaper: list[int]) -> None:
+    """A setsid child escapes the process group and keeps stdout/stderr open: reading the agent's output must
+    not wait for it, the timeout holds, and the child dies too."""
+    record = tmp_path / "record.json"
+    start = time.monotonic()
+    runner, box = _run_in_thread([sys.executable, PROBE, str(record), "escape"], ctx(timeout_s=1.5))
+    child = wait_for(Path(f"{record}.child"))["pid"]
+    agent = json.loads(record.read_text())["pid"]
+    reaper.extend([child, agent])
+    assert os.getsid(child) == child != os.getsid(agent), "the child did not leave the agent's session"
+    runner.join(8)
+    elapsed = time.monotonic() - start
+    assert not runner.is_alive(), "reading the agent's output blocked past the timeout"
+    assert isinstance(box[0], Failed) and box[0].cause == "timeout", box
+    assert 1.4 <= elapsed < 4.5, elapsed
+    assert wait_dead(agent), "the agent survived its timeout"
+    assert wait_dead(child), "the child that left the session survived the timeout"
+
+
+def test_stop_kills_a_child_that_left_the_session(tmp_path: Path, reaper: list[int]) -> None:
+    record = tmp_path / "record.json"
+    c = ctx(timeout_s=60)
+    runner, box = _run_in_thread([sys.executable, PROBE, str(record), "escape"], c)
+    child = wait_for(Path(f"{record}.child"))["pid"]
+    reaper.extend([child, json.loads(record.read_text())["pid"]])
+    t0 = time.monotonic()
+    c.stop.set()
+    runner.join(8)
+    assert not runner.is_alive() and box == [None]
+    assert time.monotonic() - t0 < 3
+    assert wait_dead(child), "fencing left the escaped child running"
+
+
+def test_an_agent_that_daemonizes_and_exits_leaves_nothing_behind(tmp_path: Path, reaper: list[int]) -> None:
+    """fork, setsid, fork: the daemon is in no process group of the agent and its parent is gone; it holds the
+    pipes. The run's outcome comes at once, and the daemon is killed."""
+    record = tmp_path / "record.json"
+    t0 = time.monotonic()
+    runner, box = _run_in_thread([sys.executable, PROBE, str(record), "daemon"], ctx(timeout_s=60))
+    daemon = wait_for(Path(f"{record}.child"))["pid"]
+    reaper.append(daemon)
+    runner.join(8)
+    assert not runner.is_alive(), "the runner waited for the daemon that holds the pipes"
+    assert isinstance(box[0], Done) and box[0].outcome.summary == "probe done", box
+    assert time.monotonic() - t0 < 5
+    assert wait_dead(daemon), "the agent's daemon outlived its run"
+
+
 def test_missing_binary_is_agent_unreachable(tmp_path: Path) -> None:
     result = run_command([str(tmp_path / "no-such-agent"), "--flag"], ctx())
     assert isinstance(result, Failed) and result.cause == "agent_unreachable"

@@ -1,6 +1,7 @@
 """Agent runners: run the agent for one claimed task and say what it produced.
 
-- ``command``: ``agent.command`` is an argv list, run without a shell, in its own process group. The task
+- ``command``: ``agent.command`` is an argv list, run without a shell, in its own session; every process it
+  starts is killed when the run ends, also one that left its session (:mod:`workers.procs`). The task
   goes to stdin as JSON; the last non-empty stdout line is the outcome (see :mod:`broker.agent_output`).
 - ``python``: ``agent.callable = "module:function"``, called with the task document; returns an outcome
   document (or an :class:`~broker.Outcome`).
@@ -18,6 +19,7 @@ import ctypes.util
 import importlib
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -25,13 +27,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 from clawq.broker import Outcome
 from clawq.broker.agent_output import AgentResult, Done, Failed, classify_text, parse_agent_output, result_from_doc
 from clawq.broker.config import AgentConfig
 
-__all__ = ["SECRET_ENV_PREFIXES", "RunContext", "Stalled", "agent_env", "preload_agent", "run_agent"]
+from .procs import AgentTree
+
+__all__ = ["SECRET_ENV_PREFIXES", "RunContext", "Stalled", "agent_env", "preload_agent", "run_agent",
+           "stop_agent"]
 
 #: Environment variables never passed on to an agent (nor, by inheritance, to the simulation's processes):
 #: clawq's own settings and Redis credentials.
@@ -42,6 +47,10 @@ _RUNNERS_BY_PATH = {"simulated": "clawq.sim.agent:run_simulated"}
 _OUTPUT_CAP = 4 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05
+#: How often a running agent's process tree is noted (cheap: one read of /proc).
+_SCAN_S = 0.5
+#: How long, after the agent exited, its output may keep coming before the rest of its tree is killed.
+_LINGER_S = 1.0
 
 
 class Stalled(Exception):
@@ -81,18 +90,83 @@ def agent_env(task: dict[str, Any], base: dict[str, str] | None = None) -> dict[
     return env
 
 
-def _drain(stream: IO[bytes], sink: bytearray) -> None:
-    """Read a pipe to the end, keeping only the last _OUTPUT_CAP bytes."""
-    for chunk in iter(lambda: stream.read(65536), b""):
+class _Pipes:
+    """The agent's stdin, stdout and stderr, served from the runner's own loop, never blocking: a process that
+    outlives the agent and holds its pipes can delay nothing."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], data: bytes) -> None:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self.out, self.err = bytearray(), bytearray()
+        self._files = [proc.stdin, proc.stdout, proc.stderr]
+        self._todo = memoryview(data)
+        self._sel = selectors.DefaultSelector()
+        for stream, sink in ((proc.stdout, self.out), (proc.stderr, self.err)):
+            os.set_blocking(stream.fileno(), False)
+            self._sel.register(stream.fileno(), selectors.EVENT_READ, sink)
+        os.set_blocking(proc.stdin.fileno(), False)
+        self._sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, None)
+
+    @property
+    def reading(self) -> bool:
+        return any(key.data is not None for key in self._sel.get_map().values())
+
+    def pump(self, timeout: float) -> bool:
+        """Move what is ready (waiting up to ``timeout``); True when something was read."""
+        got = False
+        for key, _ in self._sel.select(timeout):
+            if key.data is None:
+                self._write(key.fd)
+            else:
+                got = self._read(key.fd, key.data) or got
+        return got
+
+    def _read(self, fd: int, sink: bytearray) -> bool:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._sel.unregister(fd)
+            return False
         sink.extend(chunk)
-        if len(sink) > 2 * _OUTPUT_CAP:
+        if len(sink) > 2 * _OUTPUT_CAP:  # keep only the tail
             del sink[: len(sink) - _OUTPUT_CAP]
+        return True
+
+    def _write(self, fd: int) -> None:
+        """Feed the task to stdin; an agent that never reads it is its own business (the rest is dropped)."""
+        try:
+            sent = os.write(fd, self._todo[:65536])
+        except BlockingIOError:
+            return
+        except OSError:
+            sent = len(self._todo)
+        self._todo = self._todo[sent:]
+        if not self._todo:
+            self._sel.unregister(fd)
+            self._files[0].close()
+
+    def drain(self, limit_s: float) -> None:
+        """Read on while output keeps coming (at most ``limit_s``); stop at end of file or the first quiet spell."""
+        end = time.monotonic() + limit_s
+        while self.reading and time.monotonic() < end and self.pump(_POLL_S):
+            pass
+
+    def close(self) -> None:
+        self._sel.close()
+        for stream in self._files:
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def _start(argv: list[str], ctx: RunContext) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+        env=agent_env(ctx.task), start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
 
 
 def _die_with_parent() -> None:
@@ -102,65 +176,61 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _start(argv: list[str], ctx: RunContext) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=agent_env(ctx.task), start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-    )
+def stop_agent(tree: AgentTree, first: signal.Signals | None = None, grace_s: float = 0.0) -> None:
+    """The one way a run's processes end (timeout, fencing, or after the agent exited): every process of its
+    tree, also those that left its group or session, is killed (see :mod:`workers.procs`)."""
+    tree.stop(first, grace_s)
 
 
-def _feed(stdin: IO[bytes], data: bytes) -> None:
-    """Write the task to the agent's stdin (in a thread: an agent that never reads must not block us)."""
-    with contextlib.suppress(OSError):  # the agent did not read its stdin: that is its business
-        stdin.write(data)
-    with contextlib.suppress(OSError):
-        stdin.close()
-
-
-def _wait(proc: subprocess.Popen[bytes], ctx: RunContext) -> str | None:
-    """Wait for the agent; returns "stopped" or "timeout" when it had to be killed."""
+def _wait(proc: subprocess.Popen[bytes], pipes: _Pipes, tree: AgentTree, ctx: RunContext) -> str | None:
+    """Serve the agent's pipes until it exits; returns "stopped" or "timeout" when it had to be killed."""
     deadline = time.monotonic() + ctx.timeout_s
+    next_scan = time.monotonic() + _SCAN_S
     while True:
-        try:  # returns as soon as the agent exits; checks stop and the timeout between waits
-            proc.wait(timeout=_POLL_S)
+        if pipes.reading:
+            pipes.pump(_POLL_S)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # returns as soon as the agent exits
+            proc.wait(timeout=0 if pipes.reading else _POLL_S)
             return None
-        except subprocess.TimeoutExpired:
-            ctx.started()
+        ctx.started()
         if ctx.stop.is_set():
-            _kill_group(proc)
             return "stopped"
         if time.monotonic() > deadline:
-            _kill_group(proc)
             return "timeout"
+        if time.monotonic() >= next_scan:  # note the processes it starts, in case they leave its group
+            tree.scan()
+            next_scan = time.monotonic() + _SCAN_S
 
 
 def _expect(ctx: RunContext) -> tuple[int, str]:
     return int(ctx.task["task_id"]), str(ctx.task["run_id"])
 
 
-def run_command(argv: list[str], ctx: RunContext) -> AgentResult | None:
-    """Run a command agent (no shell, own process group) and read its outcome."""
+def _run_tree(argv: list[str], ctx: RunContext) -> tuple[str | None, subprocess.Popen[bytes], _Pipes]:
+    """Start the agent, serve it until it ends, and leave none of its processes behind."""
+    tree = AgentTree(marker=f"CLAWQ_RUN_ID={ctx.task['run_id']}")
+    proc = _start(argv, ctx)
+    tree.lead(proc.pid)
+    pipes = _Pipes(proc, json.dumps(ctx.task).encode())
     try:
-        proc = _start(argv, ctx)
+        ended = _wait(proc, pipes, tree, ctx)
+        if ended is None:  # what the agent wrote before it exited is in the pipes; a daemon may write on: no wait
+            pipes.drain(_LINGER_S)
+    finally:
+        stop_agent(tree)
+        proc.wait()
+        pipes.drain(_LINGER_S)  # every writer is dead now: the rest up to end of file comes at once
+        pipes.close()
+    return ended, proc, pipes
+
+
+def run_command(argv: list[str], ctx: RunContext) -> AgentResult | None:
+    """Run a command agent (no shell, own session) and read its outcome."""
+    try:
+        ended, proc, pipes = _run_tree(argv, ctx)
     except OSError as err:
         return Failed(error=f"cannot start agent {argv[0]!r}: {err}", cause="agent_unreachable")
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    out, errs = bytearray(), bytearray()
-    threads = [threading.Thread(target=_drain, args=(s, b), daemon=True)
-               for s, b in ((proc.stdout, out), (proc.stderr, errs))]
-    threads.append(threading.Thread(target=_feed, args=(proc.stdin, json.dumps(ctx.task).encode()), daemon=True))
-    for t in threads:
-        t.start()
-    try:
-        ended = _wait(proc, ctx)
-    finally:
-        for t in threads:
-            t.join(timeout=5)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            with contextlib.suppress(OSError):
-                stream.close()
-    stdout, stderr = out.decode("utf-8", "replace"), errs.decode("utf-8", "replace")
+    stdout, stderr = pipes.out.decode("utf-8", "replace"), pipes.err.decode("utf-8", "replace")
     ctx.log.extend(_tail_lines(stdout.splitlines()[:-1] + stderr.splitlines()))
     if ended == "stopped":
         return None

@@ -6,7 +6,11 @@ environment, pid, process group and session) written atomically before MODE runs
 - ``done``: print a log line and a done outcome;
 - ``sleep``: start a child that sleeps (its pid goes to RECORD.child), then sleep 60 s;
 - ``nostdin``: never read stdin, sleep ``args[0]`` seconds, then print a done outcome;
-- ``stderr``: print ``args[0]`` on stderr and exit with code ``args[1]``.
+- ``stderr``: print ``args[0]`` on stderr and exit with code ``args[1]``;
+- ``escape``: start a child in a new session (``setsid``) that keeps stdout and stderr open and sleeps (its pid
+  goes to RECORD.child), then sleep 60 s;
+- ``daemon``: daemonize a grandchild the classic way (fork, setsid, fork; the middle process exits at once) that
+  keeps stdout and stderr open and sleeps (its pid goes to RECORD.child), then print a done outcome and exit 0.
 """
 
 from __future__ import annotations
@@ -25,6 +29,18 @@ def _write(path: str, doc: object) -> None:
     os.replace(tmp, path)
 
 
+def _daemonize(pidfile: str) -> None:
+    """Fork, setsid, fork: the grandchild is nobody's child in our tree and holds our stdout and stderr."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            _write(pidfile, {"pid": os.getpid()})
+            time.sleep(60)
+        os._exit(0)
+    while not os.path.exists(pidfile):
+        time.sleep(0.01)
+
+
 def main() -> int:
     record, mode, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     stdin = "" if mode == "nostdin" else sys.stdin.read()
@@ -35,6 +51,13 @@ def main() -> int:
         _write(record + ".child", {"pid": child.pid})
         time.sleep(60)
         return 0
+    if mode == "escape":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        _write(record + ".child", {"pid": child.pid})
+        time.sleep(60)
+        return 0
+    if mode == "daemon":
+        _daemonize(record + ".child")
     if mode == "nostdin":
         time.sleep(float(args[0]))
     if mode == "stderr":
