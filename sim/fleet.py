@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clawq.workers.procs import alive, children, descendants, proc_info
 from clawq.workers.runners import SECRET_ENV_PREFIXES
 
 __all__ = ["Fleet", "alive", "child_env", "children", "descendants", "kill_family"]
@@ -47,45 +48,10 @@ def child_env(url: str | None = None, namespace: str | None = None,
     return env
 
 
-# -- /proc ----------------------------------------------------------------------------------------------
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state is [0], ppid [1], start time [19])."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc); the RQ work-horse of a busy worker."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields is not None and len(fields) > 1 and fields[1] == str(pid):
-                kids.append(int(entry.name))
-    return kids
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, theirs, …)."""
-    found, todo = [], [pid]
-    while todo:
-        for kid in children(todo.pop()):
-            found.append(kid)
-            todo.append(kid)
-    return found
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie does not count)."""
-    fields = _stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
+# -- /proc (the walker is workers.procs) ----------------------------------------------------------------
 def _identity(pid: int) -> tuple[int, str] | None:
-    fields = _stat(pid)
-    return (pid, fields[19]) if fields is not None and len(fields) > 19 else None
+    info = proc_info(pid)
+    return (pid, str(info.start)) if info is not None else None
 
 
 def kill_family(pids: Iterable[tuple[int, str]]) -> None:

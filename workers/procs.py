@@ -12,8 +12,8 @@ So, while a run lives:
   (for agents that save their state on SIGINT), then SIGKILL to every member until none is left, and the
   worker reaps the orphans it adopted.
 
-``process_table``/``children``/``descendants`` are the one /proc walker that the simulation and the tests use
-too.
+``proc_info``/``alive``/``process_table``/``children``/``descendants`` are the one /proc walker; the simulation's
+fleet and the tests use it too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["AgentTree", "ProcInfo", "children", "descendants", "process_table", "set_child_subreaper"]
+__all__ = ["AgentTree", "ProcInfo", "alive", "children", "descendants", "proc_info", "process_table",
+           "set_child_subreaper"]
 
 _PR_SET_CHILD_SUBREAPER = 36
 #: SIGKILL rounds before giving up on a member (each round kills what the previous one let fork).
@@ -48,7 +49,8 @@ class ProcInfo:
         return self.state in ("Z", "X")
 
 
-def _stat(pid: int) -> ProcInfo | None:
+def proc_info(pid: int) -> ProcInfo | None:
+    """What /proc says of ``pid`` now; None when there is no such process."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -60,12 +62,18 @@ def _stat(pid: int) -> ProcInfo | None:
         return None
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its reaper does not count)."""
+    info = proc_info(pid)
+    return info is not None and not info.dead
+
+
 def process_table() -> dict[int, ProcInfo]:
     """Every process this user can see, read once from /proc."""
     table: dict[int, ProcInfo] = {}
     with contextlib.suppress(OSError):
         for entry in os.scandir("/proc"):
-            if entry.name.isdigit() and (info := _stat(int(entry.name))) is not None:
+            if entry.name.isdigit() and (info := proc_info(int(entry.name))) is not None:
                 table[int(entry.name)] = info
     return table
 
@@ -131,7 +139,7 @@ class AgentTree:
 
     def lead(self, pid: int) -> None:
         self.leader = pid
-        info = _stat(pid)
+        info = proc_info(pid)
         if info is not None:
             self.members[pid] = info.start
 
