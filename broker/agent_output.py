@@ -11,21 +11,27 @@ agent's log. Accepted outcomes:
 
 A non-zero exit, or no outcome line, is a failure whose error is the stderr tail, classified by
 :mod:`broker.signals` (a usage-limit or 429 text becomes a rate limit with its parsed reset).
+
+Whatever an agent printed or returned is cleaned first (:func:`clean_text`, :func:`clean_result`): terminal
+escape sequences and control characters (NUL included) are dropped, text that is not UTF-8 is replaced, and
+texts are cut to what the broker takes. A stray byte never costs a run its outcome.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
 
-from .models import Outcome
+from .models import MAX_TEXT_BYTES, Outcome
 from .signals import MAX_RESET_SECONDS, SignalClass, parse_signal
 
-__all__ = ["AgentResult", "Done", "Failed", "RateLimited", "parse_agent_output", "result_from_doc"]
+__all__ = ["AgentResult", "Done", "Failed", "RateLimited", "clean_result", "clean_text", "parse_agent_output",
+           "result_from_doc"]
 
 #: The outcome line is looked for in the last this-many bytes of stdout.
 MAX_OUTCOME_BYTES = 1024 * 1024
@@ -59,6 +65,51 @@ class Failed:
 
 AgentResult = Done | RateLimited | Failed
 
+#: Terminal escape sequences: CSI (colours, cursor moves), OSC (titles, links), and two-character escapes.
+_ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+#: Control characters other than tab and newline (NUL included), DEL, and the C1 controls.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean_text(text: str) -> str:
+    """Agent text fit for the broker and a terminal: escape sequences and control characters (NUL included)
+    dropped, CR LF and lone CR made LF, lone surrogates (not UTF-8) replaced."""
+    if text.isprintable():  # the common case: nothing to do
+        return text
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    text = _ESCAPES.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
+    return _CONTROLS.sub("", text)
+
+
+def _fit(text: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """``text`` cleaned and, when longer than ``limit`` bytes, cut to its end (the end says what went wrong)."""
+    text = clean_text(text)
+    if len(text.encode("utf-8")) <= limit:
+        return text
+    return "…" + text.encode("utf-8")[-(limit - 3):].decode("utf-8", "ignore")
+
+
+def _clean_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [_clean_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean_value(v) for k, v in value.items()}
+    return value
+
+
+def clean_result(result: AgentResult) -> AgentResult:
+    """``result`` with every text cleaned and cut to what the broker takes (whatever runner produced it)."""
+    if isinstance(result, Failed):
+        return replace(result, error=_fit(result.error).strip() or "agent failed without a message")
+    if isinstance(result, RateLimited):
+        return replace(result, message=_fit(result.message))
+    cleaned = _clean_value(result.outcome.model_dump())
+    if cleaned == result.outcome.model_dump():
+        return result
+    return _outcome(cleaned)
+
 
 def tail(text: str, limit: int = _TAIL) -> str:
     """The end of ``text``, at most ``limit`` characters, marked when cut."""
@@ -85,6 +136,7 @@ def _as_doc(line: str) -> dict[str, Any] | None:
 
 def classify_text(text: str, now: float) -> AgentResult:
     """A failure text (stderr tail, error message): a rate limit, or a failure with its root cause."""
+    text = clean_text(text)
     signal = parse_signal(text, now)
     if signal.klass in (SignalClass.RATE_LIMIT, SignalClass.QUOTA_REACHED):
         return RateLimited(message=tail(text), reset_at=signal.reset_at,
@@ -156,6 +208,7 @@ def result_from_doc(doc: dict[str, Any], now: float, expect: tuple[int, str] | N
 
     ``expect`` = (task_id, run_id) of the run: a ClawTrol payload must name exactly that run.
     """
+    doc = _clean_value(doc)
     if doc.get("version") is not None:
         if doc.get("version") != "1":
             return _bad(f"unknown outcome version {doc.get('version')!r}")
@@ -175,6 +228,7 @@ def parse_agent_output(
     stdout: str, stderr: str, exit_code: int, now: float, expect: tuple[int, str] | None = None
 ) -> AgentResult:
     """Turn a finished command agent's output into its result (``expect``: see :func:`result_from_doc`)."""
+    stdout, stderr = clean_text(stdout), clean_text(stderr)
     doc = _as_doc(_last_line(stdout))
     if exit_code != 0:
         if doc is not None and doc.get("status") in ("rate_limited", "failed"):

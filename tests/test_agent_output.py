@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from clawq.broker.agent_output import Done, Failed, RateLimited, parse_agent_output, result_from_doc
+from clawq.broker.agent_output import (
+    Done,
+    Failed,
+    RateLimited,
+    clean_result,
+    clean_text,
+    parse_agent_output,
+    result_from_doc,
+)
 from clawq.broker.models import MAX_TEXT_BYTES
 
 NOW = 1_800_000_000.0  # a fixed instant: resets parsed from text are NOW + their delay
@@ -258,3 +266,37 @@ def test_needs_follow_up_must_be_a_real_boolean(value: object) -> None:
 
 def test_v1_payload_missing_required_fields_is_bad_output() -> None:
     check(parse_agent_output(line({"version": "1"}), "", 0, NOW), bad())
+
+
+@pytest.mark.parametrize(("raw", "clean"), [
+    ("plain text", "plain text"),
+    ("a\x00b", "ab"),
+    ("\x1b[31mred\x1b[0m and \x1b[1;4mbold\x1b[m", "red and bold"),
+    ("\x1b]0;title\x07after \x1b]8;;http://x\x1b\\link", "after link"),
+    ("progress 10%\rprogress 100%\r\ndone\n", "progress 10%\nprogress 100%\ndone\n"),
+    ("tab\tand\nnewline stay", "tab\tand\nnewline stay"),
+    ("bell\x07 del\x7f c1\x85 form\x0c", "bell del c1 form"),
+    ("lone \ud800 surrogate", "lone ? surrogate"),
+    ("unicode ünïcödé → ok", "unicode ünïcödé → ok"),
+])
+def test_clean_text_drops_escapes_and_control_characters(raw: str, clean: str) -> None:
+    assert clean_text(raw) == clean
+
+
+def test_clean_result_cuts_texts_to_the_broker_limit_keeping_the_end() -> None:
+    failed = clean_result(Failed(error="x" * (MAX_TEXT_BYTES * 2) + "\x00the cause", cause="failed"))
+    assert isinstance(failed, Failed) and failed.cause == "failed"
+    assert len(failed.error.encode()) <= MAX_TEXT_BYTES and failed.error.endswith("the cause")
+    assert isinstance(empty := clean_result(Failed(error="\x00\x00")), Failed) and empty.error
+    limited = clean_result(RateLimited(message="429\x00", retry_after=3.0))
+    assert limited == RateLimited(message="429", retry_after=3.0)
+
+
+def test_an_outcome_with_control_characters_is_kept_clean_not_refused() -> None:
+    doc = {"status": "done", "needs_follow_up": True, "next_prompt": "add\x00 tests", "summary": "\x1b[32mok\x1b[0m",
+           "achieved": ["a\x00", "b"]}
+    result = result_from_doc(doc, 0.0)
+    assert isinstance(result, Done)
+    assert (result.outcome.next_prompt, result.outcome.summary, result.outcome.achieved) == ("add tests", "ok",
+                                                                                             ["a", "b"])
+    assert isinstance(bad := result_from_doc({**doc, "next_prompt": "\x00"}, 0.0), Failed) and bad.cause == "bad_output"

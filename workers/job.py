@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from clawq.broker import Broker, ClawqError, RunFenced, Task, TaskNotFound, TaskStatus
-from clawq.broker.agent_output import Failed
+from clawq.broker.agent_output import Failed, clean_result, clean_text
 
 from .runners import RunContext, Stalled, preload_agent, run_agent
 
@@ -174,10 +174,10 @@ def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "stalled"}
     finally:
         beat.halt()
-    broker.save_run_log(task_id, run_id, ctx.log, cfg.agent.log_tail_bytes)
+    broker.save_run_log(task_id, run_id, [clean_text(line) for line in ctx.log], cfg.agent.log_tail_bytes)
     if result is None or beat.fenced:
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
-    return _report(broker, task_id, run_id, result)
+    return _report(broker, task_id, run_id, clean_result(result))
 
 
 def _report(broker: Broker, task_id: int, run_id: str, result: Any) -> dict[str, Any]:

@@ -7,6 +7,8 @@ environment, pid, process group and session) written atomically before MODE runs
 - ``sleep``: start a child that sleeps (its pid goes to RECORD.child), then sleep 60 s;
 - ``nostdin``: never read stdin, sleep ``args[0]`` seconds, then print a done outcome;
 - ``stderr``: print ``args[0]`` on stderr and exit with code ``args[1]``;
+- ``bytes``: copy the file ``args[0]`` to stdout and the file ``args[1]`` to stderr (any bytes: NUL, escape
+  sequences, invalid UTF-8, megabytes), then exit with code ``args[2]``;
 - ``escape``: start a child in a new session (``setsid``) that keeps stdout and stderr open and sleeps (its pid
   goes to RECORD.child), then sleep 60 s;
 - ``daemon``: daemonize a grandchild the classic way (fork, setsid, fork; the middle process exits at once) that
@@ -51,6 +53,11 @@ def main() -> int:
         _write(record + ".child", {"pid": child.pid})
         time.sleep(60)
         return 0
+    if mode == "bytes":
+        with open(args[0], "rb") as out, open(args[1], "rb") as err:
+            sys.stdout.buffer.write(out.read())
+            sys.stderr.buffer.write(err.read())
+        return int(args[2])
     if mode == "escape":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
         _write(record + ".child", {"pid": child.pid})

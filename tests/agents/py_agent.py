@@ -67,3 +67,11 @@ def slow_done(task: dict[str, Any]) -> dict[str, Any]:
     """Done after 0.2 s: longer than a runner's first poll."""
     time.sleep(0.2)
     return done(task)
+
+
+#: What :func:`returns` gives back (a test sets it).
+RETURNS: Any = None
+
+
+def returns(task: dict[str, Any]) -> Any:
+    return RETURNS
