@@ -33,6 +33,7 @@ from clawq.broker import (
     load_config_file,
 )
 from clawq.broker.errors import InputError
+from clawq.broker.schedules import Schedules
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -338,6 +339,49 @@ def cooldown_ls(obj: Ctx) -> None:
     cooling = obj.broker().cooldowns()
     text = "\n".join(f"{m:<16} {c['remaining_s']:>9.1f}s  {c['reason']}" for m, c in cooling.items())
     emit(obj, cooling, text or "no model is cooling down")
+
+
+# -- recurring schedules -------------------------------------------------------------------------------
+@cli.group()
+def schedule() -> None:
+    """Recurring tasks: each firing of a cron schedule adds a task (clawq dispatch fires them)."""
+
+
+@schedule.command("add")
+@click.option("--cron", "cron", required=True, help='Five cron fields, e.g. "0 23 * * 1-5".')
+@click.option("--tz", "zone", default="UTC", show_default=True, help="IANA time zone of the cron fields.")
+@click.option("--board", required=True, help="Board the tasks go to.")
+@click.option("--chain", default=None, help="Fallback chain name (e.g. coding).")
+@click.option("--model", default=None, help="Pin the tasks to one model instead of a chain.")
+@click.option("--prompt", default="", help="The agent prompt.")
+@click.argument("title")
+@command_options
+def schedule_add(obj: Ctx, cron: str, zone: str, board: str, chain: str | None, model: str | None, prompt: str,
+                 title: str) -> None:
+    """Add a schedule that queues TITLE on BOARD at every firing of --cron."""
+    s = Schedules(obj.broker()).add(cron, board, title, tz=zone, chain=chain, model=model, prompt=prompt)
+    emit(obj, s.model_dump(mode="json"),
+         f"added schedule {s.schedule_id} ({s.cron} {s.tz}) on board {s.board}; next {_when(s.next_fire)}")
+
+
+@schedule.command("ls")
+@command_options
+def schedule_ls(obj: Ctx) -> None:
+    """Every schedule, with its next firing and what its firings did."""
+    listed = Schedules(obj.broker()).ls()
+    text = "\n".join(
+        f"{s.schedule_id:>4}  {s.cron:<16} {s.tz:<20} {s.board:<16} next {_when(s.next_fire)}  "
+        f"fired {s.fired} skipped {s.skipped} missed {s.missed}  {_clean(s.title)}" for s in listed)
+    emit(obj, [s.model_dump(mode="json") for s in listed], text or "no schedules")
+
+
+@schedule.command("rm")
+@click.argument("schedule_id", metavar="ID", type=click.IntRange(min=1))
+@command_options
+def schedule_rm(obj: Ctx, schedule_id: int) -> None:
+    """Remove schedule ID (the tasks it added stay)."""
+    Schedules(obj.broker()).remove(schedule_id)
+    emit(obj, {"schedule_id": schedule_id, "removed": True}, f"removed schedule {schedule_id}")
 
 
 # -- provider breakers ---------------------------------------------------------------------------------

@@ -722,7 +722,8 @@ class Broker:
             pipe.hgetall(self.keys.blocked)
             pipe.pttl(self.keys.summary_lock)
             pipe.zrange(self.keys.scheduled, 0, 0, withscores=True)
-            lease, backoff, blocked, pttl, scheduled = pipe.execute()
+            pipe.zrange(self.keys.schedules, 0, 0, withscores=True)
+            lease, backoff, blocked, pttl, scheduled, schedules = pipe.execute()
         now_ms = self.now() * 1000
         cooling = [int(str(_text(v)).partition("|")[0]) for f, v in blocked.items()
                    if _str(f)[:2] in ("c:", "o:")]
@@ -733,6 +734,7 @@ class Broker:
             cooldown=min(ends) / 1000 if ends else None,
             summary_lock_s=int(pttl) / 1000 if int(pttl) > 0 else None,
             scheduled=float(scheduled[0][1]) / 1000 if scheduled else None,
+            schedule=float(schedules[0][1]) / 1000 if schedules else None,
         )
 
     def health(self) -> dict[str, Any]:
@@ -868,6 +870,7 @@ def _task_from(task_id: int, f: dict[str, str], context: list[Any], runs: list[A
         not_before=_opt_float_s(f.get("not_before")),
         night_only=f.get("night") == "1",
         due_at=_opt_float_s(f.get("due_at")),
+        schedule=int(f["schedule"]) if f.get("schedule") else None,
         context=[json.loads(_text(x)) for x in context],
         runs=[json.loads(_text(x)) for x in runs],
     )

@@ -126,6 +126,21 @@ class Keys:
         return self._k("night_queued")
 
     @property
+    def schedules(self) -> str:
+        """ZSET: recurring schedule id -> its next firing time (ms); a firing moves it on, atomically."""
+        return self._k("schedules")
+
+    @property
+    def schedule_seq(self) -> str:
+        """STRING counter: the highest schedule id handed out."""
+        return self._k("seq", "schedule")
+
+    def schedule(self, schedule_id: int) -> str:
+        """HASH: a recurring schedule: cron, tz, board, ck, title, prompt, created_at, last_task, last_fire,
+        fired, skipped, missed."""
+        return self._k("schedule", schedule_id)
+
+    @property
     def inflight_model(self) -> str:
         """HASH: model -> runs in progress."""
         return self._k("inflight", "model")
@@ -242,12 +257,14 @@ class Keys:
 
     # -- per-task keys -------------------------------------------------------------------------------
     def task(self, task_id: int) -> str:
-        """HASH: the task's fields. add_task writes board, title, ck, status, ``at`` (when it was added, ms:
-        the task's created_at) and prompt when not empty; the runs add run_id, model, provider, claimed_at,
-        lease_deadline, run_count, attempts, … . A field left out has its default: id is the key's, chain /
-        pinned model are in ck (``c:<chain>`` / ``m:<model>``), prompt is "", run_count, attempts and
+        """HASH: the task's fields. add_task writes board, title, ck, status, ``at`` (when it was added, ms: the
+        task's created_at) and prompt when not empty, and when given not_before, night ("1": night-only), due_at
+        (while scheduled) and schedule (the schedule that fired it); the runs add run_id, model, provider,
+        claimed_at, lease_deadline, run_count, attempts, … . A field left out has its default: id is the key's,
+        chain / pinned model are in ck (``c:<chain>`` / ``m:<model>``), prompt is "", run_count, attempts and
         backoff_until are 0, updated_at and queued_at are ``at``. There is no index of every task: each one is
-        in exactly one place (a board queue, ``running`` or a status ZSET), and ids run from 1 to ``seq:task``."""
+        in exactly one place (``scheduled``, a board queue, ``running`` or a status ZSET), and ids run from 1 to
+        ``seq:task``."""
         return self._k("task", task_id)
 
     def runs(self, task_id: int) -> str:

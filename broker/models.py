@@ -40,11 +40,12 @@ class Deadlines(BaseModel):
     cooldown: float | None  #: the earliest end of a model cooldown
     summary_lock_s: float | None  #: how long the periodic summary's lock still holds, None when it is free
     scheduled: float | None = None  #: when the earliest scheduled task becomes due
+    schedule: float | None = None  #: when the earliest recurring schedule fires next
 
     @property
     def next(self) -> float | None:
-        """The nearest lease deadline, backoff end, cooldown end or scheduled task's due time."""
-        times = [t for t in (self.lease, self.backoff, self.cooldown, self.scheduled) if t is not None]
+        """The nearest lease deadline, backoff end, cooldown end, scheduled task's due time or schedule firing."""
+        times = [t for t in (self.lease, self.backoff, self.cooldown, self.scheduled, self.schedule) if t is not None]
         return min(times) if times else None
 
 
@@ -147,5 +148,6 @@ class Task(BaseModel):
     not_before: float | None = None  #: the time it was asked to wait for (epoch s)
     night_only: bool = False  #: it may only start inside the night window
     due_at: float | None = None  #: while scheduled: when it joins its board queue (epoch s)
+    schedule: int | None = None  #: the recurring schedule whose firing added it
     context: list[dict[str, Any]] = Field(default_factory=list)
     runs: list[dict[str, Any]] = Field(default_factory=list)

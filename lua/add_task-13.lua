@@ -36,51 +36,10 @@
 local rcall = redis.call
 --- @include "core"
 
-local K = {refs = KEYS[5], ready_fronts = KEYS[6], ready_seq = KEYS[7], idx_busy = KEYS[8],
+local K = {task_seq = KEYS[1], boards = KEYS[2], cfg_chains = KEYS[3], cfg_model_provider = KEYS[4],
+           refs = KEYS[5], ready_fronts = KEYS[6], ready_seq = KEYS[7], idx_busy = KEYS[8],
            idx_paused = KEYS[9], idx_backoff = KEYS[10], events = KEYS[11], scheduled = KEYS[12],
            night_queued = KEYS[13]}
-local P, now, board, chain, pinned = ARGV[1], clock_ms(ARGV[2]), ARGV[4], ARGV[7], ARGV[8]
-
-local ck
-if chain ~= "" then
-  if rcall("HEXISTS", KEYS[3], chain) == 0 then return {5, "unknown chain '" .. chain .. "'"} end
-  ck = "c:" .. chain
-else
-  if rcall("HEXISTS", KEYS[4], pinned) == 0 then return {5, "unknown model '" .. pinned .. "'"} end
-  ck = "m:" .. pinned
-end
-
-local id
-if ARGV[3] == "" then
-  id = num(rcall("GET", KEYS[1]), 0) + 1
-  if id >= 100000000000000 then return {3, "task ids are exhausted (they stay below 10**14)"} end
-  rcall("SET", KEYS[1], int(id))
-else
-  id = tonumber(ARGV[3])
-  if rcall("EXISTS", task_key(P, ARGV[3])) == 1 then return {4, id} end
-  if id > num(rcall("GET", KEYS[1]), 0) then rcall("SET", KEYS[1], int(id)) end
-end
-local sid = int(id)
-
-local fields = {"board", board, "title", ARGV[5], "ck", ck, "status", "up_next", "at", int(now)}
-for _, f in ipairs({{"prompt", ARGV[6]}, {"night", ARGV[10]}, {"not_before", ARGV[11]}}) do
-  if f[2] and f[2] ~= "" then
-    fields[#fields + 1] = f[1]
-    fields[#fields + 1] = f[2]
-  end
-end
-rcall("HSET", task_key(P, sid), unpack(fields))
-rcall("SADD", KEYS[2], board)
-rcall("HINCRBY", K.refs, ck, 1)
-local due, status = tonumber(ARGV[9]), "up_next"
-if due and due > now then
-  status = "scheduled"
-  schedule_task(K, P, sid, board, due)
-else
-  rcall("ZADD", queue_key(P, board), id, sid)
-  if ARGV[10] == "1" then rcall("ZADD", K.night_queued, id, sid) end
-  reindex_board(K, P, board, now)
-end
-emit(K, now, "added", {"task_id", sid, "board", board, "chain", chain, "model", pinned, "status", status,
-                       "due", due and due > now and int(due) or nil})
-return {0, id, status}
+return new_task(K, ARGV[1], clock_ms(ARGV[2]), {
+  id = ARGV[3], board = ARGV[4], title = ARGV[5], prompt = ARGV[6], chain = ARGV[7], pinned = ARGV[8],
+  due = ARGV[9], night = ARGV[10], not_before = ARGV[11]})

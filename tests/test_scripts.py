@@ -135,7 +135,7 @@ def test_the_fields_add_task_leaves_out_read_as_before(broker: Broker, clock: Cl
         "status": "up_next", "run_count": 0, "attempts": 0, "run_id": None, "running_model": None,
         "running_provider": None, "lease_deadline": None, "backoff_until": None, "last_error": None,
         "last_error_reason": None, "created_at": at / 1000, "updated_at": at / 1000, "context": [], "runs": [],
-        "not_before": None, "night_only": False, "due_at": None,
+        "not_before": None, "night_only": False, "due_at": None, "schedule": None,
     }
     assert broker.get_task(tid).model_dump(mode="json") == expected
     assert [t.model_dump(mode="json") for t in broker.list_tasks()] == [expected]

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from clawq.broker import Broker, Claim, Deadlines, NothingToClaim, RedisUnavailable
+from clawq.broker.schedules import Schedules
 
 from .notify import Notifiers, notifiers_from
 
@@ -130,6 +131,8 @@ class Dispatcher:
         if self._reap_due():
             for task_id in self.broker.reap():
                 log.info("lease of task %s expired: requeued at its board head", task_id)
+        if self._schedules_due():
+            self._fire_schedules()
         assert self._gate is not None
         self._gate_closed = not self._gate.ready()
         made = 0
@@ -149,6 +152,20 @@ class Dispatcher:
         since then ends a whole lease later, and heartbeats only push leases back)."""
         due = self._due
         return due is None or (due.lease is not None and due.lease <= self.broker.now())
+
+    def _schedules_due(self) -> bool:
+        """Whether a recurring schedule may fire: the earliest firing read after the last pass is due (one added
+        since then wakes this dispatcher with its event, and the pass after that reads it)."""
+        due = self._due
+        return due is None or (due.schedule is not None and due.schedule <= self.broker.now())
+
+    def _fire_schedules(self) -> None:
+        """Fire every due schedule; each firing happens once whichever dispatcher gets there first."""
+        for f in Schedules(self.broker).fire_due():
+            if f.outcome == "fired":
+                log.info("schedule %s fired: task %s", f.schedule_id, f.task_id)
+            elif f.outcome in ("skipped", "missed"):
+                log.warning("schedule %s %s its firing (task %s)", f.schedule_id, f.outcome, f.task_id or "-")
 
     def _claim_all(self) -> int:
         """Claim in batches and enqueue each claim, until a batch comes back short or an enqueue fails."""

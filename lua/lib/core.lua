@@ -431,6 +431,58 @@ local function schedule_task(K, P, id, board, due)
   rcall("HINCRBY", board_key(P, board), "scheduled", 1)
 end
 
+-- A new task (add_task, a schedule's firing): at the tail of its board, or in `scheduled` when it is
+-- due later. spec: id ("" = the next from task_seq), board, title, prompt, chain or pinned (the other ""),
+-- due (ms or ""), night ("1" or ""), not_before (ms or ""), schedule (the firing schedule's id or nil).
+-- K needs task_seq, boards, cfg_chains, cfg_model_provider, refs, the board indexes, events,
+-- scheduled, night_queued. Returns add_task's reply: {0, id, status} | {4, id} | {5, msg} | {3, msg}.
+local function new_task(K, P, now, spec)
+  local ck
+  if spec.chain ~= "" then
+    if rcall("HEXISTS", K.cfg_chains, spec.chain) == 0 then return {5, "unknown chain '" .. spec.chain .. "'"} end
+    ck = "c:" .. spec.chain
+  else
+    if rcall("HEXISTS", K.cfg_model_provider, spec.pinned) == 0 then
+      return {5, "unknown model '" .. spec.pinned .. "'"}
+    end
+    ck = "m:" .. spec.pinned
+  end
+  local id
+  if spec.id == "" then
+    id = num(rcall("GET", K.task_seq), 0) + 1
+    if id >= 100000000000000 then return {3, "task ids are exhausted (they stay below 10**14)"} end
+    rcall("SET", K.task_seq, int(id))
+  else
+    id = tonumber(spec.id)
+    if rcall("EXISTS", task_key(P, spec.id)) == 1 then return {4, id} end
+    if id > num(rcall("GET", K.task_seq), 0) then rcall("SET", K.task_seq, int(id)) end
+  end
+  local sid, board = int(id), spec.board
+  local fields = {"board", board, "title", spec.title, "ck", ck, "status", "up_next", "at", int(now)}
+  for _, f in ipairs({{"prompt", spec.prompt}, {"night", spec.night}, {"not_before", spec.not_before},
+                      {"schedule", spec.schedule}}) do
+    if f[2] and f[2] ~= "" then
+      fields[#fields + 1] = f[1]
+      fields[#fields + 1] = f[2]
+    end
+  end
+  rcall("HSET", task_key(P, sid), unpack(fields))
+  rcall("SADD", K.boards, board)
+  rcall("HINCRBY", K.refs, ck, 1)
+  local due, status = tonumber(spec.due), "up_next"
+  if due and due > now then
+    status = "scheduled"
+    schedule_task(K, P, sid, board, due)
+  else
+    rcall("ZADD", queue_key(P, board), id, sid)
+    if spec.night == "1" then rcall("ZADD", K.night_queued, id, sid) end
+    reindex_board(K, P, board, now)
+  end
+  emit(K, now, "added", {"task_id", sid, "board", board, "chain", spec.chain, "model", spec.pinned,
+                         "status", status, "due", due and due > now and int(due) or nil, "schedule", spec.schedule})
+  return {0, id, status}
+end
+
 -- Back to the board's queue, scored by its id: it is the head again if nothing lower waits.
 local function requeue(K, P, id, t, now, backoff_until)
   rcall("ZADD", queue_key(P, t.board), id, id)
