@@ -27,7 +27,7 @@ from redis_servers import RedisServer, free_port, redis_binaries
 
 from clawq.broker import Broker, TaskStatus
 from clawq.broker.config import Config
-from clawq.workers.simulator import descendants
+from clawq.workers.procs import descendants
 
 pytestmark = pytest.mark.slow
 
