@@ -38,7 +38,7 @@ STEPS = (
     ("    thread start hand-shakes (Event.wait)", "threading.py", "wait"),
     ("  join the agent thread", "threading.py", "join"),
     ("Broker.save_run_log (only when the agent logged)", "broker/broker.py", "save_run_log"),
-    ("Broker.report -> complete", "broker/broker.py", "report"),
+    ("report -> Broker.complete", "workers/report.py", "report"),
 )
 
 

@@ -5,7 +5,7 @@ over them, shared by the CLI, the workers, the simulator and the HTTP layer.
 """
 
 from .breaker import BreakerState, BreakerStatus
-from .broker import SCHEMA_VERSION, Broker, redact_url
+from .broker import SCHEMA_VERSION, Broker
 from .config import DEFAULT_CONFIG, Config, load_config_file, parse_config
 from .errors import (
     ClawqError,
@@ -24,6 +24,7 @@ from .errors import (
 )
 from .keys import Keys
 from .models import Added, Claim, Completion, Deadlines, Outcome, Task, TaskStatus
+from .redact import redact_url
 
 __all__ = [
     "DEFAULT_CONFIG",

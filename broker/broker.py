@@ -11,25 +11,30 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import cache
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import redis
-from redis.exceptions import RedisClusterException
-from redis.sentinel import MasterNotFoundError
 
-from .agent_output import AgentResult, Done, RateLimited
 from .breaker import BreakerState, check_open_minutes, state_from
+from .checks import (
+    MAX_TEXT_BYTES,
+    MAX_TITLE_BYTES,
+    check_board,
+    check_namespace,
+    check_run_id,
+    check_task_id,
+    check_text,
+)
 from .config import DEFAULT_CONFIG, Config, parse_config
 from .connection import Client, client_from_url, client_url
+from .decode import event, skips, task_from, text, texts, to_str, xread_rows
+from .doctor import doctor_report, parse_reply
 from .errors import (
     ConfigError,
     InputError,
     NothingToClaim,
-    RedisUnavailable,
     SchemaMismatch,
     ScriptError,
     Status,
@@ -37,75 +42,31 @@ from .errors import (
     UnknownChain,
     error_for,
 )
-from .keys import BOARD_RE, NAMESPACE_RE, Keys
-from .models import MAX_TEXT_BYTES, Added, Claim, Completion, Deadlines, Outcome, Task, TaskStatus
+from .health import collect_health
+from .keys import Keys
+from .models import Added, Claim, Completion, Deadlines, Outcome, Task, TaskStatus
+from .redact import redact_url
 from .scripts import Scripts, load_specs
-from .signals import MAX_RESET_SECONDS, SignalClass, counts_for_breaker, parse_signal
+from .signals import MAX_RESET_SECONDS, SignalClass, counts_for_breaker, parse_signal, root_cause
 from .stats import observe_claim_to_start, queue_claim_to_start
 from .timing import parse_not_before, start_of
+from .translate import redis_errors
 
-__all__ = ["SCHEMA_VERSION", "Broker", "redact_url", "redis_errors"]
+__all__ = ["SCHEMA_VERSION", "Broker"]
 
 #: Layout version of a namespace's keys; written to the meta hash on first use, checked on connect.
 #: 2: lean task hashes (``at``, derived fields left out), no ``tasks`` zset, the ``blocked`` model index.
 SCHEMA_VERSION = 2
 #: Leases the reaper handles per script call (it loops until none is left).
 REAP_BATCH = 500
-_MAX_TITLE = 1024
-#: Task ids stay below 10**14: Lua prints larger numbers in exponent form (and JSON would lose digits).
-MAX_TASK_ID = 10**14
 #: The most claims one claim_many call makes.
 MAX_CLAIM_BATCH = 64
 #: Task hashes read per pipeline by ``list_tasks``.
 LIST_BATCH = 1000
-#: Root causes that give the run back without using an attempt: the agent runtime, not the task, failed.
-RELEASE_CAUSES = frozenset({"pairing", "agent_unreachable"})
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for logs and errors): in its credentials and in a
-    ``password=`` (or ``*_password=``) query argument."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        creds, _, host = netloc.rpartition("@")
-        user, colon, _ = creds.partition(":")
-        netloc = f"{user}:***@{host}" if colon else f"{user}@{host}"
-    query = "&".join(
-        f"{k}=***" if k.lower().endswith("password") else (f"{k}={v}" if v or "=" in pair else k)
-        for pair in parts.query.split("&") if pair
-        for k, _, v in [pair.partition("=")]
-    )
-    if "://" not in url:
-        return url
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + (
-        f"#{parts.fragment}" if parts.fragment else "")
 
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
-
-
-def _opt_float_s(value: str | None) -> float | None:
-    return int(value) / 1000 if value and value != "0" else None
-
-
-@contextmanager
-def _redis_errors(where: str) -> Iterator[None]:
-    """Translate redis-py's connection and response errors into clawq's (one line, no traceback)."""
-    try:
-        yield
-    except MasterNotFoundError:
-        raise RedisUnavailable(f"cannot reach Redis at {where}: no primary for this service (Sentinel)") from None
-    except (redis.ConnectionError, redis.TimeoutError, RedisClusterException) as err:
-        raise RedisUnavailable(f"cannot reach Redis at {where}: {' '.join(str(err).split())}") from None
-    except redis.ResponseError as err:
-        raise ScriptError(f"Redis refused a clawq command: {' '.join(str(err).split())}") from None
-    except redis.RedisError as err:  # anything else redis-py says (e.g. a setting it cannot use)
-        raise RedisUnavailable(f"Redis at {where}: {' '.join(str(err).split())}") from None
-
-
-redis_errors = _redis_errors  #: the same translation, for the layers above the broker (HTTP)
 
 
 class Broker:
@@ -118,13 +79,12 @@ class Broker:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not NAMESPACE_RE.match(namespace):
-            raise InputError(f"bad namespace {namespace!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        check_namespace(namespace)
         self.client = client
         self.namespace = namespace
         self.keys = Keys(namespace)
         self.clock = clock
-        self._where = redact_url(_client_url(client))
+        self._where = redact_url(client_url(client))
         self._scripts = Scripts(cast(redis.Redis, client), self.keys)  # a RedisCluster has the same surface
         self._config: Config | None = None
         self._config_version = ""
@@ -139,7 +99,7 @@ class Broker:
         :mod:`broker.connection`. ``lean``: new connections send no handshake (RESP2, no CLIENT SETINFO, no
         maintenance notifications): a worker's forked jobs each open one.
         """
-        with _redis_errors(redact_url(url)):
+        with redis_errors(redact_url(url)):
             client = client_from_url(url, lean=lean)
         broker = cls(client, namespace, **kwargs)
         broker.connect()
@@ -148,15 +108,15 @@ class Broker:
     # -- setup -----------------------------------------------------------------------------------
     def connect(self) -> None:
         """Check the namespace's schema version (a new namespace is written on its first change)."""
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             found = self.client.hget(self.keys.meta, "schema_version")
         if found is not None:
             self._check_schema(found)
 
     def _check_schema(self, found: Any) -> None:
-        if str(_text(found)) != str(SCHEMA_VERSION):
+        if str(text(found)) != str(SCHEMA_VERSION):
             raise SchemaMismatch(
-                f"namespace {self.namespace!r} has schema version {_text(found)}, this clawq speaks "
+                f"namespace {self.namespace!r} has schema version {text(found)}, this clawq speaks "
                 f"{SCHEMA_VERSION}: use the clawq version that wrote it, or another namespace"
             )
 
@@ -167,7 +127,7 @@ class Broker:
         if self._config is not None and self._config_version:  # a stored config: the namespace exists
             self._ready = True
             return
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             self.client.hsetnx(self.keys.meta, "schema_version", SCHEMA_VERSION)
             self._check_schema(self.client.hget(self.keys.meta, "schema_version"))
         self._store_config(DEFAULT_CONFIG, only_if_absent=True)
@@ -185,7 +145,7 @@ class Broker:
 
     def _call(self, name: str, args: list[str | int | float], **kw: Any) -> list[Any]:
         self._ensure_ready()
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             return self._scripts.call(name, [self.keys.prefix, *args], **kw)
 
     # -- config ----------------------------------------------------------------------------------
@@ -201,7 +161,7 @@ class Broker:
         self._config = None
 
     def _reload_config(self) -> None:
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             pipe = self.client.pipeline(transaction=True)
             pipe.get(self.keys.config)
             pipe.hget(self.keys.cfg_settings, "version")
@@ -210,10 +170,10 @@ class Broker:
             self._config, self._config_version = DEFAULT_CONFIG, ""
             return
         try:
-            self._config = parse_config(json.loads(_text(raw)))
+            self._config = parse_config(json.loads(text(raw)))
         except (ValueError, ConfigError) as err:
             raise ScriptError(f"the config stored in Redis is unreadable: {err}") from None
-        self._config_version = str(_text(version))
+        self._config_version = str(text(version))
 
     def load_config(self, config: Config) -> int:
         """Make ``config`` the effective config of the namespace; returns its version."""
@@ -232,7 +192,7 @@ class Broker:
             int(only_if_absent),
             self.keys.prefix,
         ]
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             reply = self._scripts.call("load_config", args)
         status = Status(reply[0])
         if status is not Status.OK:
@@ -274,13 +234,13 @@ class Broker:
         ``not_before`` (epoch s): the task waits as ``scheduled`` until then. ``night_only`` (or the board's
         ``night_only`` option): it may only start inside the night window, and waits for it as ``scheduled``.
         """
-        _check_board(board)
-        _check_text("title", title, _MAX_TITLE, required=True)
-        _check_text("prompt", prompt, MAX_TEXT_BYTES)
+        check_board(board)
+        check_text("title", title, MAX_TITLE_BYTES, required=True)
+        check_text("prompt", prompt, MAX_TEXT_BYTES)
         if (chain is None) == (model is None):
             raise InputError("give exactly one of --chain or --model")
         if task_id is not None:
-            _check_task_id(task_id)
+            check_task_id(task_id)
         self._check_known(chain=chain, model=model)
         start = start_of(self.config(), board, self.now(), not_before=not_before, night_only=night_only)
         args: list[str | int | float] = [
@@ -336,19 +296,19 @@ class Broker:
                 self._config = None
                 continue
             if status is Status.NOTHING:
-                raise NothingToClaim(_skips(reply[1:]))
+                raise NothingToClaim(skips(reply[1:]))
             n = int(reply[1])
             claims = [
                 Claim(task_id=int(r[0]), board=r[1], model=r[2], provider=r[3], run_id=r[4], run_count=int(r[5]),
                       attempt=int(r[6]), lease_deadline=int(r[7]) / 1000)
                 for r in (reply[i:i + 8] for i in range(2, 2 + 8 * n, 8))
             ]
-            return claims, _skips(reply[2 + 8 * n:])
+            return claims, skips(reply[2 + 8 * n:])
         raise ScriptError("the config kept changing during the claim; try again")
 
     def _run_call(self, name: str, task_id: int, run_id: str, args: list[str | int | float]) -> list[Any]:
-        _check_task_id(task_id)
-        _check_run_id(run_id)
+        check_task_id(task_id)
+        check_run_id(run_id)
         reply = self._call(name, [self._now_arg(), task_id, run_id, *args], task_id=task_id)
         status = Status(reply[0])
         if status not in (Status.OK, Status.REPEATED):
@@ -357,8 +317,8 @@ class Broker:
 
     def heartbeat(self, task_id: int, run_id: str) -> float:
         """Extend the run's lease; returns the new deadline (epoch seconds). Raises RunFenced."""
-        _check_task_id(task_id)
-        _check_run_id(run_id)
+        check_task_id(task_id)
+        check_run_id(run_id)
         reply = self._call("heartbeat", [self._now_arg(), task_id, run_id], task_id=task_id)
         return self._beat_deadline(reply, task_id, run_id)
 
@@ -374,11 +334,11 @@ class Broker:
         TaskNotFound), record ``waited_s`` in the claim-to-start histogram, read the config version and the
         task. Returns the task and the config of that version (the cached one unless the version changed). On a
         cluster, whose pipelines refuse EVALSHA, the beat is a second round trip."""
-        _check_task_id(task_id)
-        _check_run_id(run_id)
+        check_task_id(task_id)
+        check_run_id(run_id)
         args: list[str | int | float] = [self.keys.prefix, self._now_arg(), task_id, run_id]
         inline = isinstance(self.client, redis.Redis)
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             pipe = self.client.pipeline(transaction=True)
             if inline:
                 keys = self._scripts.keys_for("heartbeat", task_id=task_id)
@@ -394,10 +354,10 @@ class Broker:
             beat = replies.pop(0) if inline else None
             if beat is None or isinstance(beat, Exception):  # a cluster, or NOSCRIPT: the wrapper (re)loads it
                 beat = self._scripts.call("heartbeat", args, task_id=task_id)
-        self._beat_deadline([_text(x) for x in beat], task_id, run_id)
+        self._beat_deadline([text(x) for x in beat], task_id, run_id)
         version, *reads = replies[:5]
         task = self._task_from_reads(task_id, *reads)
-        return task, self.config_of("" if version is None else str(_text(version)))
+        return task, self.config_of("" if version is None else str(text(version)))
 
     def config_of(self, version: str) -> Config:
         """The config of ``version`` (its ``cfg_settings`` version, "" for none stored): the cached one if it is
@@ -446,7 +406,7 @@ class Broker:
 
         ``cause`` is the root cause (timeout, overloaded, …); by default it is read from ``reason``.
         """
-        _check_text("reason", reason, MAX_TEXT_BYTES, required=True)
+        check_text("reason", reason, MAX_TEXT_BYTES, required=True)
         cause = cause or root_cause(reason, self.now())
         fault = int(counts_for_breaker(cause))
         reply = self._run_call("fail_run", task_id, run_id, [cause, reason, int(retry), fault])
@@ -468,7 +428,7 @@ class Broker:
         from ``message``, else after rate_limit_cooldown_minutes. Returns the model and the cooldown end.
         """
         now = self.now()
-        _check_text("message", message, MAX_TEXT_BYTES)
+        check_text("message", message, MAX_TEXT_BYTES)
         signal = parse_signal(message, now) if message else None
         reset_known = True
         if retry_after is not None:
@@ -490,24 +450,9 @@ class Broker:
         reply = self._run_call("rate_limited_run", task_id, run_id, [_ms(until), klass, text, fault])
         return str(reply[1]), int(reply[2]) / 1000
 
-    def report(self, task_id: int, run_id: str, result: AgentResult) -> str:
-        """Apply what an agent run produced; returns the event it became (completed, follow_up, …)."""
-        if isinstance(result, Done):
-            done = self.complete(task_id, run_id, result.outcome)
-            return "follow_up" if done.status is TaskStatus.UP_NEXT else "completed"
-        if isinstance(result, RateLimited):
-            _, _ = self.rate_limited(task_id, run_id, retry_after=result.retry_after, message=result.message,
-                                     reset_at=result.reset_at, quota=result.quota)
-            return "quota_reached" if result.quota else "rate_limit"
-        if result.cause in RELEASE_CAUSES:
-            self.release(task_id, run_id, result.cause, result.error)
-            return "released"
-        self.fail(task_id, run_id, result.error, cause=result.cause)
-        return result.cause
-
     def release(self, task_id: int, run_id: str, reason: str = "released", message: str = "") -> None:
         """Give a claimed run back without using an attempt: the task is the board head again at once."""
-        _check_text("message", message, MAX_TEXT_BYTES)
+        check_text("message", message, MAX_TEXT_BYTES)
         self._run_call("release_run", task_id, run_id, [reason, message])
 
     def reap(self) -> list[int]:
@@ -521,7 +466,7 @@ class Broker:
 
     def cancel(self, task_id: int) -> TaskStatus:
         """Cancel a task wherever it is; returns the status it had."""
-        _check_task_id(task_id)
+        check_task_id(task_id)
         reply = self._call("cancel_task", [self._now_arg(), task_id], task_id=task_id)
         status = Status(reply[0])
         if status is not Status.OK:
@@ -536,7 +481,7 @@ class Broker:
         return self._set_paused(board, False)
 
     def _set_paused(self, board: str, paused: bool) -> str:
-        _check_board(board)
+        check_board(board)
         reply = self._call("set_board_paused", [self._now_arg(), board, int(paused)])
         return str(reply[1])
 
@@ -557,13 +502,13 @@ class Broker:
     def cooldowns(self) -> dict[str, dict[str, Any]]:
         """Models cooling now: {model: {"until": epoch s, "remaining_s": s, "reason": str}}."""
         models = sorted(self.config().models)
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             values = self.client.mget([self.keys.cooldown(m) for m in models]) if models else []
         now = self.now()
         out: dict[str, dict[str, Any]] = {}
         for model, raw in zip(models, values, strict=True):
             if raw:
-                until_ms, _, reason = str(_text(raw)).partition("|")
+                until_ms, _, reason = str(text(raw)).partition("|")
                 until = int(until_ms) / 1000
                 if until > now:
                     out[model] = {"until": until, "remaining_s": round(until - now, 3), "reason": reason}
@@ -574,13 +519,13 @@ class Broker:
         """Every configured provider's breaker: closed, open or half_open, with its time left."""
         providers = sorted(set(self.config().models.values()))
         now = self.now()
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             pipe = self.client.pipeline(transaction=True)
             for p in providers:
                 pipe.hgetall(self.keys.breaker(p))
                 pipe.zcard(self.keys.breaker_failures(p))
             rows = pipe.execute()
-        return {p: state_from(p, _texts(rows[2 * i]), int(rows[2 * i + 1]), now) for i, p in enumerate(providers)}
+        return {p: state_from(p, texts(rows[2 * i]), int(rows[2 * i + 1]), now) for i, p in enumerate(providers)}
 
     def open_breaker(self, provider: str, minutes: float) -> BreakerState:
         """Open ``provider``'s breaker for exactly ``minutes`` (an opening like any other: event provider_open)."""
@@ -600,8 +545,8 @@ class Broker:
 
     # -- reading ---------------------------------------------------------------------------------
     def get_task(self, task_id: int) -> Task:
-        _check_task_id(task_id)
-        with _redis_errors(self._where):
+        check_task_id(task_id)
+        with redis_errors(self._where):
             pipe = self.client.pipeline(transaction=True)
             self._queue_task_reads(pipe, task_id)
             fields, context, runs, logs = pipe.execute()
@@ -618,9 +563,9 @@ class Broker:
     def _task_from_reads(task_id: int, fields: Any, context: Any, runs: Any, logs: Any) -> Task:
         if not fields:
             raise TaskNotFound(task_id)
-        task = _task_from(task_id, _texts(fields), context, runs)
+        task = task_from(task_id, texts(fields), context, runs)
         for run in task.runs:
-            log = _texts(logs).get(str(run.get("run_id")))
+            log = texts(logs).get(str(run.get("run_id")))
             if log:
                 run["log"] = log
         return task
@@ -632,8 +577,8 @@ class Broker:
         of the statuses asked for list every such task; each is then read from its hash, which decides.
         """
         if board is not None:
-            _check_board(board)
-        with _redis_errors(self._where):
+            check_board(board)
+        with redis_errors(self._where):
             ids = self._placed_ids(board, status)
             rows: list[Any] = []
             for start in range(0, len(ids), LIST_BATCH):
@@ -641,7 +586,7 @@ class Broker:
                 for tid in ids[start : start + LIST_BATCH]:
                     pipe.hgetall(self.keys.task(tid))
                 rows += pipe.execute()
-        tasks = [_task_from(tid, _texts(f), [], []) for tid, f in zip(ids, rows, strict=True) if f]
+        tasks = [task_from(tid, texts(f), [], []) for tid, f in zip(ids, rows, strict=True) if f]
         return [
             t for t in tasks
             if (board is None or t.board == board) and (status is None or t.status is status)
@@ -654,26 +599,26 @@ class Broker:
                   TaskStatus.IN_REVIEW: k.in_review, TaskStatus.FAILED: k.failed, TaskStatus.CANCELLED: k.cancelled}
         keys = [key for st, key in places.items() if status in (None, st)]
         if status in (None, TaskStatus.UP_NEXT):
-            boards = [board] if board is not None else sorted(_str(b) for b in self.client.smembers(k.boards))
+            boards = [board] if board is not None else sorted(to_str(b) for b in self.client.smembers(k.boards))
             keys += [k.queue(b) for b in boards]
         pipe = self.client.pipeline(transaction=True)  # one moment: a task moving between places is seen once
         for key in keys:
             pipe.zrange(key, 0, -1)
-        return sorted({int(_text(x)) for members in pipe.execute() for x in members})
+        return sorted({int(text(x)) for members in pipe.execute() for x in members})
 
     def events(self, count: int = 100, after: str = "-") -> list[dict[str, Any]]:
         """Events oldest first, after stream id ``after`` (exclusive when given)."""
         start = after if after == "-" else f"({after}"
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             rows: Any = self.client.xrange(self.keys.events, min=start, max="+", count=count)
-        return [_event(eid, fields) for eid, fields in rows or []]
+        return [event(eid, fields) for eid, fields in rows or []]
 
     def wait_events(self, after: str, block_ms: int) -> list[dict[str, Any]]:
         """Block up to ``block_ms`` for events after stream id ``after`` ("$" = only new ones)."""
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             reply = self.client.xread({self.keys.events: after}, block=block_ms, count=100)
-        rows = _xread_rows(reply)
-        return [_event(eid, fields) for eid, fields in rows]
+        rows = xread_rows(reply)
+        return [event(eid, fields) for eid, fields in rows]
 
     def save_run_log(self, task_id: int, run_id: str, lines: list[str], limit_bytes: int) -> None:
         """Keep the tail of a run's agent log beside its history (``show`` merges it in)."""
@@ -682,31 +627,31 @@ class Broker:
         if len(encoded) > limit_bytes:
             text = "…" + encoded[-limit_bytes:].decode("utf-8", "ignore")
         if text:
-            with _redis_errors(self._where):
+            with redis_errors(self._where):
                 self.client.hset(self.keys.run_log(task_id), run_id, text)
 
     def trip_agent_gate(self, seconds: float, reason: str) -> None:
         """Hold claims for ``seconds``: the agent runtime is down or refuses this client."""
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             self.client.set(self.keys.agent_gate, reason[:500], px=max(1, _ms(seconds)))
 
     def agent_gate(self) -> str | None:
         """Why claims are held (the agent runtime is down), or None."""
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             value = self.client.get(self.keys.agent_gate)
-        return None if value is None else _str(value)
+        return None if value is None else to_str(value)
 
     def explain_boards(self, boards: list[str], global_cap: int) -> list[str]:
         """Why each board's head is not running now (the claim's own rules, read-only)."""
         if not boards:
             return []
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             reply = self._scripts.call("explain_boards", [self.keys.prefix, self._now_arg(), global_cap, *boards])
         return [str(x) for x in reply[1:]]
 
     def observe_claim_to_start(self, seconds: float) -> None:
         """Record how long a claimed run waited for its worker (the claim-to-start histogram)."""
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             observe_claim_to_start(cast(redis.Redis, self.client), self.keys, seconds)
 
     def next_deadline(self) -> float | None:
@@ -715,7 +660,7 @@ class Broker:
 
     def deadlines(self) -> Deadlines:
         """Lease, backoff and cooldown ends and the summary lock's time left, in one round trip."""
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             pipe = self.client.pipeline(transaction=False)
             pipe.zrange(self.keys.running, 0, 0, withscores=True)
             pipe.zrange(self.keys.idx_backoff, 0, 0, withscores=True)
@@ -725,8 +670,8 @@ class Broker:
             pipe.zrange(self.keys.schedules, 0, 0, withscores=True)
             lease, backoff, blocked, pttl, scheduled, schedules = pipe.execute()
         now_ms = self.now() * 1000
-        cooling = [int(str(_text(v)).partition("|")[0]) for f, v in blocked.items()
-                   if _str(f)[:2] in ("c:", "o:")]
+        cooling = [int(str(text(v)).partition("|")[0]) for f, v in blocked.items()
+                   if to_str(f)[:2] in ("c:", "o:")]
         ends = [ms for ms in cooling if ms > now_ms]
         return Deadlines(
             lease=float(lease[0][1]) / 1000 if lease else None,
@@ -738,9 +683,7 @@ class Broker:
         )
 
     def health(self) -> dict[str, Any]:
-        from .health import collect_health
-
-        with _redis_errors(self._where):
+        with redis_errors(self._where):
             return collect_health(self)
 
     def doctor(self, repair: bool = False) -> dict[str, Any]:
@@ -749,10 +692,8 @@ class Broker:
         Returns ``{"ok", "problems", "repaired", "remaining"}``: the problems found, what the repair
         changed, and what a check after the repair still finds (``ok`` when that is empty).
         """
-        from .doctor import doctor_report, parse_reply
-
         def run(fix: bool) -> Any:
-            with _redis_errors(self._where):
+            with redis_errors(self._where):
                 ids = self._task_hash_ids()
                 reply = self._scripts.call("doctor", [self.keys.prefix, self._now_arg(), int(fix), *ids])
             return parse_reply(reply)
@@ -768,130 +709,12 @@ class Broker:
         head = self.keys.task(0)[:-1]  # "<prefix>task:"
         ids = set()
         for key in self.client.scan_iter(match=_glob_escape(head) + "*", count=1000):
-            rest = _str(key)[len(head):]
+            rest = to_str(key)[len(head):]
             if rest.isdigit():
                 ids.add(int(rest))
         return sorted(ids)
 
 
-def _skips(pairs: list[Any]) -> dict[str, int]:
-    """Skip reasons from a script's flat ``reason, count, ...`` reply."""
-    return {str(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)}
-
-
 def _glob_escape(text: str) -> str:
     """``text`` as a literal in a SCAN MATCH pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def root_cause(message: str, now: float) -> str:
-    """The root cause of a failure message: timeout, overloaded, unreachable, billing, pairing, or failed."""
-    klass = parse_signal(message, now).klass
-    if klass in (SignalClass.TIMEOUT, SignalClass.OVERLOADED, SignalClass.BILLING, SignalClass.PAIRING,
-                 SignalClass.UNREACHABLE):
-        return str(klass.value)
-    return "failed"
-
-
-def _client_url(client: Client) -> str:
-    return client_url(client)
-
-
-def _check_board(board: str) -> None:
-    if not isinstance(board, str) or not BOARD_RE.match(board):
-        shown = repr(board) if len(str(board)) <= 80 else repr(str(board)[:80]) + f"… ({len(board)} chars)"
-        raise InputError(f"bad board name {shown}: use 1-64 letters, digits, '.', '_' or '-'")
-
-
-def _check_text(name: str, value: str, limit: int, *, required: bool = False) -> None:
-    if required and not value.strip():
-        raise InputError(f"{name} must not be empty")
-    if len(value.encode("utf-8")) > limit:
-        raise InputError(f"{name} is larger than {limit} bytes")
-    if "\x00" in value:
-        raise InputError(f"{name} contains a NUL character")
-
-
-def _check_task_id(task_id: int) -> None:
-    if isinstance(task_id, bool) or not isinstance(task_id, int) or not 1 <= task_id < MAX_TASK_ID:
-        raise InputError(f"bad task id {task_id!r}: a positive integer below 10**14")
-
-
-def _check_run_id(run_id: str) -> None:
-    try:
-        ok = str(uuid.UUID(run_id)) == run_id
-    except ValueError:
-        ok = False
-    if not ok:
-        raise InputError(f"bad run id {run_id!r}: a UUID in canonical 36-character form")
-
-
-def _text(value: Any) -> Any:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-def _str(value: Any) -> str:
-    return str(_text(value))
-
-
-def _texts(fields: dict[Any, Any]) -> dict[str, str]:
-    return {str(_text(k)): str(_text(v)) for k, v in fields.items()}
-
-
-def _route(ck: str) -> tuple[str | None, str | None]:
-    """(chain, pinned model) from a chain key: ``c:<chain>`` or ``m:<model>``."""
-    kind, _, name = ck.partition(":")
-    return (name or None, None) if kind == "c" else (None, name or None)
-
-
-def _task_from(task_id: int, f: dict[str, str], context: list[Any], runs: list[Any]) -> Task:
-    """A task from its hash; a field left out (see ``Keys.task``) takes its default."""
-    chain, model = _route(f.get("ck", ""))
-    created = int(f.get("at") or f.get("created_at") or 0)  # created_at: a hash written before `at`
-    return Task(
-        task_id=task_id,
-        board=f["board"],
-        title=f.get("title", ""),
-        prompt=f.get("prompt", ""),
-        chain=chain,
-        model=model,
-        status=TaskStatus(f["status"]),
-        run_count=int(f.get("run_count", 0)),
-        attempts=int(f.get("attempts", 0)),
-        run_id=f.get("run_id") or None,
-        running_model=f.get("model") or None,
-        running_provider=f.get("provider") or None,
-        lease_deadline=_opt_float_s(f.get("lease_deadline")),
-        backoff_until=_opt_float_s(f.get("backoff_until")),
-        last_error=f.get("last_error") or None,
-        last_error_reason=f.get("last_error_reason") or None,
-        created_at=created / 1000,
-        updated_at=int(f.get("updated_at", created)) / 1000,
-        not_before=_opt_float_s(f.get("not_before")),
-        night_only=f.get("night") == "1",
-        due_at=_opt_float_s(f.get("due_at")),
-        schedule=int(f["schedule"]) if f.get("schedule") else None,
-        context=[json.loads(_text(x)) for x in context],
-        runs=[json.loads(_text(x)) for x in runs],
-    )
-
-
-def _event(eid: Any, fields: dict[Any, Any]) -> dict[str, Any]:
-    doc: dict[str, Any] = {"id": str(_text(eid)), **_texts(fields)}
-    if "task_id" in doc:
-        doc["task_id"] = int(doc["task_id"])
-    doc["at"] = int(doc.get("at", 0)) / 1000
-    return doc
-
-
-def _xread_rows(reply: Any) -> list[tuple[Any, dict[Any, Any]]]:
-    """Rows of an XREAD reply, RESP2 (``[[stream, rows]]``) or RESP3 (``{stream: [rows]}``)."""
-    if not reply:
-        return []
-    groups = list(reply.values()) if isinstance(reply, dict) else [group[1] for group in reply]
-    rows: list[tuple[Any, dict[Any, Any]]] = []
-    for group in groups:
-        if group and isinstance(group[0], list):
-            group = group[0]
-        rows.extend(group)
-    return rows

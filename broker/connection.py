@@ -1,6 +1,6 @@
 """Redis clients from URLs: standalone, Redis Cluster and Sentinel-managed primaries.
 
-Schemes (the password, if any, is never printed: see :func:`broker.broker.redact_url`):
+Schemes (the password, if any, is never printed: see :func:`clawq.broker.redact.redact_url`):
 
 * ``redis://``, ``rediss://``, ``unix://`` -- one server, as :meth:`redis.Redis.from_url` reads them.
 * ``redis+cluster://[user:password@]host:port[,host:port...][/0]`` -- a Redis Cluster, reached through any of
@@ -35,6 +35,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from .errors import InputError
+from .redact import redact_url
 
 __all__ = ["CLUSTER_SCHEMES", "SENTINEL_SCHEMES", "Client", "client_from_url", "client_url", "rq_connection"]
 
@@ -56,7 +57,7 @@ def _hosts(netloc: str, url: str) -> list[tuple[str, int]]:
     for item in netloc.rpartition("@")[2].split(","):
         host, sep, port = item.strip().rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise InputError(f"bad Redis URL {_redacted(url)}: give host:port[,host:port...], got {item!r}")
+            raise InputError(f"bad Redis URL {redact_url(url)}: give host:port[,host:port...], got {item!r}")
         hosts.append((host.strip("[]"), int(port)))
     return hosts
 
@@ -97,12 +98,6 @@ def _handshake(lean: bool) -> dict[str, Any]:
     return {"driver_info": _driver_info()}
 
 
-def _redacted(url: str) -> str:
-    from .broker import redact_url
-
-    return redact_url(url)
-
-
 def client_from_url(url: str, *, decode_responses: bool = True, lean: bool = False) -> Client:
     """A client for ``url`` (any scheme in the module docstring); raises InputError on a bad URL.
 
@@ -113,7 +108,7 @@ def client_from_url(url: str, *, decode_responses: bool = True, lean: bool = Fal
     scheme = _scheme(url)
     reqs = parse_qs(urlsplit(url).query).get("ssl_cert_reqs", [])
     if any(r.lower() not in ("none", "optional", "required") for r in reqs):
-        raise InputError(f"bad Redis URL {_redacted(url)}: ssl_cert_reqs must be none, optional or required")
+        raise InputError(f"bad Redis URL {redact_url(url)}: ssl_cert_reqs must be none, optional or required")
     try:
         if scheme in CLUSTER_SCHEMES:
             return _cluster_client(url, decode_responses)
@@ -122,13 +117,13 @@ def client_from_url(url: str, *, decode_responses: bool = True, lean: bool = Fal
         return redis.Redis.from_url(url, decode_responses=decode_responses, socket_connect_timeout=_CONNECT_TIMEOUT_S,
                                     **_handshake(lean))
     except ValueError as err:
-        raise InputError(f"bad Redis URL {_redacted(url)}: {err}") from None
+        raise InputError(f"bad Redis URL {redact_url(url)}: {err}") from None
 
 
 def _cluster_client(url: str, decode_responses: bool) -> RedisCluster:
     parts = urlsplit(url)
     if parts.path.strip("/") not in ("", "0"):
-        raise InputError(f"bad Redis URL {_redacted(url)}: a cluster has only database 0")
+        raise InputError(f"bad Redis URL {redact_url(url)}: a cluster has only database 0")
     user, password = _credentials(parts.netloc)
     opts = _options(parts.query)
     opts.pop("sentinel_password", None)
@@ -144,7 +139,7 @@ def _sentinel_client(url: str, decode_responses: bool, lean: bool) -> redis.Redi
     parts = urlsplit(url)
     path = [p for p in parts.path.split("/") if p]
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-        raise InputError(f"bad Redis URL {_redacted(url)}: give redis+sentinel://host:port[,...]/<service>[/<db>]")
+        raise InputError(f"bad Redis URL {redact_url(url)}: give redis+sentinel://host:port[,...]/<service>[/<db>]")
     service, db = unquote(path[0]), int(path[1]) if len(path) == 2 else 0
     user, password = _credentials(parts.netloc)
     opts = _options(parts.query)

@@ -3,18 +3,38 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .breaker import BreakerState
+from .config import Config
+from .connection import Client
+from .keys import Keys
 
-if TYPE_CHECKING:
-    from .broker import Broker
-
-__all__ = ["collect_health"]
+__all__ = ["HealthSource", "collect_health"]
 
 _HOUR_MS = 3_600_000
 _RECENT_ERRORS = 20
 _HEAD = 3  #: queued tasks shown per board
+
+
+class HealthSource(Protocol):
+    """What the health document is read from (a :class:`~clawq.broker.Broker`)."""
+
+    @property
+    def keys(self) -> Keys: ...
+
+    @property
+    def client(self) -> Client: ...
+
+    def config(self) -> Config: ...
+
+    def now(self) -> float: ...
+
+    def explain_boards(self, boards: list[str], global_cap: int) -> list[str]: ...
+
+    def cooldowns(self) -> dict[str, dict[str, Any]]: ...
+
+    def breakers(self) -> dict[str, BreakerState]: ...
 
 
 def _t(value: Any) -> Any:
@@ -25,7 +45,7 @@ def _int(value: Any) -> int:
     return int(_t(value)) if value is not None else 0
 
 
-def collect_health(broker: Broker) -> dict[str, Any]:
+def collect_health(broker: HealthSource) -> dict[str, Any]:
     """Queue depth, in-progress and throughput per board; inflight, cap, cooldown per model."""
     keys, client = broker.keys, broker.client
     cfg = broker.config()
@@ -76,7 +96,7 @@ def _t_map(mapping: dict[Any, Any]) -> dict[str, Any]:
     return {str(_t(k)): _t(v) for k, v in mapping.items()}
 
 
-def _boards(broker: Broker, boards: list[str], replies: list[Any], now: float) -> dict[str, Any]:
+def _boards(broker: HealthSource, boards: list[str], replies: list[Any], now: float) -> dict[str, Any]:
     queues = [[int(_t(x)) for x in r] for r in replies[3::4]]
     running = [_t(r[0]) for r in replies[1::4]]
     fields = _task_fields(broker, {tid for q in queues for tid in q} | {int(x) for x in running if x})
@@ -110,7 +130,7 @@ def _running(fields: dict[int, dict[str, str]], tid: int, now: float) -> dict[st
 _TASK_FIELDS = ("title", "queued_at", "at", "created_at", "claimed_at", "model", "provider")
 
 
-def _task_fields(broker: Broker, ids: set[int]) -> dict[int, dict[str, str]]:
+def _task_fields(broker: HealthSource, ids: set[int]) -> dict[int, dict[str, str]]:
     order = sorted(ids)
     if not order:
         return {}
@@ -127,7 +147,7 @@ def _task_fields(broker: Broker, ids: set[int]) -> dict[int, dict[str, str]]:
     return out
 
 
-def _models(broker: Broker, inflight: dict[Any, Any], failures: dict[Any, Any], now: float) -> dict[str, Any]:
+def _models(broker: HealthSource, inflight: dict[Any, Any], failures: dict[Any, Any], now: float) -> dict[str, Any]:
     cfg = broker.config()
     cooling = broker.cooldowns()
     per_model: dict[str, int] = {}

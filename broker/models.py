@@ -9,11 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-__all__ = ["Added", "Claim", "Completion", "Deadlines", "Outcome", "Task", "TaskStatus"]
+from .checks import MAX_TEXT_BYTES, text_problem
 
-#: Largest prompt, next_prompt or summary accepted, in bytes of UTF-8.
-MAX_TEXT_BYTES = 256 * 1024
-
+__all__ = ["MAX_TEXT_BYTES", "Added", "Claim", "Completion", "Deadlines", "Outcome", "Task", "TaskStatus"]
 
 class TaskStatus(enum.StrEnum):
     """Where a task is; it is always in exactly one of these places."""
@@ -75,10 +73,9 @@ class Claim(BaseModel):
 
 
 def _check_size(name: str, value: str | None) -> None:
-    if value is not None and len(value.encode("utf-8")) > MAX_TEXT_BYTES:
-        raise ValueError(f"{name} is larger than {MAX_TEXT_BYTES} bytes")
-    if value is not None and "\x00" in value:
-        raise ValueError(f"{name} contains a NUL character")
+    problem = None if value is None else text_problem(name, value, MAX_TEXT_BYTES)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 class Outcome(BaseModel):

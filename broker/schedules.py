@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from .errors import InputError, Status, error_for
 from .keys import BOARD_RE
 from .timing import start_of
+from .translate import redis_errors
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -145,15 +146,11 @@ class Schedules:
 
     def ls(self) -> list[Schedule]:
         """Every schedule, by id."""
-        from .broker import redis_errors
-
         with redis_errors(self.broker._where):
             ids = sorted(int(_text(x)) for x in self.broker.client.zrange(self.broker.keys.schedules, 0, -1))
         return self._read(ids)
 
     def _read(self, ids: list[int]) -> list[Schedule]:
-        from .broker import redis_errors
-
         b = self.broker
         with redis_errors(b._where):
             pipe = b.client.pipeline(transaction=True)
@@ -169,8 +166,6 @@ class Schedules:
 
     def next_due(self) -> float | None:
         """When the earliest schedule fires next (epoch seconds), or None."""
-        from .broker import redis_errors
-
         with redis_errors(self.broker._where):
             first = self.broker.client.zrange(self.broker.keys.schedules, 0, 0, withscores=True)
         return float(first[0][1]) / 1000 if first else None
@@ -180,7 +175,6 @@ class Schedules:
         once: one of them fires, the others see ``repeated``). A firing missed while nothing ran fires once
         if it is less than one period late, else it is recorded as missed; either way the schedule moves on
         to its first firing after now."""
-        from .broker import redis_errors
 
         b = self.broker
         now = b.now()

@@ -49,7 +49,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = [
     "BREAKER_CAUSES", "MAX_RESET_SECONDS", "TAIL_CHARS", "Signal", "SignalClass", "counts_for_breaker", "parse_reset",
-    "parse_signal",
+    "parse_signal", "root_cause",
 ]
 
 MAX_RESET_SECONDS = 30 * 24 * 3600
@@ -70,6 +70,14 @@ class SignalClass(str, enum.Enum):  # noqa: UP042 (str mixin: the wire values)
     PAIRING = "pairing"
     AUTH = "auth"  #: the agent is not logged in or its key is refused
     OTHER = "other"
+
+    @property
+    def root_cause(self) -> str:
+        """The root cause a failure of this class records (the one mapping from signal class to root cause):
+        its own name, but ``failed`` for other texts and for rate limits reported as failures."""
+        if self in (SignalClass.OTHER, SignalClass.RATE_LIMIT, SignalClass.QUOTA_REACHED):
+            return "failed"
+        return str(self.value)
 
 
 #: Root causes of a failed run that count toward its provider's circuit breaker: the provider, not the task,
@@ -107,6 +115,11 @@ def parse_signal(text: str, now: float, local_tz: tzinfo | None = None) -> Signa
     if found is None:
         return Signal(klass, None, "")
     return Signal(klass, found.reset_at, found.source)
+
+
+def root_cause(message: str, now: float) -> str:
+    """The root cause of a failure message: timeout, overloaded, unreachable, billing, pairing, auth, or failed."""
+    return parse_signal(message, now).klass.root_cause
 
 
 def parse_reset(text: str, now: float, local_tz: tzinfo | None = None) -> tuple[float | None, str]:

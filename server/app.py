@@ -27,7 +27,6 @@ import ipaddress
 import json
 import os
 import socket
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -57,7 +56,7 @@ from clawq.broker import (
     TaskStatus,
     redact_url,
 )
-from clawq.broker.broker import MAX_TASK_ID
+from clawq.broker.checks import MAX_TASK_ID, run_id_problem
 from clawq.workers.clawtrol import OutcomeV1
 
 from . import clawtrol
@@ -77,11 +76,7 @@ API_VERSION = "1"
 
 # -- request and response bodies -------------------------------------------------------------------------
 def _canonical_uuid(value: str) -> str:
-    try:
-        ok = str(uuid.UUID(value)) == value
-    except ValueError:
-        ok = False
-    if not ok:
+    if run_id_problem(value) is not None:
         raise ValueError("run_id must be a UUID in canonical 36-character lowercase form")
     return value
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from clawq.broker import BreakerStatus, Broker
-from clawq.broker.broker import redis_errors
 from clawq.broker.stats import CLAIM_TO_START_BUCKETS, bucket_field, observe_claim_to_start
+from clawq.broker.translate import redis_errors
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

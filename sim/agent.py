@@ -19,9 +19,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from clawq.broker import Outcome
-from clawq.broker.agent_output import AgentResult, Done, Failed, RateLimited
 from clawq.broker.config import AgentConfig, SimulatedAgentConfig
 from clawq.broker.signals import parse_signal
+from clawq.workers.agent_output import AgentResult, Done, Failed, RateLimited
 from clawq.workers.runners import RunContext, Stalled
 
 __all__ = ["rate_limit_message", "run_simulated", "simulated_result"]

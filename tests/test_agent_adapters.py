@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from clawq.broker.agent_output import Done, Failed, RateLimited
 from clawq.broker.signals import parse_signal
+from clawq.workers.agent_output import Done, Failed, RateLimited
 from clawq.workers.agents import PRESETS, Invocation, Native, interpret, outcome_from_text, render_prompt, render_resume
 from clawq.workers.agents.aider import Aider
 from clawq.workers.agents.claude import ClaudeCode

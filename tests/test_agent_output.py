@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from clawq.broker.agent_output import (
+from clawq.broker.models import MAX_TEXT_BYTES
+from clawq.workers.agent_output import (
     Done,
     Failed,
     RateLimited,
@@ -22,7 +23,6 @@ from clawq.broker.agent_output import (
     parse_agent_output,
     result_from_doc,
 )
-from clawq.broker.models import MAX_TEXT_BYTES
 
 NOW = 1_800_000_000.0  # a fixed instant: resets parsed from text are NOW + their delay
 MB = 1024 * 1024

@@ -20,8 +20,8 @@ from helpers import run_cli as _run_cli
 from test_cli import assert_one_line_error, snapshot
 
 from clawq.broker import Broker
-from clawq.broker.agent_output import Failed, parse_agent_output
 from clawq.server.app import create_app
+from clawq.workers.agent_output import Failed, parse_agent_output
 
 with warnings.catch_warnings():  # newer Starlette asks for httpx2 and warns when it only finds httpx
     warnings.filterwarnings("ignore", message=".*httpx2.*")

@@ -22,13 +22,13 @@ from rq import Queue
 from rq.job import Job
 
 from clawq.broker import Broker, Outcome, RunFenced, TaskStatus
-from clawq.broker.agent_output import Done
 from clawq.broker.config import AgentConfig, Config
 from clawq.broker.connection import client_from_url, rq_connection
 from clawq.broker.scripts import load_specs
 from clawq.broker.stats import bucket_field
 from clawq.workers import job as job_mod
 from clawq.workers import rq_glue
+from clawq.workers.agent_output import Done
 from clawq.workers.job import job_broker, prepare, run_task
 from clawq.workers.rq_glue import ClawqSimpleWorker, rq_enqueuer
 from clawq.workers.runners import RunContext, preload_agent, run_agent

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from agents import py_agent
 
-from clawq.broker.agent_output import Done, Failed, RateLimited
 from clawq.broker.config import AgentConfig, SimulatedAgentConfig
 from clawq.sim.agent import simulated_result
+from clawq.workers.agent_output import Done, Failed, RateLimited
 from clawq.workers.runners import RunContext, Stalled, agent_env, run_agent, run_command
 
 AGENTS = Path(__file__).parent / "agents"

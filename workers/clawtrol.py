@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from clawq.broker import Outcome
-from clawq.broker.broker import MAX_TASK_ID
+from clawq.broker.checks import MAX_TASK_ID
 
 __all__ = ["ACTIONS", "Action", "OutcomeV1", "rails_bool"]
 

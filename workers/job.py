@@ -23,16 +23,15 @@ from typing import Any
 import redis
 
 from clawq.broker import Broker, ClawqError, RunFenced, Task, TaskNotFound, TaskStatus
-from clawq.broker.agent_output import Failed, clean_result, clean_text
 
+from .agent_output import clean_result, clean_text
+from .report import report
 from .runners import RunContext, Stalled, preload_agent, run_agent
 
 __all__ = ["Heartbeat", "job_broker", "prepare", "run_task"]
 
 log = logging.getLogger("clawq.job")
 
-#: Root causes that also hold claims for a while: the agent runtime is down, not the task.
-_GATE_CAUSES = {"pairing": 30.0, "agent_unreachable": 30.0}
 #: This process's brokers by (namespace, where): the URL, or the RQ connection pool they copy (kept alive here).
 _BROKERS: dict[tuple[str, object], Broker] = {}
 
@@ -182,10 +181,8 @@ def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:
 
 def _report(broker: Broker, task_id: int, run_id: str, result: Any) -> dict[str, Any]:
     try:
-        became = broker.report(task_id, run_id, result)
+        became = report(broker, task_id, run_id, result)
     except RunFenced:
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
-    if isinstance(result, Failed) and result.cause in _GATE_CAUSES:
-        broker.trip_agent_gate(_GATE_CAUSES[result.cause], f"{result.cause}: {result.error}")
     log.info("task %s run %s: %s", task_id, run_id, became)
     return {"task_id": task_id, "run_id": run_id, "reported": True, "result": became}

@@ -2,7 +2,7 @@
 
 - ``command``: ``agent.command`` is an argv list, run without a shell, in its own session; every process it
   starts is killed when the run ends, also one that left its session (:mod:`workers.procs`). The task
-  goes to stdin as JSON; the last non-empty stdout line is the outcome (see :mod:`broker.agent_output`).
+  goes to stdin as JSON; the last non-empty stdout line is the outcome (see :mod:`clawq.workers.agent_output`).
 - ``python``: ``agent.callable = "module:function"``, called with the task document; returns an outcome
   document (or an :class:`~broker.Outcome`).
 - ``simulated``: the deterministic fake agent of the simulation (:mod:`sim.agent`). It lives in the ``sim``
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clawq.broker import Outcome
-from clawq.broker.agent_output import AgentResult, Done, Failed, classify_text, parse_agent_output, result_from_doc
 from clawq.broker.config import AgentConfig
 
+from .agent_output import AgentResult, Done, Failed, classify_text, parse_agent_output, result_from_doc
 from .procs import AgentTree
 
 __all__ = ["SECRET_ENV_PREFIXES", "RunContext", "Stalled", "agent_env", "preload_agent", "run_agent",

@@ -18,8 +18,8 @@ from datetime import tzinfo
 from typing import Any, Protocol
 
 from clawq.broker import Outcome
-from clawq.broker.agent_output import AgentResult, Done, Failed, RateLimited, tail
 from clawq.broker.signals import SignalClass, parse_signal
+from clawq.workers.agent_output import AgentResult, Done, Failed, RateLimited, tail
 
 __all__ = [
     "Adapter",

@@ -10,7 +10,7 @@ agent's log. Accepted outcomes:
   "recommended_action": "in_review" | "requeue_same_task", "next_prompt", "summary", …}``.
 
 A non-zero exit, or no outcome line, is a failure whose error is the stderr tail, classified by
-:mod:`broker.signals` (a usage-limit or 429 text becomes a rate limit with its parsed reset).
+:mod:`clawq.broker.signals` (a usage-limit or 429 text becomes a rate limit with its parsed reset).
 
 Whatever an agent printed or returned is cleaned first (:func:`clean_text`, :func:`clean_result`): terminal
 escape sequences and control characters (NUL included) are dropped, text that is not UTF-8 is replaced, and
@@ -27,8 +27,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .models import MAX_TEXT_BYTES, Outcome
-from .signals import MAX_RESET_SECONDS, SignalClass, parse_signal
+from clawq.broker import Outcome
+from clawq.broker.checks import MAX_TEXT_BYTES
+from clawq.broker.signals import MAX_RESET_SECONDS, SignalClass, parse_signal
 
 __all__ = ["AgentResult", "Done", "Failed", "RateLimited", "clean_result", "clean_text", "parse_agent_output",
            "result_from_doc"]
@@ -141,8 +142,7 @@ def classify_text(text: str, now: float) -> AgentResult:
     if signal.klass in (SignalClass.RATE_LIMIT, SignalClass.QUOTA_REACHED):
         return RateLimited(message=tail(text), reset_at=signal.reset_at,
                            quota=signal.klass is SignalClass.QUOTA_REACHED)
-    cause = signal.klass.value if signal.klass is not SignalClass.OTHER else "failed"
-    return Failed(error=tail(text) or "agent failed without a message", cause=str(cause))
+    return Failed(error=tail(text) or "agent failed without a message", cause=signal.klass.root_cause)
 
 
 def _bad(reason: str) -> Failed:

@@ -1,0 +1,38 @@
+"""What an agent run's result does to its task: the agent-result policy above the broker.
+
+A finished run is done (complete), rate limited (cool the model, requeue), or failed. A failure whose root
+cause is the agent runtime rather than the task (:data:`RELEASE_CAUSES`) gives the run back without using an
+attempt and holds every claim for a while; any other failure uses an attempt.
+"""
+
+from __future__ import annotations
+
+from clawq.broker import Broker, TaskStatus
+
+from .agent_output import AgentResult, Done, RateLimited
+
+__all__ = ["RELEASE_CAUSES", "report"]
+
+#: Root causes that give the run back without using an attempt (the agent runtime, not the task, failed),
+#: with how long they hold claims (seconds): the runtime is down or refuses this client.
+RELEASE_CAUSES: dict[str, float] = {"pairing": 30.0, "agent_unreachable": 30.0}
+
+
+def report(broker: Broker, task_id: int, run_id: str, result: AgentResult) -> str:
+    """Apply what an agent run produced; returns the event it became (completed, follow_up, …).
+
+    Raises what the broker call raises (RunFenced when the run is no longer the task's active run).
+    """
+    if isinstance(result, Done):
+        done = broker.complete(task_id, run_id, result.outcome)
+        return "follow_up" if done.status is TaskStatus.UP_NEXT else "completed"
+    if isinstance(result, RateLimited):
+        broker.rate_limited(task_id, run_id, retry_after=result.retry_after, message=result.message,
+                            reset_at=result.reset_at, quota=result.quota)
+        return "quota_reached" if result.quota else "rate_limit"
+    if result.cause in RELEASE_CAUSES:
+        broker.release(task_id, run_id, result.cause, result.error)
+        broker.trip_agent_gate(RELEASE_CAUSES[result.cause], f"{result.cause}: {result.error}")
+        return "released"
+    broker.fail(task_id, run_id, result.error, cause=result.cause)
+    return result.cause
