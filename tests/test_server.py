@@ -454,6 +454,11 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("POST", "/api/v1/tasks", {"board": "web", "title": "t", "chain": "coding"}),
     ("POST", "/api/v1/tasks/1/heartbeat", {"run_id": RUN}),
     ("POST", "/api/v1/hooks/task_outcome", outcome_doc(1, RUN)),
+    ("PATCH", "/api/v1/tasks/1/claim", {"session_id": "s"}),
+    ("PATCH", "/api/v1/tasks/1", {"task": {"activity_note": "n"}}),
+    ("PATCH", "/api/v1/tasks/1/unclaim", None),
+    ("POST", "/api/v1/tasks/1/report_rate_limit", {"model_name": "codex", "error_message": "429"}),
+    ("POST", "/api/v1/tasks/1/agent_complete", {"output": "done", "files": []}),
     ("GET", "/", None),
     ("GET", "/static/app.js", None),
     ("GET", "/openapi.json", None),
@@ -466,13 +471,16 @@ def test_token_is_required(authed: TestClient, broker: Broker, r: redis.Redis,
                            method: str, path: str, body: Any) -> None:
     broker.add("web", "seed", chain="coding")
     before = snapshot(r)
+    hook_route = path.startswith("/api/v1/hooks/")
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
                     {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"},
-                    {"Authorization": "Bearer "}):
+                    {"Authorization": "Bearer "}, {"X-Hook-Token": "wrong"}, {"X-Hook-Token": TOKEN.upper()},
+                    *([] if hook_route else [{"X-Hook-Token": TOKEN}])):  # the hook header opens hooks only
         resp = authed.request(method, path, json=body, headers=headers)
         assert resp.status_code == 401, (path, headers)
         assert resp.headers["WWW-Authenticate"].startswith("Bearer")
-        assert "bearer token" in error_of(resp)
+        message = error_of(resp)
+        assert "bearer token" in message or (hook_route and message == "invalid X-Hook-Token"), message
     assert snapshot(r) == before  # a refused request never reaches the broker
 
 
