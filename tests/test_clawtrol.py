@@ -713,3 +713,36 @@ def test_skill_loop_with_unclaim(srv: Served) -> None:
     task = srv.broker.get_task(tid)
     assert (task.status, task.attempts, task.run_count) == (TaskStatus.UP_NEXT, 0, 0)
     assert agent_loop(srv, "complete")[2] == f'complete {{"id":{tid},"status":"in_review"}}'
+
+
+# -- Rails-style form parsing (no server needed) ------------------------------------------------------------
+@pytest.mark.parametrize(("body", "params"), [
+    (b"a=1&b=two+words&c=%E2%9C%93", {"a": "1", "b": "two words", "c": "✓"}),
+    (b"a=1&a=2", {"a": "2"}),
+    (b"achieved[]=x&achieved[]=y&remaining[]", {"achieved": ["x", "y"], "remaining": []}),
+    (b"achieved%5B%5D=x", {"achieved": ["x"]}),
+    (b"run[tokens][input]=5&run[tokens][output]=7&run[model]=codex",
+     {"run": {"tokens": {"input": "5", "output": "7"}, "model": "codex"}}),
+    (b"e[][type]=a&e[][seq]=1&e[][type]=b&e[][seq]=2", {"e": [{"type": "a", "seq": "1"}, {"type": "b", "seq": "2"}]}),
+    (b"flag&empty=", {"flag": None, "empty": ""}),
+    (b"&&a=1&", {"a": "1"}),
+])
+def test_parse_form(body: bytes, params: dict[str, Any]) -> None:
+    from clawq.server.params import parse_form
+
+    assert parse_form(body) == params
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    (b"a[=1", "bad field name"), (b"[a]=1", "bad field name"),
+    (b"a[b]c=1", "bad field name"), (b"a=1&a[]=2", "mixes"), (b"a[]=1&a[b]=2", "mixes"), (b"a[b]=1&a=2", "mixes"),
+    (b"a[][]=1", "list of lists"), (b"a" + b"[b]" * 20 + b"=1", "nested deeper"),
+    (b"&".join(b"k%d=1" % i for i in range(1001)), "more than 1000 fields"), (b"a=%C3%28", "not UTF-8"),
+    (b"a=\xff", "not UTF-8"),
+])
+def test_parse_form_refuses_malformed_bodies(body: bytes, needle: str) -> None:
+    from clawq.server.params import BodyError, parse_form
+
+    with pytest.raises(BodyError, match=needle) as info:
+        parse_form(body)
+    assert "\n" not in str(info.value) and info.value.status == 422
