@@ -157,6 +157,14 @@ class FollowupConfig(_Section):
     max_runs: int = Field(5, ge=1, le=1000)  #: a follow-up asked after this many runs goes to in_review instead
 
 
+class SimulatedOutage(_Section):
+    """A provider that is down for a while: the simulated agent answers its runs with a 529 overload."""
+
+    provider: str
+    start: float = Field(ge=0)  #: epoch seconds
+    end: float = Field(ge=0)
+
+
 class SimulatedAgentConfig(_Section):
     """The deterministic fake agent (``agent.runner: simulated``): seeded durations and faults."""
 
@@ -172,6 +180,7 @@ class SimulatedAgentConfig(_Section):
     plan: dict[str, Literal["done", "follow_up", "rate_limit", "quota", "fail", "stall"]] = Field(
         default_factory=dict
     )
+    outage: SimulatedOutage | None = None  #: a provider outage: its runs that end inside it fail as overloaded
 
 
 class AgentConfig(_Section):

@@ -82,7 +82,14 @@ def _drawn_fate(cfg: SimulatedAgentConfig, rng: random.Random, task: dict[str, A
     return "follow_up" if follow else "done"
 
 
+#: What Anthropic's API answers while it is overloaded (HTTP 529).
+OVERLOADED = '{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}'
+
+
 def _fate(cfg: SimulatedAgentConfig, rng: random.Random, task: dict[str, Any], now: float) -> AgentResult:
+    out = cfg.outage
+    if out is not None and task.get("provider") == out.provider and out.start <= now < out.end:
+        return Failed(error=OVERLOADED, cause=str(parse_signal(OVERLOADED, now).klass.value))
     planned = cfg.plan.get(f"{task['task_id']}:{task.get('claim_index', task['run_count'])}")
     fate = planned or _drawn_fate(cfg, rng, task)
     if fate in ("rate_limit", "quota"):

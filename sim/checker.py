@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Check", "Run", "TaskFinal", "Timeline", "check_all"]
+__all__ = ["BreakerRules", "Check", "Run", "TaskFinal", "Timeline", "check_all"]
 
 FINAL = ("in_review", "failed", "cancelled")
 INF = math.inf
@@ -33,6 +33,7 @@ class Run:
     start: float
     end: float | None
     outcome: str | None  #: done, follow_up, rate_limited, quota_reached, failed, timeout, released, cancelled
+    detail: str = ""  #: the error its history recorded (a lease that expired says so)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,16 @@ class TaskFinal:
     run_count: int
     allowed_models: tuple[str, ...]  #: its chain, or its pinned model
     follow_up_run_ids: tuple[str, ...] = ()  #: runs whose next prompt is in the task's context
+
+
+@dataclass(frozen=True)
+class BreakerRules:
+    """The provider breaker's settings, in milliseconds (``breaker:`` of the config)."""
+
+    failures: int
+    window_ms: int
+    cooldown_ms: int
+    max_cooldown_ms: int
 
 
 @dataclass
@@ -58,6 +69,7 @@ class Timeline:
     summary_interval_s: float = 600.0
     idle_limit_s: float = 30.0
     max_runs: int = 5
+    breaker: BreakerRules | None = None  #: None: the breaker is off (provider_outage_contained has nothing to do)
 
 
 @dataclass
@@ -181,9 +193,13 @@ def every_task_reported(tl: Timeline) -> Check:
         ended = lr.outcome if lr else "never"
         if t.status == "in_review" and ended not in ("done", "follow_up"):
             v.append(f"task {t.task_id} is in_review but its last run ended {ended}")
-        if t.status == "failed" and ended not in ("failed", "timeout"):
+        if t.status == "failed" and ended not in _FAILURES:
             v.append(f"task {t.task_id} failed but its last run ended {ended}")
     return _check(v, runs=len(tl.runs))
+
+
+#: Outcomes a run that failed its task for good may end with: its root cause.
+_FAILURES = frozenset({"failed", "timeout", "overloaded", "unreachable", "billing", "auth", "bad_output"})
 
 
 # -- follow_up_same_task ----------------------------------------------------------------------------------
@@ -233,6 +249,106 @@ def reports_and_alerts_sent(tl: Timeline) -> Check:
     return _check(v, summaries=len(summaries), alerts=sum(alerts.values()))
 
 
+# -- provider_outage_contained ----------------------------------------------------------------------------
+#: Run outcomes that tell a provider failed (counted toward its breaker), and those that tell nothing.
+_FAULTS = frozenset({"overloaded", "timeout", "unreachable"})
+_VOID = frozenset({"released", "cancelled", "pairing", "agent_unreachable", "lost"})
+_LEASE_LOST = "no heartbeat: lease expired"  #: a reaped lease: the worker died, not the provider
+
+
+def _verdict(r: Run) -> str:
+    if r.outcome in _VOID or (r.outcome == "timeout" and r.detail == _LEASE_LOST):
+        return "void"
+    return "fault" if r.outcome in _FAULTS else "ok"
+
+
+def _ms(t: float) -> int:
+    return round(t * 1000)
+
+
+@dataclass
+class _Replay:
+    """One provider's breaker, replayed from its runs alone: when it must be open, which run is the probe."""
+
+    provider: str
+    rules: BreakerRules
+    faults: list[int] = field(default_factory=list)
+    until: int | None = None  #: set while not closed
+    length: int = 0
+    probe: str | None = None
+    opened_ms: int = -1
+    openings: list[float] = field(default_factory=list)
+    probes: int = 0
+    violations: list[str] = field(default_factory=list)
+
+    def start(self, t: int, r: Run) -> None:
+        if self.until is None or t == self.opened_ms:  # opened at this very ms: the claim may have run first
+            return
+        if t < self.until:
+            self.violations.append(f"task {r.task_id} started on {self.provider} ({r.model}) at {t / 1000:.3f} while "
+                                   f"its breaker was open until {self.until / 1000:.3f}")
+        elif self.probe is not None:
+            self.violations.append(f"task {r.task_id} started on {self.provider} at {t / 1000:.3f} while the "
+                                   f"half-open probe {self.probe} was still running")
+        else:
+            self.probe, self.probes = r.run_id, self.probes + 1
+
+    def end(self, t: int, r: Run) -> None:
+        verdict = _verdict(r)
+        if self.until is not None and r.run_id == self.probe:
+            self.probe = None
+            if verdict == "ok":
+                self.until, self.faults = None, []
+            elif verdict == "fault":
+                self._open(t, max(1, min(self.length * 2, self.rules.max_cooldown_ms)))
+            return
+        if self.until is not None or verdict != "fault":
+            return
+        self.faults = [f for f in self.faults if f > t - self.rules.window_ms] + [t]
+        if len(self.faults) >= self.rules.failures:
+            self._open(t, self.rules.cooldown_ms)
+
+    def _open(self, t: int, length: int) -> None:
+        self.until, self.length, self.faults, self.opened_ms = t + length, length, [], t
+        self.openings.append(t / 1000)
+
+
+def _replay(provider: str, runs: list[Run], rules: BreakerRules) -> _Replay:
+    # at one instant, ends first (a slot freed), and a claim at the ms of an opening is let pass: where the
+    # timeline cannot tell the order, the broker is given the benefit of the doubt
+    points = [(_ms(r.start), 1, r) for r in runs] + [(_ms(r.end), 0, r) for r in runs if r.end is not None]
+    replay = _Replay(provider, rules)
+    for t, kind, r in sorted(points, key=lambda p: (p[0], p[1])):
+        (replay.start if kind else replay.end)(t, r)
+    return replay
+
+
+def provider_outage_contained(tl: Timeline) -> Check:
+    """No run started on a provider whose breaker must have been open, beyond the one half-open probe; each
+    opening got its alert. The breaker is replayed per provider from the runs' outcomes and the config alone."""
+    if tl.breaker is None:
+        return _check([], providers={})
+    by_provider: dict[str, list[Run]] = defaultdict(list)
+    for r in tl.runs:
+        by_provider[r.provider].append(r)
+    alerts: dict[str, int] = defaultdict(int)
+    for n in tl.notifications:
+        if n.get("kind") == "provider_open":
+            alerts[str(n.get("provider"))] += 1
+    v: list[str] = []
+    detail: dict[str, Any] = {}
+    for provider, runs in sorted(by_provider.items()):
+        rp = _replay(provider, runs, tl.breaker)
+        v += rp.violations
+        if tl.notifications and alerts[provider] != len(rp.openings):
+            v.append(f"provider {provider}: {len(rp.openings)} opening(s) but {alerts[provider]} "
+                     "provider_open alert(s)")
+        wasted = sum(1 for r in runs if _verdict(r) == "fault")
+        if rp.openings or wasted:
+            detail[provider] = {"openings": len(rp.openings), "probes": rp.probes, "failed_runs": wasted}
+    return _check(v, providers=detail)
+
+
 CRITERIA: dict[str, Callable[[Timeline], Check]] = {
     "completed_without_jamming": completed_without_jamming,
     "one_per_board_fifo": one_per_board_fifo,
@@ -240,6 +356,7 @@ CRITERIA: dict[str, Callable[[Timeline], Check]] = {
     "every_task_reported": every_task_reported,
     "follow_up_same_task": follow_up_same_task,
     "reports_and_alerts_sent": reports_and_alerts_sent,
+    "provider_outage_contained": provider_outage_contained,
 }
 
 

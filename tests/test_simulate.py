@@ -30,8 +30,8 @@ from clawq.sim.simulator import SimOptions, _Redis, build_config, build_plan, ru
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = sorted(Config().models)
 CRITERIA = ("completed_without_jamming", "one_per_board_fifo", "llm_limits_respected", "every_task_reported",
-            "follow_up_same_task", "reports_and_alerts_sent")
-OUTCOMES = {"done", "follow_up", "rate_limited", "quota_reached", "failed", "timeout", "released"}
+            "follow_up_same_task", "reports_and_alerts_sent", "provider_outage_contained")
+OUTCOMES = {"done", "follow_up", "rate_limited", "quota_reached", "failed", "timeout", "released", "overloaded"}
 RUN_KEYS = {"task_id", "board", "model", "provider", "run_id", "run_count", "start", "end", "outcome"}
 
 
@@ -137,13 +137,20 @@ def _check_report(report: dict[str, Any], tasks: int) -> None:
         if o["status"] in ("in_review", "failed"):
             assert alerts[(o["status"], o["task_id"])] == 1, (o, alerts)
     assert report["events_by_root_cause"].get("timeout", 0) >= 1, report["events_by_root_cause"]
+    outage = report["config"]["agent"]["simulated"]["outage"]["provider"]  # the plan's provider outage
+    contained = report["criteria"]["provider_outage_contained"]["providers"]
+    assert contained[outage]["openings"] >= 1 and contained[outage]["probes"] >= 1, (outage, contained)
+    assert sum(1 for n in report["notifications"] if n.get("kind") == "provider_open") == \
+        contained[outage]["openings"]
     plan = report["config"]["agent"]["simulated"]["plan"]
     stalls, thrice = _fate_counts(plan)
     assert (stalls, len(thrice)) == (1, 1), plan
     stalled = int(next(k for k, f in plan.items() if f == "stall").split(":")[0])
     status = {o["task_id"]: o["status"] for o in outcomes}
     assert next(r["outcome"] for r in report["runs"] if r["task_id"] == stalled) == "timeout", why  # hangs
-    assert status[stalled] == "in_review", (stalled, outcomes)  # then it ran again and was done
+    outage_hit = {r["task_id"] for r in report["runs"] if r["outcome"] == "overloaded"}  # attempts the outage used
+    if stalled not in outage_hit:
+        assert status[stalled] == "in_review", (stalled, outcomes)  # then it ran again and was done
     assert status[int(thrice[0])] == "failed", (thrice, outcomes)  # the task planned to fail three times
 
 
