@@ -16,7 +16,12 @@ It mirrors lua/lib/core.lua and the scripts in lua/ step by step, in integer mil
 * a provider's breaker (core.lua breaker_*): ``breaker_failures`` provider faults within the window open it;
   while open no model of it is usable (``provider_open``); once its end passed one claim may take it (the
   probe) and the provider is refused again until the probe ends; the probe's ok closes it, its fault
-  re-opens it for twice as long (up to the max), its void (release, reap, cancel) frees the probe slot.
+  re-opens it for twice as long (up to the max), its void (release, reap, cancel) frees the probe slot;
+* a task due later (a not-before time, or night-only outside the night window) is ``scheduled``: in no queue,
+  blocking nothing. A claim first moves boards whose backoff ended, then -- outside the window (``night_next``
+  given) -- sends queued night-only tasks back to ``scheduled`` until ``night_next`` and forgets the finished
+  ones of ``night_queued`` (it keeps the running ones), then queues the due scheduled tasks (by due time, ties by
+  id as text, at most 100), holding a night-only one until ``night_next`` outside the window.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 UP_NEXT, IN_PROGRESS, IN_REVIEW = "up_next", "in_progress", "in_review"
-FAILED, CANCELLED = "failed", "cancelled"
+FAILED, CANCELLED, SCHEDULED = "failed", "cancelled", "scheduled"
 IDLE, PAUSED, BUSY, BACKOFF, READY = "idle", "paused", "busy", "backoff", "ready"
-UNFINISHED = (UP_NEXT, IN_PROGRESS)
+UNFINISHED = (SCHEDULED, UP_NEXT, IN_PROGRESS)
+PROMOTE_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,8 @@ class MTask:
     last_run_id: str | None = None  #: the run that ended last
     last_end: str | None = None  #: how it ended: complete, fail, timeout, rate_limited, release, cancel
     last_outcome: tuple[str, str] | None = None  #: (run id, digest) of the last recorded outcome
+    night: bool = False  #: night-only
+    due_at: int | None = None  #: while scheduled
 
 
 @dataclass
@@ -124,6 +132,7 @@ class QueueModel:
         self.breaker_failures: dict[str, dict[str, int]] = {}  #: provider -> run id -> time of a fault
         self.ready_seq = 0
         self.task_seq = 0
+        self.night_queued: set[int] = set()  #: night-only tasks that went to a queue (cleaned lazily)
 
     # -- views -------------------------------------------------------------------------------------
     def queue(self, board: str) -> list[int]:
@@ -184,8 +193,12 @@ class QueueModel:
         return state
 
     # -- operations ------------------------------------------------------------------------------------
-    def add(self, board: str, ck: str, now: int, task_id: int | None = None) -> int | None:
-        """The new task's id, or None when ``task_id`` is taken."""
+    def scheduled_count(self) -> Counter[str]:
+        return Counter(t.board for t in self.tasks.values() if t.status == SCHEDULED)
+
+    def add(self, board: str, ck: str, now: int, task_id: int | None = None, due: int | None = None,
+            night: bool = False) -> int | None:
+        """The new task's id, or None when ``task_id`` is taken. ``due``: the due time the broker computed."""
         if task_id is None:
             self.task_seq += 1
             task_id = self.task_seq
@@ -193,9 +206,38 @@ class QueueModel:
             return None
         else:
             self.task_seq = max(self.task_seq, task_id)
-        self.tasks[task_id] = MTask(task_id, board, ck)
+        t = self.tasks[task_id] = MTask(task_id, board, ck, night=night)
+        self.board(board)
+        if due is not None and due > now:
+            t.status, t.due_at = SCHEDULED, due
+            return task_id
+        if night:
+            self.night_queued.add(task_id)
         self.reindex(board, now)
         return task_id
+
+    def _night_sweep(self, now: int, night_next: int | None) -> None:
+        if night_next is None:
+            return
+        for tid in sorted(self.night_queued, key=lambda i: (i, str(i))):
+            t = self.tasks[tid]
+            if t.status == UP_NEXT:
+                t.status, t.due_at = SCHEDULED, night_next
+                self.reindex(t.board, now)
+            if t.status != IN_PROGRESS:
+                self.night_queued.discard(tid)
+
+    def _promote(self, now: int, night_next: int | None) -> None:
+        due = sorted((t for t in self.tasks.values() if t.status == SCHEDULED and (t.due_at or 0) <= now),
+                     key=lambda t: (t.due_at, str(t.id)))[:PROMOTE_BATCH]
+        for t in due:
+            if t.night and night_next is not None:
+                t.due_at = night_next
+                continue
+            t.status, t.due_at = UP_NEXT, None
+            if t.night:
+                self.night_queued.add(t.id)
+            self.reindex(t.board, now)
 
     def blocked(self, model: str, now: int) -> str | None:
         r = self.rules
@@ -221,11 +263,13 @@ class QueueModel:
                 first = reason
         return None, first
 
-    def claim(self, now: int, run_id: str) -> Claimed | Refused:
+    def claim(self, now: int, run_id: str, night_next: int | None = None) -> Claimed | Refused:
         # Boards whose backoff ended join their ready line first, by backoff end, ties by name.
         due = sorted((b.score, n) for n, b in self.boards.items() if b.state == BACKOFF and b.score <= now)
         for _, name in due:
             self.reindex(name, now)
+        self._night_sweep(now, night_next)
+        self._promote(now, night_next)
         lines = self.ready_lines()
         reasons: Counter[str] = Counter()
         if len(self.running()) >= self.rules.global_cap:
@@ -422,6 +466,7 @@ class QueueModel:
             run_id = t.run_id
             self._end_run(t, "cancel")
             self._breaker_after(t.provider, run_id, now, "void", "")
+        t.due_at = None
         self._finish(t, now, CANCELLED)
         return "ok", was
 

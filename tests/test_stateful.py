@@ -46,6 +46,7 @@ from queue_model import (
     IN_REVIEW,
     PAUSED,
     READY,
+    SCHEDULED,
     UNFINISHED,
     UP_NEXT,
     Claimed,
@@ -55,10 +56,11 @@ from queue_model import (
 )
 
 from clawq.broker import Broker
-from clawq.broker.config import Config
+from clawq.broker.config import Config, next_local_time
 from clawq.broker.errors import DuplicateTask, InvalidState, NothingToClaim, RunFenced, TaskNotFound
 from clawq.broker.keys import Keys
 from clawq.broker.models import Outcome
+from clawq.broker.timing import start_of
 
 BOARDS = ("b0", "b1", "b2", "b3")
 #: Where a task runs: a fallback chain or a pinned model (its chain key). A task pinned to sonnet waits
@@ -83,7 +85,8 @@ CONFIG = Config.model_validate({
         "failure_cooldown_minutes": 0.5,
         "max_attempts": 2,
     },
-    "night_mode": None,
+    # A night window of half the day, with the day's cap: it matters only to night-only tasks.
+    "night_mode": {"timezone": "UTC", "start": "00:00", "end": "12:00", "global_max_concurrent": 2},
     "followup": {"max_runs": 3},
     # Two faults within 2 minutes open a breaker for 30 s; a failed probe doubles it, up to 2 minutes.
     "breaker": {"failures": 2, "window_minutes": 2, "cooldown_minutes": 0.5, "max_cooldown_minutes": 2},
@@ -112,7 +115,9 @@ DEFAULT_COOLDOWN_MS = _S["cooldown_ms"]
 RETRY_AFTERS = (None, 30, 45.5, 90, 600)
 STEPS_S = (0.5, 1, 10, 29.5, 30, 30.5, 59.5, 60, 61, 89.5, 90, 91, 150, 600)
 SUMMARIES = ("done", "more")
-EVENTS = ("lease", "backoff", "cooldown", "breaker")
+EVENTS = ("lease", "backoff", "cooldown", "breaker", "due", "night")
+#: Not-before delays of an added task (seconds; None: none).
+DELAYS = (None, None, 0, 30, 90.5, 600)
 LATE_KINDS = ("complete", "complete", "fail", "heartbeat", "rate_limited", "release")
 
 SETTINGS = settings(
@@ -152,7 +157,7 @@ def _int_or_none(v: str | None) -> int | None:
 
 
 TASK_FIELDS = ("board", "ck", "status", "run_count", "attempts", "backoff_until", "run_id", "model", "provider",
-               "lease_deadline", "last_run_id", "last_digest")
+               "lease_deadline", "last_run_id", "last_digest", "due_at", "night")
 
 
 def _task_view(values: list[str | None]) -> dict[str, Any]:
@@ -166,6 +171,7 @@ def _task_view(values: list[str | None]) -> dict[str, Any]:
         "model": f.get("model"), "provider": f.get("provider"),
         "lease_deadline": _int_or_none(f.get("lease_deadline")),
         "last_run_id": f["last_run_id"], "last_digest": f["last_digest"],
+        "due_at": _int_or_none(f.get("due_at")), "night": f.get("night") == "1",
     }
 
 
@@ -229,6 +235,8 @@ def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> d
     for m in MODELS:
         p.get(k.cooldown(m))
     _queue_breaker_reads(p, k)
+    p.zrange(k.scheduled, 0, -1, withscores=True)
+    p.zrange(k.night_queued, 0, -1)
     for b in BOARDS:
         p.hgetall(k.board(b))
         p.zrange(k.queue(b), 0, -1)
@@ -251,12 +259,14 @@ def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> d
     snap["ready"] = {ck: lines for ck in CHAIN_KEYS if (lines := _zmap(next(it)))}
     snap["cooling"] = {m: until for m in MODELS if (until := _cooling(next(it), now)) is not None}
     snap.update(_breaker_reads(it))
+    snap["scheduled"] = {int(m): d for m, d in _zmap(next(it)).items()}
+    snap["night_queued"] = {int(x) for x in next(it)}
     snap["board"], snap["queue"] = {}, {}
     for b in BOARDS:
         h, q = next(it), next(it)
         if h or q:
             snap["board"][b] = {"running": _int_or_none(h.get("running")), "paused": h.get("paused") == "1",
-                                "state": h.get("state"), "ck": h.get("ck")}
+                                "state": h.get("state"), "ck": h.get("ck"), "scheduled": int(h.get("scheduled", 0))}
             snap["queue"][b] = [int(x) for x in q]
     snap["task"] = {tid: _task_view(next(it)) for tid in task_ids}
     return snap
@@ -274,8 +284,8 @@ def _model_boards(m: QueueModel) -> dict[str, Any]:
         "idx_busy": {n for n, b in m.boards.items() if b.state == BUSY},
         "idx_paused": {n for n, b in m.boards.items() if b.state == PAUSED},
         "idx_backoff": {n: b.score for n, b in m.boards.items() if b.state == BACKOFF},
-        "board": {n: {"running": b.running, "paused": b.paused, "state": b.state, "ck": b.ck}
-                  for n, b in m.boards.items()},
+        "board": {n: {"running": b.running, "paused": b.paused, "state": b.state, "ck": b.ck,
+                      "scheduled": m.scheduled_count()[n]} for n, b in m.boards.items()},
         "queue": {n: m.queue(n) for n in m.boards},
     }
 
@@ -308,6 +318,8 @@ def expected_snapshot(m: QueueModel, now: int) -> dict[str, Any]:
     snap: dict[str, Any] = {
         "task_ids": sorted(m.tasks), "task_seq": m.task_seq, "ready_seq": m.ready_seq,
         "running": {t.id: t.deadline for t in m.running()},
+        "scheduled": {t.id: t.due_at for t in m.tasks.values() if t.status == SCHEDULED},
+        "night_queued": set(m.night_queued),
         "in_review": by_status[IN_REVIEW], "failed": by_status[FAILED], "cancelled": by_status[CANCELLED],
         "inflight_model": dict(m.inflight_models()), "inflight_provider": dict(m.inflight_providers()),
         "refs": dict(m.refs()),
@@ -317,7 +329,8 @@ def expected_snapshot(m: QueueModel, now: int) -> dict[str, Any]:
                         "attempts": t.attempts, "backoff_until": t.backoff_until, "run_id": t.run_id,
                         "model": t.model, "provider": t.provider, "lease_deadline": t.deadline,
                         "last_run_id": t.last_run_id,
-                        "last_digest": "|".join(t.last_outcome) if t.last_outcome else None}
+                        "last_digest": "|".join(t.last_outcome) if t.last_outcome else None,
+                        "due_at": t.due_at, "night": t.night}
                  for t in m.tasks.values()},
     }
     snap.update(_model_boards(m))
@@ -331,12 +344,28 @@ def _places(snap: dict[str, Any], tid: int) -> list[str]:
     found += [place for place in ("in_review", "failed", "cancelled") if tid in snap[place]]
     if tid in snap["running"]:
         found.append("running")
+    if tid in snap["scheduled"]:
+        found.append("scheduled")
     return found
 
 
 def _place_of(task: dict[str, Any]) -> str:
     status = str(task["status"])
     return {UP_NEXT: f"queue:{task['board']}", IN_PROGRESS: "running"}.get(status, status)
+
+
+def night_next(now_ms: int) -> int | None:
+    """What the broker gives a claim: None while night-only tasks may start, else the window's next opening."""
+    at = CONFIG.night_next(now_ms / 1000)
+    return None if at is None else int(at * 1000)
+
+
+def night_boundary(now_ms: int) -> int:
+    """The window's next opening or closing."""
+    assert CONFIG.night_mode is not None
+    if night_next(now_ms) is not None:
+        return int(CONFIG.night_mode.next_open(now_ms / 1000) * 1000)
+    return int(next_local_time(CONFIG.night_mode.end, now_ms / 1000, "UTC") * 1000)
 
 
 def check_safety(snap: dict[str, Any], rules: Rules) -> None:
@@ -396,14 +425,19 @@ class QueueMachine(RuleBasedStateMachine):
         return _pick(self.model.running(), i)
 
     # -- tasks ------------------------------------------------------------------------------------------
-    @rule(board=st.sampled_from(BOARDS), ck=st.sampled_from(ROUTES), task_id=st.none() | st.integers(1, 20))
-    def add(self, board: str, ck: str, task_id: int | None) -> None:
-        expected = self.model.add(board, ck, self.now, task_id)
+    @rule(board=st.sampled_from(BOARDS), ck=st.sampled_from(ROUTES), task_id=st.none() | st.integers(1, 20),
+          delay=st.sampled_from(DELAYS), night=st.sampled_from((False, False, True)))
+    def add(self, board: str, ck: str, task_id: int | None, delay: float | None = None, night: bool = False) -> None:
+        not_before = None if delay is None else self.now / 1000 + delay
+        start = start_of(CONFIG, board, self.now / 1000, not_before=not_before, night_only=night)
+        due = None if start.due is None else int(start.due * 1000)
+        expected = self.model.add(board, ck, self.now, task_id, due, night)
+        kw: dict[str, Any] = {"task_id": task_id, "not_before": not_before, "night_only": night, **_route(ck)}
         if expected is None:
             with pytest.raises(DuplicateTask):
-                self.broker.add(board, "task", task_id=task_id, **_route(ck))
+                self.broker.add(board, "task", **kw)
         else:
-            assert self.broker.add(board, "task", task_id=task_id, **_route(ck)) == expected
+            assert self.broker.add(board, "task", **kw) == expected
 
     @rule()
     def claim(self) -> None:
@@ -413,12 +447,12 @@ class QueueMachine(RuleBasedStateMachine):
         try:
             c = self.broker.claim()
         except NothingToClaim as err:
-            assert self.model.claim(self.now, "-") == Refused(err.skip_reasons)
+            assert self.model.claim(self.now, "-", night_next(self.now)) == Refused(err.skip_reasons)
             return None
         self.runs.append((c.task_id, c.run_id))
         got = Claimed(c.task_id, c.board, c.model, c.provider, c.run_count, c.attempt,
                       round(c.lease_deadline * 1000))
-        assert got == self.model.claim(self.now, c.run_id)
+        assert got == self.model.claim(self.now, c.run_id, night_next(self.now))
         return got
 
     @rule(limit=st.integers(2, 5))
@@ -427,16 +461,17 @@ class QueueMachine(RuleBasedStateMachine):
         try:
             claims, skips = self.broker.claim_many(limit)
         except NothingToClaim as err:
-            assert self.model.claim(self.now, "-") == Refused(err.skip_reasons)
+            assert self.model.claim(self.now, "-", night_next(self.now)) == Refused(err.skip_reasons)
             return
         assert 1 <= len(claims) <= limit
         for c in claims:
             self.runs.append((c.task_id, c.run_id))
             got = Claimed(c.task_id, c.board, c.model, c.provider, c.run_count, c.attempt,
                           round(c.lease_deadline * 1000))
-            assert got == self.model.claim(self.now, c.run_id)
+            assert got == self.model.claim(self.now, c.run_id, night_next(self.now))
         if len(claims) < limit:
-            assert self.model.claim(self.now, "-") == Refused(skips), "a batch stops where a claim is refused"
+            refused = self.model.claim(self.now, "-", night_next(self.now))
+            assert refused == Refused(skips), "a batch stops where a claim is refused"
         else:
             assert skips == {}
 
@@ -578,6 +613,8 @@ class QueueMachine(RuleBasedStateMachine):
             "backoff": [t.backoff_until for t in m.tasks.values() if t.status == UP_NEXT],
             "cooldown": list(m.cooldowns.values()),
             "breaker": [b.until for b in m.breakers.values()],
+            "due": [t.due_at for t in m.tasks.values() if t.status == SCHEDULED and t.due_at is not None],
+            "night": [night_boundary(self.now)],
         }
         return [x for kind in kinds for x in times[kind] if x > self.now]
 
