@@ -51,6 +51,7 @@ from .signals import MAX_RESET_SECONDS, SignalClass, counts_for_breaker, parse_s
 from .stats import observe_claim_to_start, queue_claim_to_start
 from .timing import parse_not_before, start_of
 from .translate import redis_errors
+from .usage import cost_since, queue_usage, stale_hours, usage_doc
 
 __all__ = ["SCHEMA_VERSION", "Broker"]
 
@@ -355,7 +356,7 @@ class Broker:
             if beat is None or isinstance(beat, Exception):  # a cluster, or NOSCRIPT: the wrapper (re)loads it
                 beat = self._scripts.call("heartbeat", args, task_id=task_id)
         self._beat_deadline([text(x) for x in beat], task_id, run_id)
-        version, *reads = replies[:5]
+        version, *reads = replies[:6]
         task = self._task_from_reads(task_id, *reads)
         return task, self.config_of("" if version is None else str(text(version)))
 
@@ -421,11 +422,14 @@ class Broker:
         message: str = "",
         reset_at: float | None = None,
         quota: bool | None = None,
+        cause: str | None = None,
     ) -> tuple[str, float]:
         """The run hit a rate/usage limit: cool its model, return the task to its head.
 
         The cooldown ends after ``retry_after`` seconds, else at ``reset_at``, else at the reset parsed
         from ``message``, else after rate_limit_cooldown_minutes. Returns the model and the cooldown end.
+        ``cause`` names another reason to cool the model the same way (``auth``, ``agent_config``: the model's
+        agent cannot run at all; no attempt is used).
         """
         now = self.now()
         check_text("message", message, MAX_TEXT_BYTES)
@@ -444,11 +448,36 @@ class Broker:
             reset_known = False
         if quota is None:
             quota = signal is not None and signal.klass is SignalClass.QUOTA_REACHED
-        klass = "quota_reached" if quota else "rate_limit"
+        klass = cause or ("quota_reached" if quota else "rate_limit")
         text = message or f"rate limited for {until - now:.0f}s"
         fault = int(counts_for_breaker(klass, reset_known=reset_known))
         reply = self._run_call("rate_limited_run", task_id, run_id, [_ms(until), klass, text, fault])
         return str(reply[1]), int(reply[2]) / 1000
+
+    def workdir_missing(self, task_id: int, run_id: str, board: str, path: str) -> None:
+        """The board's workdir is gone: pause the board, then give the run back without using an attempt (the
+        event names the board and the path; the dispatcher alerts once)."""
+        self.pause(board)
+        self.release(task_id, run_id, "workdir_missing", f"workdir of board {board} does not exist: {path}")
+
+    def record_usage(self, task_id: int, run_id: str, model: str, board: str, session_id: str | None,
+                     usage: dict[str, Any]) -> None:
+        """Keep what a run's agent CLI said about itself (session id, tokens, cost) beside its history, and
+        add it to the per-model and per-board counters."""
+        doc = usage_doc(usage)
+        with redis_errors(self._where):
+            pipe = self.client.pipeline(transaction=True)
+            queue_usage(pipe, self.keys, task_id, run_id, (model, board), session_id, doc, self.now())
+            pipe.execute()
+
+    def cost_since(self, since: float) -> dict[str, float]:
+        """Dollars per model reported by runs since ``since`` (hour resolution); drops hours older than two days."""
+        with redis_errors(self._where):
+            hourly = texts(self.client.hgetall(self.keys.stats_agent_cost_hourly))
+            stale = stale_hours(list(hourly), self.now())
+            if stale:
+                self.client.hdel(self.keys.stats_agent_cost_hourly, *stale)
+        return cost_since(hourly, since)
 
     def release(self, task_id: int, run_id: str, reason: str = "released", message: str = "") -> None:
         """Give a claimed run back without using an attempt: the task is the board head again at once."""
@@ -549,25 +578,30 @@ class Broker:
         with redis_errors(self._where):
             pipe = self.client.pipeline(transaction=True)
             self._queue_task_reads(pipe, task_id)
-            fields, context, runs, logs = pipe.execute()
-        return self._task_from_reads(task_id, fields, context, runs, logs)
+            fields, context, runs, logs, meta = pipe.execute()
+        return self._task_from_reads(task_id, fields, context, runs, logs, meta)
 
     def _queue_task_reads(self, pipe: Any, task_id: int) -> None:
-        """Add the four reads of a task to ``pipe``: its hash, context, runs and run logs."""
+        """Add the five reads of a task to ``pipe``: its hash, context, runs, run logs and run meta."""
         pipe.hgetall(self.keys.task(task_id))
         pipe.lrange(self.keys.context(task_id), 0, -1)
         pipe.lrange(self.keys.runs(task_id), 0, -1)
         pipe.hgetall(self.keys.run_log(task_id))
+        pipe.hgetall(self.keys.run_meta(task_id))
 
     @staticmethod
-    def _task_from_reads(task_id: int, fields: Any, context: Any, runs: Any, logs: Any) -> Task:
+    def _task_from_reads(task_id: int, fields: Any, context: Any, runs: Any, logs: Any, meta: Any) -> Task:
         if not fields:
             raise TaskNotFound(task_id)
         task = task_from(task_id, texts(fields), context, runs)
+        logs_t, meta_t = texts(logs), texts(meta)
         for run in task.runs:
-            log = texts(logs).get(str(run.get("run_id")))
+            log = logs_t.get(str(run.get("run_id")))
             if log:
                 run["log"] = log
+            extra = meta_t.get(str(run.get("run_id")))
+            if extra:  # the session id and usage its agent CLI reported
+                run.update(json.loads(extra))
         return task
 
     def list_tasks(self, *, board: str | None = None, status: TaskStatus | None = None) -> list[Task]:

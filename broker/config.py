@@ -7,6 +7,7 @@ A field missing from a file keeps its default, also inside a section that is giv
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .keys import BOARD_RE
 
-__all__ = ["DEFAULT_CONFIG", "Config", "load_config_file", "parse_config"]
+__all__ = ["DEFAULT_CONFIG", "PRESETS", "AgentEntry", "BoardConfig", "Config", "load_config_file", "parse_config"]
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 _MS_PER_MINUTE = 60_000
@@ -68,6 +69,8 @@ class WatchdogConfig(_Section):
     rate_limit_cooldown_minutes: float = Field(10.0, gt=0, le=MAX_MINUTES)  #: cooldown when a rate limit names no reset
     failure_cooldown_minutes: float = Field(5.0, ge=0, le=MAX_MINUTES)  #: backoff before a failed task may run again
     max_attempts: int = Field(3, ge=1, le=1000)  #: failures/timeouts since the last outcome before `failed`
+    #: an agent that is not logged in (or whose key is refused) cools its model this long; no attempt is used
+    auth_cooldown_minutes: float = Field(30.0, gt=0, le=MAX_MINUTES)
 
 
 class NightModeConfig(_Section):
@@ -204,6 +207,90 @@ class AgentConfig(_Section):
         return self
 
 
+#: The agent CLIs clawq knows how to run (``agents.<model>.preset``); see workers/agents/.
+PRESETS = ("claude-code", "codex", "gemini-cli", "openclaw", "opencode", "aider")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def expand_path(value: str, field: str) -> str:
+    """``~`` and ``$VARS`` expanded; the result must be absolute (a relative path would depend on where the
+    worker happens to start)."""
+    path = os.path.expandvars(os.path.expanduser(value))
+    if "$" in path:
+        raise ValueError(f"{field} {value!r}: an environment variable in it is not set")
+    if not os.path.isabs(path):
+        raise ValueError(f"{field} {value!r} must be an absolute path (or start with ~ or $VAR)")
+    return os.path.normpath(path)
+
+
+def _check_env(env: dict[str, str], field: str) -> dict[str, str]:
+    for name, value in env.items():
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"{field}: bad environment variable name {name!r}")
+        if "\x00" in value:
+            raise ValueError(f"{field}.{name}: the value contains a NUL character")
+    return env
+
+
+class AgentEntry(_Section):
+    """How to run one model: a CLI preset, the model name it is given, and its environment."""
+
+    preset: Literal["claude-code", "codex", "gemini-cli", "openclaw", "opencode", "aider"]
+    model: str | None = None  #: the name passed to the CLI (default: the clawq model name)
+    bin: str | None = None  #: the executable (default: the preset's: claude, codex, gemini, …)
+    args: list[str] = Field(default_factory=list)  #: extra argv
+    env: dict[str, str] = Field(default_factory=dict)  #: set in the agent's environment (not secret: shown)
+    #: agent variable -> worker variable it is copied from at run time (for secrets: never stored or shown)
+    env_from: dict[str, str] = Field(default_factory=dict)
+    timeout_minutes: float | None = Field(None, gt=0, le=MAX_MINUTES)  #: default agent.timeout_minutes
+    prompt_template: str | None = None  #: a file replacing the prompt template (see workers/agents/prompt.py)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        return _check_env(env, "env")
+
+    @field_validator("env_from")
+    @classmethod
+    def _env_from(cls, env: dict[str, str]) -> dict[str, str]:
+        _check_env(env, "env_from")
+        for name, source in env.items():
+            if not _ENV_NAME.match(source):
+                raise ValueError(f"env_from.{name}: bad environment variable name {source!r}")
+        return env
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return None if value is None else expand_path(value, "prompt_template")
+
+    @field_validator("model", "bin")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "\x00" in value):
+            raise ValueError("must not be empty")
+        return value
+
+
+class BoardConfig(_Section):
+    """Per-board options (``boards: {<board>: {...}}``): where its agents run (``workdir``, the cwd of every
+    runner), extra environment for them, and whether its tasks may only start at night."""
+
+    workdir: str | None = None  #: ~ and $VARS expanded; must be absolute
+    env: dict[str, str] = Field(default_factory=dict)
+    night_only: bool = False  #: every task added to the board may only start inside the night window
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: str | None) -> str | None:
+        return None if value is None else expand_path(value, "workdir")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        return _check_env(env, "env")
+
+
 class TelegramConfig(_Section):
     """Telegram Bot API notifier; the token is read from the environment, never stored."""
 
@@ -221,12 +308,6 @@ class NotifyConfig(_Section):
     log: bool = True  #: write notifications to the dispatcher's log
     telegram: TelegramConfig | None = None
     webhook: WebhookConfig | None = None
-
-
-class BoardConfig(_Section):
-    """Per-board options (``boards: {<board>: {...}}``)."""
-
-    night_only: bool = False  #: every task added to the board may only start inside the night window
 
 
 def _default_models() -> dict[str, str]:
@@ -259,9 +340,11 @@ class Config(_Section):
     breaker: BreakerConfig = BreakerConfig()
     agent: AgentConfig = AgentConfig()
     notify: NotifyConfig = NotifyConfig()
+    #: model -> how to run it; a model without an entry uses agent.runner / agent.command
+    agents: dict[str, AgentEntry] = Field(default_factory=dict)
     models: dict[str, str] = Field(default_factory=_default_models)
     chains: dict[str, list[str]] = Field(default_factory=_default_chains)
-    boards: dict[str, BoardConfig] = Field(default_factory=dict)
+    boards: dict[str, BoardConfig] = Field(default_factory=dict)  #: board -> workdir, env, night_only
 
     @field_validator("models", "chains", "boards")
     @classmethod
@@ -286,6 +369,9 @@ class Config(_Section):
         for board, options in self.boards.items():
             if options.night_only and self.night_mode is None:
                 raise ValueError(f"boards.{board}.night_only needs night_mode (there is no night window)")
+        for model in self.agents:
+            if model not in self.models:
+                raise ValueError(f"agents.{model}: {model!r} is not a model (add it to models)")
         return self
 
     def board_night_only(self, board: str) -> bool:

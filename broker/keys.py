@@ -223,6 +223,22 @@ class Keys:
         return self._k("stats", "completed")
 
     @property
+    def stats_agent_tokens(self) -> str:
+        """HASH: ``<model>|<board>|<kind>`` -> tokens the agent CLIs reported (kind: input, output)."""
+        return self._k("stats", "agent_tokens")
+
+    @property
+    def stats_agent_cost(self) -> str:
+        """HASH: ``<model>|<board>`` -> US dollars the agent CLIs reported (HINCRBYFLOAT)."""
+        return self._k("stats", "agent_cost")
+
+    @property
+    def stats_agent_cost_hourly(self) -> str:
+        """HASH: ``<hour start, epoch s>|<model>`` -> dollars reported in that hour (the night's cost; fields
+        older than two days are dropped by the writer)."""
+        return self._k("stats", "agent_cost_hourly")
+
+    @property
     def agent_gate(self) -> str:
         """STRING with TTL: set while the agent runtime is known to be down (no claims meanwhile)."""
         return self._k("gate", "agent")
@@ -278,6 +294,15 @@ class Keys:
     def run_log(self, task_id: int) -> str:
         """HASH: run id -> the tail of that run's agent log."""
         return self._k("task", task_id, "log")
+
+    def run_meta(self, task_id: int) -> str:
+        """HASH: run id -> JSON ``{"session_id", "usage": {input_tokens, output_tokens, cost_usd}}`` that the
+        run's agent CLI reported (``show`` merges it into the run's history entry)."""
+        return self._k("task", task_id, "meta")
+
+    def notified_model(self, kind: str, model: str) -> str:
+        """STRING with TTL: the ``kind`` alert of ``model`` (auth) was sent for its current cooldown."""
+        return self._k("notified", kind, model)
 
     def lease(self, task_id: int) -> str:
         """STRING with TTL: the active run id while its lease is fresh (readable with PTTL)."""

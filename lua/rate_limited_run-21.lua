@@ -15,7 +15,8 @@
   ready:<ck>, cooldown:<model>, breaker:<provider>, breaker:<provider>:failures
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id
-  ARGV[5] cooldown end (ms)  ARGV[6] class: rate_limit | quota_reached  ARGV[7] message
+  ARGV[5] cooldown end (ms)  ARGV[6] class: rate_limit | quota_reached, or auth | agent_config (the
+           model's agent cannot run: not logged in, bad key, no executable)  ARGV[7] message
   ARGV[8] provider fault (1/0; absent = 0): no reset was parsed, so the limit counts toward the breaker
 
   Returns {0, model, cooldown_end_ms} | {1, detail} no such task | {2, detail} fenced

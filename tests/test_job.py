@@ -165,7 +165,7 @@ def test_a_run_fenced_before_its_start_does_not_run(broker: Broker, clock: Any, 
     broker.load_config(config())
     tid, run_id = claimed(broker)
     new = _steal(broker, clock, tid)
-    ran = counted(monkeypatch, job_mod, "run_agent")
+    ran = counted(monkeypatch, job_mod, "run_model")
     assert run_task(broker.namespace, tid, run_id)["why"] == "not the active run"
     assert ran == []
     assert broker.get_task(tid).run_id == new
@@ -199,7 +199,7 @@ def test_a_run_that_lost_its_lease_while_running_cannot_report(broker: Broker, c
         new.append(_steal(broker, clock, tid))
         return Done(Outcome(needs_follow_up=False, summary="too late"))
 
-    monkeypatch.setattr(job_mod, "run_agent", agent_outlives_its_lease)
+    monkeypatch.setattr(job_mod, "run_model", agent_outlives_its_lease)
     assert run_task(broker.namespace, tid, run_id) == {
         "task_id": tid, "run_id": run_id, "reported": False, "why": "fenced"}
     task = broker.get_task(tid)

@@ -23,10 +23,11 @@ from typing import Any
 import redis
 
 from clawq.broker import Broker, ClawqError, RunFenced, Task, TaskNotFound, TaskStatus
+from clawq.broker.config import Config
 
 from .agent_output import clean_result, clean_text
 from .report import report
-from .runners import RunContext, Stalled, preload_agent, run_agent
+from .runners import RunContext, Stalled, preload_agent, run_model
 
 __all__ = ["Heartbeat", "job_broker", "prepare", "run_task"]
 
@@ -119,8 +120,21 @@ def _doc_of(task: Task, run_id: str) -> dict[str, Any] | None:
         "task_id": task.task_id, "board": task.board, "title": task.title, "prompt": task.prompt,
         "model": task.running_model, "provider": task.running_provider, "run_id": run_id,
         "run_count": task.run_count + 1, "attempt": attempt, "claim_index": len(task.runs),
-        "claimed_at": last.get("claimed_at"), "context": task.context,
+        "claimed_at": last.get("claimed_at"), "context": task.context, "last_session": _last_session(task),
     }
+
+
+def _last_session(task: Task) -> dict[str, Any] | None:
+    """The session of the run that made the task's last outcome ({run_id, model, session_id}), if its agent
+    CLI said one: a follow-up on the same model resumes it."""
+    if not task.context:
+        return None
+    run_id = task.context[-1].get("run_id")
+    for run in reversed(task.runs):
+        if run.get("run_id") == run_id:
+            sid = run.get("session_id")
+            return {"run_id": run_id, "model": run.get("model"), "session_id": sid} if sid else None
+    return None
 
 
 def _queued_s() -> float | None:
@@ -165,8 +179,13 @@ def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:
     beat = Heartbeat(broker, task_id, run_id, cfg.watchdog.stale_in_progress_minutes * 60 / 3, stop)
     # the lease was just extended: heartbeats start once the agent outlives its first poll (RunContext.started)
     ctx = RunContext(task=doc, timeout_s=cfg.agent.timeout_minutes * 60, stop=stop, on_start=beat.start)
+    missing = _missing_workdir(cfg, task.board)
+    if missing is not None:  # not the task's fault: no attempt; the board pauses until someone fixes it
+        log.error("board %s: workdir %s does not exist; board paused, task %s released", task.board, missing,
+                  task_id)
+        return _released_for_workdir(broker, task_id, run_id, task.board, missing)
     try:
-        result = run_agent(cfg.agent, ctx)
+        result = run_model(cfg, ctx)
     except Stalled:
         beat.halt()
         _wait_until_fenced(broker, task_id, run_id, ctx.timeout_s)
@@ -174,9 +193,27 @@ def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:
     finally:
         beat.halt()
     broker.save_run_log(task_id, run_id, [clean_text(line) for line in ctx.log], cfg.agent.log_tail_bytes)
+    if ctx.meta:  # paid for whether or not the run may still report
+        broker.record_usage(task_id, run_id, str(doc["model"]), task.board, ctx.meta.get("session_id"),
+                            ctx.meta.get("usage") or {})
     if result is None or beat.fenced:
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
     return _report(broker, task_id, run_id, clean_result(result))
+
+
+def _missing_workdir(cfg: Config, board: str) -> str | None:
+    where = cfg.boards.get(board)
+    if where is None or where.workdir is None or os.path.isdir(where.workdir):
+        return None
+    return where.workdir
+
+
+def _released_for_workdir(broker: Broker, task_id: int, run_id: str, board: str, path: str) -> dict[str, Any]:
+    try:
+        broker.workdir_missing(task_id, run_id, board, path)
+    except RunFenced:
+        return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
+    return {"task_id": task_id, "run_id": run_id, "reported": True, "result": "workdir_missing"}
 
 
 def _report(broker: Broker, task_id: int, run_id: str, result: Any) -> dict[str, Any]:

@@ -11,11 +11,16 @@ from clawq.broker import Broker, TaskStatus
 
 from .agent_output import AgentResult, Done, RateLimited
 
-__all__ = ["RELEASE_CAUSES", "report"]
+__all__ = ["MODEL_CAUSES", "RELEASE_CAUSES", "report"]
 
 #: Root causes that give the run back without using an attempt (the agent runtime, not the task, failed),
 #: with how long they hold claims (seconds): the runtime is down or refuses this client.
 RELEASE_CAUSES: dict[str, float] = {"pairing": 30.0, "agent_unreachable": 30.0}
+#: Root causes that cool the run's model for watchdog.auth_cooldown_minutes (no attempt used): its agent is
+#: not logged in or its key is refused (auth), or its entry cannot run (agent_config: no such executable, an
+#: env_from variable missing, an unreadable prompt template). The cooldown goes through rate_limited_run with
+#: the cause as its class, so the claim skips the model and the task falls to the next model of its chain.
+MODEL_CAUSES = frozenset({"auth", "agent_config"})
 
 
 def report(broker: Broker, task_id: int, run_id: str, result: AgentResult) -> str:
@@ -34,5 +39,9 @@ def report(broker: Broker, task_id: int, run_id: str, result: AgentResult) -> st
         broker.release(task_id, run_id, result.cause, result.error)
         broker.trip_agent_gate(RELEASE_CAUSES[result.cause], f"{result.cause}: {result.error}")
         return "released"
+    if result.cause in MODEL_CAUSES:
+        minutes = broker.config().watchdog.auth_cooldown_minutes
+        broker.rate_limited(task_id, run_id, retry_after=minutes * 60, message=result.error, cause=result.cause)
+        return result.cause
     broker.fail(task_id, run_id, result.error, cause=result.cause)
     return result.cause

@@ -23,20 +23,23 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from clawq.broker import Outcome
-from clawq.broker.config import AgentConfig
+from clawq.broker.config import AgentConfig, AgentEntry, Config
 
 from .agent_output import AgentResult, Done, Failed, classify_text, parse_agent_output, result_from_doc
+from .agents import PRESETS, Adapter, Invocation, interpret, render_prompt, render_resume
 from .procs import AgentTree
 
-__all__ = ["SECRET_ENV_PREFIXES", "RunContext", "Stalled", "agent_env", "preload_agent", "run_agent",
-           "stop_agent"]
+__all__ = ["SECRET_ENV_PREFIXES", "STOP_GRACE_S", "RunContext", "Stalled", "agent_env", "preload_agent", "run_agent",
+           "run_model", "stop_agent"]
 
 #: Environment variables never passed on to an agent (nor, by inheritance, to the simulation's processes):
 #: clawq's own settings and Redis credentials.
@@ -51,6 +54,8 @@ _POLL_S = 0.05
 _SCAN_S = 0.5
 #: How long, after the agent exited, its output may keep coming before the rest of its tree is killed.
 _LINGER_S = 1.0
+#: How long a stopped agent gets, in all, to exit on its clean-stop signals before SIGKILL (at most 10 s).
+STOP_GRACE_S = 8.0
 
 
 class Stalled(Exception):
@@ -68,6 +73,10 @@ class RunContext:
     #: called once the agent has outlived its first poll (the job starts its heartbeats then: the lease was just
     #: extended, and an agent that ends at once never needs a heartbeat thread)
     on_start: Callable[[], None] | None = None
+    cwd: str | None = None  #: the board's workdir (None: the worker's own cwd)
+    env: dict[str, str] = field(default_factory=dict)  #: on top of agent_env: board env, agent env, env_from
+    #: what the run said about itself, for its history: session_id, usage {input_tokens, output_tokens, cost_usd}
+    meta: dict[str, Any] = field(default_factory=dict)
     _started: bool = False
 
     def started(self) -> None:
@@ -161,10 +170,10 @@ class _Pipes:
                 stream.close()
 
 
-def _start(argv: list[str], ctx: RunContext) -> subprocess.Popen[bytes]:
+def _start(argv: list[str], ctx: RunContext, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-        env=agent_env(ctx.task), start_new_session=True,
+        env={**agent_env(ctx.task), **ctx.env, **(env or {})}, cwd=ctx.cwd, start_new_session=True,
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
 
@@ -176,10 +185,23 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def stop_agent(tree: AgentTree, first: signal.Signals | None = None, grace_s: float = 0.0) -> None:
+def stop_agent(tree: AgentTree, first: signal.Signals | tuple[signal.Signals, ...] | None = None,
+               grace_s: float = 0.0) -> None:
     """The one way a run's processes end (timeout, fencing, or after the agent exited): every process of its
-    tree, also those that left its group or session, is killed (see :mod:`workers.procs`)."""
-    tree.stop(first, grace_s)
+    tree, also those that left its group or session, is killed (see :mod:`workers.procs`). ``first``: the
+    CLI's clean-stop signals, sent in turn to its group (Codex wants SIGINT, then SIGTERM), each with its share
+    of ``grace_s`` for the leader to exit, before SIGKILL."""
+    signals = (first,) if isinstance(first, signal.Signals) else tuple(first or ())
+    share = grace_s / max(1, len(signals))
+    for sig in signals[:-1]:
+        if tree.leader is None or tree.leader not in tree.alive():
+            break
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(tree.leader, sig)
+        end = time.monotonic() + share
+        while time.monotonic() < end and tree.leader in tree.alive():
+            time.sleep(_POLL_S)
+    tree.stop(signals[-1] if signals else None, share)
 
 
 def _wait(proc: subprocess.Popen[bytes], pipes: _Pipes, tree: AgentTree, ctx: RunContext) -> str | None:
@@ -206,18 +228,21 @@ def _expect(ctx: RunContext) -> tuple[int, str]:
     return int(ctx.task["task_id"]), str(ctx.task["run_id"])
 
 
-def _run_tree(argv: list[str], ctx: RunContext) -> tuple[str | None, subprocess.Popen[bytes], _Pipes]:
-    """Start the agent, serve it until it ends, and leave none of its processes behind."""
+def _run_tree(argv: list[str], ctx: RunContext, data: bytes | None = None, env: dict[str, str] | None = None,
+              signals: tuple[signal.Signals, ...] = ()) -> tuple[str | None, subprocess.Popen[bytes], _Pipes]:
+    """Start the agent, serve it until it ends, and leave none of its processes behind. ``data`` goes to its
+    stdin (default: the task as JSON); ``signals`` stop it cleanly when it must be stopped."""
     tree = AgentTree(marker=f"CLAWQ_RUN_ID={ctx.task['run_id']}")
-    proc = _start(argv, ctx)
+    proc = _start(argv, ctx, env)
     tree.lead(proc.pid)
-    pipes = _Pipes(proc, json.dumps(ctx.task).encode())
+    pipes = _Pipes(proc, json.dumps(ctx.task).encode() if data is None else data)
+    ended: str | None = "stopped"
     try:
         ended = _wait(proc, pipes, tree, ctx)
         if ended is None:  # what the agent wrote before it exited is in the pipes; a daemon may write on: no wait
             pipes.drain(_LINGER_S)
     finally:
-        stop_agent(tree)
+        stop_agent(tree, signals if ended else None, STOP_GRACE_S if ended and signals else 0.0)
         proc.wait()
         pipes.drain(_LINGER_S)  # every writer is dead now: the rest up to end of file comes at once
         pipes.close()
@@ -309,3 +334,92 @@ def run_agent(agent: AgentConfig, ctx: RunContext) -> AgentResult | None:
         return run_python(agent.callable, ctx)
     runner: Callable[[AgentConfig, RunContext], AgentResult | None] = _import(_RUNNERS_BY_PATH[agent.runner])
     return runner(agent, ctx)
+
+
+# -- the CLI presets (agents.<model>) ---------------------------------------------------------------------
+
+
+def _last_session(task: dict[str, Any], model: str) -> tuple[str | None, str]:
+    """The session to resume and the next prompt: when the task's last outcome asked for a follow-up, was made
+    on ``model``, and its run said its session id. Else (None, "")."""
+    context = task.get("context") or []
+    last = context[-1] if context else None
+    session = task.get("last_session") or {}
+    if not last or not last.get("next_prompt") or last.get("model") != model:
+        return None, ""
+    if session.get("run_id") != last.get("run_id") or not session.get("session_id"):
+        return None, ""
+    return str(session["session_id"]), str(last["next_prompt"])
+
+
+def _template(entry: AgentEntry) -> str | None:
+    if entry.prompt_template is None:
+        return None
+    with open(entry.prompt_template, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _entry_env(entry: AgentEntry, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The entry's env and its env_from copies (read from the worker's environment at run time; a missing
+    source raises KeyError naming it)."""
+    source = os.environ if base is None else base
+    env = dict(entry.env)
+    for name, var in entry.env_from.items():
+        if var not in source:
+            raise KeyError(var)
+        env[name] = source[var]
+    return env
+
+
+def _local_zone() -> Any:
+    return datetime.now().astimezone().tzinfo
+
+
+def run_preset(entry: AgentEntry, model: str, ctx: RunContext) -> AgentResult | None:
+    """Run a CLI preset for ``ctx.task``: render the prompt (only the next prompt when the previous run's
+    session is resumed), start the CLI in the board's workdir, parse its own output."""
+    adapter: Adapter = PRESETS[entry.preset]
+    try:
+        ctx.env.update(_entry_env(entry))
+        template = _template(entry)
+    except KeyError as err:
+        return Failed(error=f"agents.{model}.env_from: {err.args[0]} is not set in the worker's environment",
+                      cause="agent_config")
+    except OSError as err:
+        return Failed(error=f"agents.{model}.prompt_template: cannot read it: {err}", cause="agent_config")
+    session, next_prompt = _last_session(ctx.task, model) if adapter.resumes else (None, "")
+    prompt = render_resume(next_prompt) if session else render_prompt(ctx.task, template)
+    with tempfile.TemporaryDirectory(prefix="clawq-run-") as scratch:
+        inv = Invocation(bin=entry.bin or adapter.default_bin, model=entry.model or model, prompt=prompt,
+                         session_id=session, cwd=ctx.cwd or os.getcwd(), args=tuple(entry.args),
+                         timeout_s=ctx.timeout_s, scratch=scratch, root=os.geteuid() == 0)
+        launch = adapter.launch(inv)
+        try:
+            ended, proc, pipes = _run_tree(launch.argv, ctx, launch.stdin or b"", launch.env, adapter.stop_signals)
+        except OSError as err:
+            return Failed(error=f"cannot start {inv.bin!r} ({entry.preset}): {err}", cause="agent_config")
+    stdout, stderr = pipes.out.decode("utf-8", "replace"), pipes.err.decode("utf-8", "replace")
+    ctx.log.extend(_tail_lines(stderr.splitlines() + stdout.splitlines()))
+    native = adapter.parse(stdout, stderr, proc.returncode)
+    ctx.meta.update(session_id=native.session_id, usage=native.usage.doc())
+    if ended == "stopped":
+        return None
+    if ended == "timeout":
+        return Failed(error=f"agent killed after {ctx.timeout_s:.0f}s", cause="timeout")
+    return interpret(native, stderr, proc.returncode, time.time(), _local_zone())
+
+
+def run_model(cfg: Config, ctx: RunContext) -> AgentResult | None:
+    """Run the agent of ``ctx.task``'s model in its board's workdir: its ``agents`` preset, else the generic
+    ``agent`` runner. The environment gets the board's env, then the entry's env and env_from."""
+    model, board = str(ctx.task["model"]), str(ctx.task["board"])
+    where = cfg.boards.get(board)
+    if where is not None:
+        ctx.cwd = where.workdir or ctx.cwd
+        ctx.env.update(where.env)
+    entry = cfg.agents.get(model)
+    if entry is None:
+        return run_agent(cfg.agent, ctx)
+    if entry.timeout_minutes is not None:
+        ctx.timeout_s = entry.timeout_minutes * 60
+    return run_preset(entry, model, ctx)
