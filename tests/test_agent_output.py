@@ -166,14 +166,25 @@ ROWS: list[tuple[str, str, str, int, Expect]] = [
                                         next_prompt="more"), "", 0, done(needs_follow_up=True)),
     ("v1-requeue-without-next-prompt", v1(needs_follow_up=True, recommended_action="requeue_same_task"), "", 0,
      bad("next_prompt")),
-    ("v1-action-disagrees", v1(needs_follow_up=False, recommended_action="requeue_same_task",
-                               next_prompt="x"), "", 0, bad("disagree")),
-    ("v1-follow-up-but-in-review", v1(needs_follow_up=True, next_prompt="x"), "", 0, bad("disagree")),
+    # ClawTrol's semantics (one model with the HTTP hook): only requeue_same_task puts the task back, unless
+    # needs_follow_up is false; every other action goes to review.
+    ("v1-requeue-but-no-follow-up", v1(needs_follow_up=False, recommended_action="requeue_same_task",
+                                       next_prompt="x"), "", 0, done(needs_follow_up=False)),
+    ("v1-follow-up-but-in-review", v1(needs_follow_up=True, next_prompt="x"), "", 0, done(needs_follow_up=False)),
+    ("v1-prompt-user", v1(needs_follow_up=True, recommended_action="prompt_user", next_prompt="ask"), "", 0,
+     done(needs_follow_up=False, summary="did it")),
+    ("v1-split-into-subtasks", v1(recommended_action="split_into_subtasks"), "", 0, done(needs_follow_up=False)),
+    ("v1-upper-case-run-id", v1(run_id="0B6F4C9E-8E0E-4D5C-9A7E-3F0F6F1C2A11"), "", 0, done(summary="did it")),
+    ("v1-task-id-as-text", v1(task_id="7"), "", 0, done(summary="did it")),
+    ("v1-bad-run-id", v1(run_id="0" * 36), "", 0, bad("run_id")),
     ("v1-unknown-action", v1(recommended_action="merge"), "", 0, bad("recommended_action")),
-    ("v1-needs-follow-up-string", v1(needs_follow_up="true"), "", 0, bad("needs_follow_up")),
+    ("v1-needs-follow-up-as-text", v1(needs_follow_up="yes", recommended_action="requeue_same_task",
+                                      next_prompt="go on"), "", 0, done(needs_follow_up=True, next_prompt="go on")),
+    ("v1-needs-follow-up-odd-word", v1(needs_follow_up="maybe"), "", 0, bad("needs_follow_up")),
     ("v1-summary-wrong-type", v1(summary=["s"]), "", 0, bad("summary")),
     ("v1-unknown-version", v1(version="2"), "", 0, bad("version")),
-    ("v1-numeric-version", v1(version=1), "", 0, bad("version")),
+    ("v1-numeric-version", v1(version=1), "", 0, done(summary="did it")),
+    ("v1-float-version", v1(version=1.0), "", 0, bad("version")),
 ]
 
 
@@ -300,3 +311,10 @@ def test_an_outcome_with_control_characters_is_kept_clean_not_refused() -> None:
     assert (result.outcome.next_prompt, result.outcome.summary, result.outcome.achieved) == ("add tests", "ok",
                                                                                              ["a", "b"])
     assert isinstance(bad := result_from_doc({**doc, "next_prompt": "\x00"}, 0.0), Failed) and bad.cause == "bad_output"
+
+
+def test_a_v1_payload_must_name_the_run_it_reports() -> None:
+    run = "0b6f4c9e-8e0e-4d5c-9a7e-3f0f6f1c2a11"
+    check(parse_agent_output(v1(run_id=run.upper(), task_id="7"), "", 0, NOW, expect=(7, run)), done())
+    check(parse_agent_output(v1(), "", 0, NOW, expect=(8, run)), bad("not task 8"))
+    check(parse_agent_output(v1(), "", 0, NOW, expect=(7, "1" + run[1:])), bad("outcome is for task 7 run"))

@@ -359,7 +359,7 @@ RUN = "0b7a3c1e-5f2d-4e8a-9c6b-1d2e3f4a5b6c"
         ({"version": 1.0}, "version: invalid version '1.0'"),
         ({"version": True}, "version: invalid version"),
         ({"version": None}, "version: Field required"),
-        ({"run_id": "not-a-uuid"}, "run_id: invalid run_id 'not-a-uuid': a 36-character UUID"),
+        ({"run_id": "not-a-uuid"}, "run_id: invalid run_id 'not-a-uuid': a UUID in 8-4-4-4-12 form (any case)"),
         ({"run_id": RUN.replace("-", "")}, "run_id: invalid run_id"),
         ({"run_id": "0" * 36}, "a UUID in 8-4-4-4-12 form"),
         ({"run_id": None}, "run_id: Field required"),

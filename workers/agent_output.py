@@ -7,7 +7,8 @@ agent's log. Accepted outcomes:
 - ``{"status": "rate_limited", "retry_after_seconds": 30, "message": "…"}`` (or only a message to parse);
 - ``{"status": "failed", "error": "…"}``;
 - ClawTrol's outcome payload v1: ``{"version": "1", "task_id", "run_id", "needs_follow_up",
-  "recommended_action": "in_review" | "requeue_same_task", "next_prompt", "summary", …}``.
+  "recommended_action", "next_prompt", "summary", …}``, read by :class:`workers.clawtrol.OutcomeV1`, the
+  model the HTTP hook uses too.
 
 A non-zero exit, or no outcome line, is a failure whose error is the stderr tail, classified by
 :mod:`clawq.broker.signals` (a usage-limit or 429 text becomes a rate limit with its parsed reset).
@@ -30,6 +31,8 @@ from pydantic import ValidationError
 from clawq.broker import Outcome
 from clawq.broker.checks import MAX_TEXT_BYTES
 from clawq.broker.signals import MAX_RESET_SECONDS, SignalClass, parse_signal
+
+from .clawtrol import OutcomeV1
 
 __all__ = ["AgentResult", "Done", "Failed", "RateLimited", "clean_result", "clean_text", "parse_agent_output",
            "result_from_doc"]
@@ -160,21 +163,17 @@ def _outcome(fields: dict[str, Any]) -> AgentResult:
 
 
 def _clawtrol(doc: dict[str, Any], expect: tuple[int, str] | None) -> AgentResult:
-    if not isinstance(doc.get("task_id"), int) or isinstance(doc.get("task_id"), bool):
-        return _bad(f"task_id must be an integer, got {doc.get('task_id')!r}")
-    if not isinstance(doc.get("run_id"), str):
-        return _bad(f"run_id must be the run's UUID, got {doc.get('run_id')!r}")
-    if expect is not None and (doc["task_id"], doc["run_id"]) != expect:
-        return _bad(f"outcome is for task {doc['task_id']} run {doc['run_id']}, not task {expect[0]} run {expect[1]}")
-    action = doc.get("recommended_action", "in_review")
-    if action not in ("in_review", "requeue_same_task"):
-        return _bad(f"recommended_action must be in_review or requeue_same_task, got {action!r}")
-    follow = doc.get("needs_follow_up", action == "requeue_same_task")
-    if not isinstance(follow, bool):
-        return _bad(f"needs_follow_up must be a boolean, got {follow!r}")
-    if (action == "requeue_same_task") != follow:
-        return _bad("needs_follow_up and recommended_action disagree")
-    return _outcome({**doc, "needs_follow_up": follow})
+    """ClawTrol's payload v1, judged by the model the HTTP hook uses (:mod:`workers.clawtrol`)."""
+    try:
+        payload = OutcomeV1.model_validate(doc)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        problem = str(first["msg"]).removeprefix("Value error, ")
+        return _bad(f"{where}: {problem}" if where else problem)
+    if expect is not None and (payload.task_id, payload.run_id) != expect:
+        return _bad(f"outcome is for task {payload.task_id} run {payload.run_id}, not task {expect[0]} run {expect[1]}")
+    return Done(payload.outcome())
 
 
 def _seconds(value: Any) -> float | None:
@@ -210,8 +209,6 @@ def result_from_doc(doc: dict[str, Any], now: float, expect: tuple[int, str] | N
     """
     doc = _clean_value(doc)
     if doc.get("version") is not None:
-        if doc.get("version") != "1":
-            return _bad(f"unknown outcome version {doc.get('version')!r}")
         return _clawtrol(doc, expect)
     status = doc.get("status")
     if status == "done":

@@ -20,14 +20,12 @@ name (``ended_at``, ``openclaw_session_*``, ``run``, ``tokens``, ``usage`` …) 
 
 from __future__ import annotations
 
-import re
-import uuid
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from clawq.broker import Outcome
-from clawq.broker.checks import MAX_TASK_ID
+from clawq.broker.checks import MAX_TASK_ID, run_id_problem
 
 __all__ = ["ACTIONS", "Action", "OutcomeV1", "rails_bool"]
 
@@ -36,7 +34,6 @@ Action = Literal["in_review", "requeue_same_task", "prompt_user", "split_into_su
 ACTIONS: tuple[str, ...] = get_args(Action)
 _TRUE = frozenset({"true", "t", "1", "yes", "y", "on"})
 _FALSE = frozenset({"false", "f", "0", "no", "n", "off"})
-_RUN_ID_RE = re.compile(r"[0-9a-fA-F-]{36}")
 
 
 def _as_text(value: Any) -> Any:
@@ -62,16 +59,10 @@ def _task_id(value: Any) -> Any:
 def _run_id(value: Any) -> Any:
     if not isinstance(value, str):
         return value
-    shown = value if len(value) <= 40 else value[:40] + "…"
-    if not _RUN_ID_RE.fullmatch(value):
-        raise ValueError(f"invalid run_id {shown!r}: a 36-character UUID")
-    try:
-        canonical = str(uuid.UUID(value))
-    except ValueError:
-        canonical = ""
-    if canonical != value.lower():
-        raise ValueError(f"invalid run_id {shown!r}: a UUID in 8-4-4-4-12 form")
-    return canonical
+    if run_id_problem(value.lower()) is not None:
+        shown = value if len(value) <= 40 else value[:40] + "…"
+        raise ValueError(f"invalid run_id {shown!r}: a UUID in 8-4-4-4-12 form (any case)")
+    return value.lower()
 
 
 def rails_bool(value: Any) -> bool | None:
