@@ -194,7 +194,8 @@ class Schedules:
     def _fire(self, sid: int, score_ms: int, now: float) -> Firing:
         b = self.broker
         sched = self._read([sid])
-        if not sched:
+        if not sched:  # listed without its hash (a hand edit): drop it, or it would stay due for ever
+            b._call("remove_schedule", [b._now_arg(), sid])
             return Firing(sid, "gone")
         s = sched[0]
         tz = check_zone(s.tz)

@@ -18,6 +18,8 @@ from test_rules import Clock, check, config, follow, nothing, rc
 
 from clawq.broker import Broker, InputError, NothingToClaim, Outcome, TaskStatus
 from clawq.broker.timing import parse_not_before
+from clawq.workers.dispatcher import Dispatcher
+from clawq.workers.notify import Notifiers
 
 DONE = Outcome(summary="finished")
 NIGHT = {"timezone": "UTC", "start": "22:00", "end": "06:00", "global_max_concurrent": 8}
@@ -336,3 +338,25 @@ def test_cli_night_only_without_night_mode_is_refused(cli_run: Run, r: redis.Red
     cfg.write_text("night_mode: null\nboards: {infra: {night_only: true}}\n")
     code, _, err = cli_run("config", "load", str(cfg))
     assert code == 2 and "boards.infra.night_only needs night_mode" in err
+
+
+def test_a_dispatcher_starts_night_only_tasks_when_the_night_opens(broker: Broker, clock: Clock) -> None:
+    """The dispatcher loop with a test clock: a day passes, its deadline is the window's opening, and the
+    night-only tasks start at that step and not before."""
+    night_broker(broker, clock)
+    a = broker.add("web", "night 1", chain="coding", night_only=True)
+    b = broker.add("api", "night 2", chain="bulk", night_only=True)
+    c = broker.add("ops", "day", chain="coding")
+    claims: list[Any] = []
+    d = Dispatcher(broker, claims.append, notifiers=Notifiers())
+    assert d.step() == 1 and claims[0].task_id == c
+    broker.complete(c, claims[0].run_id, DONE)
+    d.step()
+    assert d._due is not None and d._due.next == at_hour(Clock(clock()), 22)  # it sleeps until 22:00
+    for hour in (15, 21):
+        at_hour(clock, hour, 59)
+        assert d.step() == 0
+    at_hour(clock, 22)
+    assert d.step() == 2
+    assert {x.task_id for x in claims[1:]} == {a, b}
+    check(broker)

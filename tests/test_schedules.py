@@ -278,3 +278,13 @@ def test_cli_schedule_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert snapshot(r) == before
     code, _, err = cli_run("schedule", "rm", "7")
     assert code == 2 and "no schedule 7" in err
+
+
+def test_a_schedule_listed_without_its_hash_is_dropped_not_fired_for_ever(broker: Broker, clock: Clock) -> None:
+    broker.load_config(config())
+    at_utc(clock, 12)
+    sid = Schedules(broker).add("0 23 * * *", "infra", "nightly", chain="bulk").schedule_id
+    broker.client.delete(broker.keys.schedule(sid))
+    at_utc(clock, 23)
+    assert [f.outcome for f in Schedules(broker).fire_due()] == ["gone"]
+    assert Schedules(broker).fire_due() == [] and broker.deadlines().schedule is None
