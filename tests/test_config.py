@@ -367,7 +367,7 @@ def test_a_model_without_a_cap_has_no_model_cap(broker: Broker) -> None:
     assert exc.value.skip_reasons == {"model_quota_reached": 1}
     health = broker.health()
     assert health["models"]["sonnet"]["cap"] is None and health["models"]["sonnet"]["inflight"] == 6
-    assert health["providers"]["anthropic"] == {"inflight": 7, "cap": None}
+    assert health["providers"]["anthropic"] | {"breaker": None} == {"inflight": 7, "cap": None, "breaker": None}
 
 
 def test_fractional_minutes_drive_the_lease(broker: Broker, clock: FakeClock) -> None:
