@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.client import PubSubWorkerThread
 from redis.connection import AbstractConnection
 from rq import Queue
 from rq.job import Job
@@ -323,28 +324,35 @@ def test_a_simple_worker_runs_every_job_on_one_broker(broker: Broker, redis_url:
     assert len(made) == 1
 
 
-def unimport(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """Make ``name`` look never imported, until the test ends (then the same module object is back)."""
-    package, _, leaf = name.rpartition(".")
-    monkeypatch.delitem(sys.modules, name)
-    monkeypatch.delattr(sys.modules[package], leaf)
+@pytest.fixture
+def fresh_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A python agent module that nothing has imported yet, whatever ran before: its name is unique. (Removing
+    a shared module such as agents.py_agent from sys.modules instead made these tests depend on their order.)"""
+    name = f"fresh_agent_{uuid.uuid4().hex[:12]}"
+    (tmp_path / f"{name}.py").write_text("def done(task):\n    return {'summary': 'done'}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        yield name
+    finally:
+        sys.modules.pop(name, None)
 
 
-def test_a_worker_prepares_a_job_before_running_it(broker: Broker, redis_url: str, jobs: Any,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    broker.load_config(config("agents.py_agent:done"))
-    unimport(monkeypatch, "agents.py_agent")
+def test_a_worker_prepares_a_job_before_running_it(broker: Broker, redis_url: str, jobs: Any, fresh_agent: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    broker.load_config(config(f"{fresh_agent}:done"))
     conn = rq_connection(redis_url, lean=True)
     try:
         claim = broker.claim() if broker.add("web", "t", chain="coding") else None
         assert claim is not None
         rq_enqueuer(broker, conn)(claim)
-        rq_glue._prepare(Job.fetch(claim.run_id, connection=conn))
+        with caplog.at_level("DEBUG", logger="clawq.worker"):
+            rq_glue._prepare(Job.fetch(claim.run_id, connection=conn))
     finally:
         conn.close()
+    assert not [r.getMessage() for r in caplog.records if "cannot prepare" in r.getMessage()]
     prepared = job_broker(broker.namespace)
     assert prepared.config_version == broker.config_version
-    assert "agents.py_agent" in sys.modules
+    assert fresh_agent in sys.modules
 
 
 def test_prepare_reads_the_config_again_for_a_newer_claim(broker: Broker, jobs: Any) -> None:
@@ -373,10 +381,9 @@ def test_without_a_url_a_job_broker_per_rq_connection(broker: Broker, redis_url:
         two.close()
 
 
-def test_preload_imports_a_python_agent_and_ignores_a_bad_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    unimport(monkeypatch, "agents.py_agent")
-    preload_agent(config("agents.py_agent:done").agent)
-    assert "agents.py_agent" in sys.modules
+def test_preload_imports_a_python_agent_and_ignores_a_bad_one(fresh_agent: str) -> None:
+    preload_agent(config(f"{fresh_agent}:done").agent)
+    assert fresh_agent in sys.modules
     preload_agent(config("agents.no_such_module:run").agent)  # the run reports it, not the worker
 
 
@@ -425,3 +432,57 @@ def test_a_forking_clawq_worker_runs_jobs_with_its_prepared_broker(broker: Broke
     assert [res["reported"] for res in results] == [True, True]
     assert [broker.get_task(t).status for t in ids] == [TaskStatus.IN_REVIEW] * 2
 
+
+# -- a worker's exit ---------------------------------------------------------------------------------
+#: RQ's unsubscribe sends UNSUBSCRIBE, then stops its pubsub thread. On a busy machine the thread reads the
+#: reply first; this delay makes that ordering certain, so the tests below cannot pass by luck.
+_SLOW_STOP = '''
+import time
+from redis.client import PubSubWorkerThread
+
+_real_stop = PubSubWorkerThread.stop
+
+
+def _late_stop(self, *args, **kwargs):
+    time.sleep(0.5)
+    return _real_stop(self, *args, **kwargs)
+
+
+PubSubWorkerThread.stop = _late_stop
+'''
+EXIT_BOUND_S = 10.0  # generous: a correct exit takes well under a second, the bug took RQ's sleep_time (60 s)
+
+
+def test_a_simple_worker_exits_soon_even_when_its_pubsub_thread_is_slow_to_stop(
+        broker: Broker, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_stop = PubSubWorkerThread.stop
+
+    def late_stop(self: PubSubWorkerThread, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.5)
+        real_stop(self, *args, **kwargs)
+
+    monkeypatch.setattr(PubSubWorkerThread, "stop", late_stop)
+    conn = rq_connection(redis_url, lean=True)
+    try:
+        worker = ClawqSimpleWorker([Queue(f"q-{broker.namespace}", connection=conn)], connection=conn)
+        started = time.monotonic()
+        worker.work(burst=True)
+        took = time.monotonic() - started
+    finally:
+        conn.close()
+    assert took < EXIT_BOUND_S, f"the burst worker took {took:.1f}s to exit an empty queue"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("simple", [False, True], ids=["fork", "simple"])
+def test_clawq_worker_burst_exits_soon(broker: Broker, redis_url: str, tmp_path: Path, simple: bool) -> None:
+    (tmp_path / "sitecustomize.py").write_text(_SLOW_STOP)  # the same slow stop in the worker process
+    argv = [sys.executable, "-m", "clawq.cli", "worker", "--burst", "--queue", f"q-{broker.namespace}",
+            "--log-level", "WARNING", *(["--simple"] if simple else [])]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(tmp_path),
+           "CLAWQ_REDIS_URL": redis_url, "CLAWQ_NAMESPACE": broker.namespace}
+    started = time.monotonic()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=90, check=False)
+    took = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert took < EXIT_BOUND_S, f"`clawq worker --burst` took {took:.1f}s to exit an empty queue"

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import redis
+from redis.client import PubSubWorkerThread
 from rq import Queue, SimpleWorker, Worker
 from rq.job import Job
 
@@ -132,8 +133,25 @@ class _OutageFilter(logging.Filter):
         return True
 
 
+def _ask_pubsub_thread_to_stop(worker: Any) -> None:
+    """Before RQ unsubscribes: tell the worker's pubsub thread to stop, without waiting for it.
+
+    RQ's ``unsubscribe`` sends UNSUBSCRIBE, then calls the thread's ``stop()``, which in redis-py 8 waits for the
+    thread to end. If the thread reads the UNSUBSCRIBE reply before ``stop()`` clears its flag (a busy machine),
+    it loops once more, finds no subscription, and waits for one for RQ's ``sleep_time`` (60 s): the worker
+    then takes a minute to exit. With the flag cleared first, that reply ends the thread's loop at once.
+    """
+    thread: PubSubWorkerThread | None = getattr(worker, "pubsub_thread", None)
+    if thread is not None:
+        try:
+            thread.stop(timeout=0)  # redis-py 8: clear the flag, do not wait
+        except TypeError:  # redis-py 7: stop() takes no timeout and never waits
+            thread.stop()
+
+
 class _Reporting:
-    """Mixin: a successful RQ heartbeat (a write) ends an outage; a job is prepared before it runs."""
+    """Mixin: a successful RQ heartbeat (a write) ends an outage; a job is prepared before it runs; the pubsub
+    thread is told to stop before RQ unsubscribes (so a worker exits at once)."""
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         super().heartbeat(timeout, pipeline)  # type: ignore[misc]
@@ -143,6 +161,10 @@ class _Reporting:
     def execute_job(self, job: Job, queue: Queue) -> None:
         _prepare(job)
         super().execute_job(job, queue)  # type: ignore[misc]
+
+    def unsubscribe(self) -> None:
+        _ask_pubsub_thread_to_stop(self)
+        super().unsubscribe()  # type: ignore[misc]
 
 
 class ClawqWorker(_Reporting, Worker):
