@@ -484,6 +484,19 @@ def test_token_is_required(authed: TestClient, broker: Broker, r: redis.Redis,
     assert snapshot(r) == before  # a refused request never reaches the broker
 
 
+def test_hook_token_never_opens_a_path_outside_the_hooks(authed: TestClient, broker: Broker, r: redis.Redis) -> None:
+    broker.add("web", "seed", chain="coding")
+    before = snapshot(r)
+    hook = {"X-Hook-Token": TOKEN}
+    for path in ("/api/v1/hooks/../tasks/next", "/api/v1/hooks/%2e%2e/tasks/next",
+                 "/API/v1/hooks/task_outcome", "/api/v1/hooksx/task_outcome", "/api/v1/tasks/next"):
+        resp = authed.get(path, headers=hook)
+        assert resp.status_code == 401, path
+        assert error_of(resp).startswith("missing bearer token")
+    assert authed.post("/api/v1/hooks/task_outcome", json={}, headers=hook).status_code == 422  # it opens hooks
+    assert snapshot(r) == before
+
+
 def test_wrong_token_says_invalid(authed: TestClient) -> None:
     resp = authed.get("/api/v1/tasks/queue_health", headers={"Authorization": "Bearer nope"})
     assert error_of(resp) == "invalid bearer token"
