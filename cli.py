@@ -701,6 +701,8 @@ def simulate(tasks: int, boards: int, seed: int, speed: float, workers: int | No
     opts = SimOptions(tasks=tasks, boards=boards, seed=seed, speed=speed, workers=workers,
                       redis_url=sim_redis_url, time_limit_s=time_limit, kill_worker=not no_kill)
     view = LiveView(console)
+    # SIGTERM stops it as Ctrl-C does: the simulation cleans up (processes, embedded Redis, temp folders)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         report = run_simulation(opts, lambda: view)
     finally:
@@ -713,6 +715,10 @@ def simulate(tasks: int, boards: int, seed: int, speed: float, workers: int | No
         print_report(console, report)
     if not report["ok"]:
         sys.exit(1)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @cli.command()

