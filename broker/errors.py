@@ -36,7 +36,7 @@ class Status(enum.IntEnum):
     FENCED = 2  #: the run is not the task's active run (lease lost, reaped, completed or replaced)
     BAD_STATE = 3  #: the task's status does not allow the operation
     DUPLICATE = 4  #: a task with that id already exists
-    UNKNOWN_CHAIN = 5  #: the chain or pinned model is not in the config
+    UNKNOWN_CHAIN = 5  #: the chain, pinned model or provider is not in the config
     NOTHING = 6  #: no task can be claimed now (skip reasons follow)
     CONFIG_STALE = 7  #: the caller computed its arguments from an older config (retried internally)
     REPEATED = 8  #: the same outcome was already recorded for this run (success, nothing changed)

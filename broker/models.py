@@ -35,7 +35,7 @@ class Deadlines(BaseModel):
 
     lease: float | None  #: the earliest lease deadline (the reaper has nothing to do before it)
     backoff: float | None  #: the earliest end of a failure backoff
-    cooldown: float | None  #: the earliest end of a model cooldown
+    cooldown: float | None  #: the earliest end of a model cooldown or of a provider breaker's opening
     summary_lock_s: float | None  #: how long the periodic summary's lock still holds, None when it is free
     scheduled: float | None = None  #: when the earliest scheduled task becomes due
     schedule: float | None = None  #: when the earliest recurring schedule fires next

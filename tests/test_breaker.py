@@ -374,3 +374,13 @@ def test_concurrent_claimers_get_exactly_one_probe(b: Broker, clock: Clock, redi
     assert len(got) == 1 and got[0].provider == "anthropic"
     assert len(events(b, "provider_probe")) == 1
     assert b.breakers()["anthropic"].probe_task == got[0].task_id
+
+
+def test_doctor_drops_a_breaker_block_whose_breaker_is_gone(b: Broker) -> None:
+    overload(b, 3)
+    rc(b).delete(b.keys.breaker("anthropic"))  # closed by hand, its block left behind
+    report = b.doctor(repair=True)
+    assert any("o:anthropic" in p for p in report["problems"]) and report["ok"]
+    assert rc(b).hget(b.keys.blocked, "o:anthropic") is None
+    b.add("pin", "t", model="opus")
+    assert b.claim().model == "opus"
