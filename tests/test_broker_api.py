@@ -95,7 +95,7 @@ def test_health_document(broker: Broker, clock: FakeClock) -> None:
     broker.complete(a, c.run_id, Outcome(summary="ok"))
     clock.advance(30)
     h = broker.health()
-    assert h["global"] == {"max_concurrent": 6, "in_progress": 0, "night": False}
+    assert h["global"] == {"max_concurrent": 6, "in_progress": 0, "night": False, "scheduled": 0}
     assert h["boards"]["web"]["queue_depth"] == 1
     assert h["boards"]["web"]["completed_last_hour"] == 1
     assert h["boards"]["api"]["oldest_waiting_s"] == pytest.approx(30, abs=0.1)
