@@ -11,7 +11,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any, cast
 
@@ -32,9 +32,11 @@ from .connection import Client, client_from_url, client_url
 from .decode import event, skips, task_from, text, texts, to_str, xread_rows
 from .doctor import doctor_report, parse_reply
 from .errors import (
+    ClawqError,
     ConfigError,
     InputError,
     NothingToClaim,
+    RedisUnavailable,
     SchemaMismatch,
     ScriptError,
     Status,
@@ -64,6 +66,8 @@ REAP_BATCH = 500
 MAX_CLAIM_BATCH = 64
 #: Task hashes read per pipeline by ``list_tasks``.
 LIST_BATCH = 1000
+#: complete_many's place holder for an item whose reply is still to come.
+_PENDING = ClawqError("no reply")
 
 
 def _ms(seconds: float) -> int:
@@ -385,14 +389,72 @@ class Broker:
 
     def complete(self, task_id: int, run_id: str, outcome: Outcome) -> Completion:
         """Record the run's outcome: follow-up back to the board head, else in_review."""
-        args: list[str | int | float] = [
-            int(outcome.needs_follow_up),
-            outcome.next_prompt or "",
-            outcome.summary,
-            json.dumps(outcome.extras()) if outcome.extras() else "{}",
-            outcome.digest(),
-        ]
-        reply = self._run_call("complete_run", task_id, run_id, args)
+        reply = self._run_call("complete_run", task_id, run_id, _complete_args(outcome))
+        return self._completion(task_id, reply)
+
+    def complete_many(self, items: Sequence[tuple[int, str, Outcome]]) -> list[Completion | ClawqError]:
+        """Record many runs' outcomes in one round trip: a pipeline of :meth:`complete` calls (each one atomic,
+        not the batch). Each item, in order, gets what :meth:`complete` would give it: its Completion, or the
+        ClawqError :meth:`complete` would raise (RunFenced, TaskNotFound, InputError...). Only a Redis that cannot
+        be reached raises (RedisUnavailable); then some of the items may have been recorded, as a lost reply
+        to :meth:`complete` leaves it unknown, and completing them again is answered as a repeat."""
+        results: list[Completion | ClawqError] = []
+        calls: list[tuple[int, int, str, list[str | int | float]]] = []
+        for task_id, run_id, outcome in items:
+            try:
+                check_task_id(task_id)
+                check_run_id(run_id)
+            except ClawqError as err:
+                results.append(err)
+                continue
+            calls.append((len(results), task_id, run_id, _complete_args(outcome)))
+            results.append(_PENDING)
+        for (i, task_id, run_id, _), reply in zip(calls, self._pipelined_runs("complete_run", calls), strict=True):
+            results[i] = reply if isinstance(reply, ClawqError) else self._completion_or_error(task_id, run_id, reply)
+        return results
+
+    def _completion_or_error(self, task_id: int, run_id: str, reply: list[Any]) -> Completion | ClawqError:
+        status = Status(reply[0])
+        if status not in (Status.OK, Status.REPEATED):
+            return error_for(status, task_id, run_id, str(reply[1]))
+        return self._completion(task_id, reply)
+
+    def _pipelined_runs(
+        self, name: str, calls: list[tuple[int, int, str, list[str | int | float]]]
+    ) -> list[list[Any] | ClawqError]:
+        """Run script ``name`` once per (index, task id, run id, args) in one pipeline; each reply, or the
+        ClawqError its call met. A cluster's pipelines refuse EVALSHA: there, one call after another."""
+        self._ensure_ready()
+        if not isinstance(self.client, redis.Redis):
+            return [self._caught(name, t, r, a) for _, t, r, a in calls]
+        with redis_errors(self._where):
+            pipe = self.client.pipeline(transaction=False)
+            for _, task_id, run_id, args in calls:
+                keys = self._scripts.keys_for(name, task_id=task_id)
+                pipe.evalsha(self._sha(name), len(keys), *keys, self.keys.prefix, self._now_arg(), task_id, run_id,
+                             *args)
+            replies = pipe.execute(raise_on_error=False)
+        out: list[list[Any] | ClawqError] = []
+        for (_, task_id, run_id, args), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, redis.exceptions.NoScriptError):  # the wrapper (re)loads it
+                out.append(self._caught(name, task_id, run_id, args))
+            elif isinstance(reply, Exception):
+                out.append(_translated(reply, self._where))
+            else:
+                out.append([text(x) for x in reply])
+        return out
+
+    def _caught(self, name: str, task_id: int, run_id: str, args: list[str | int | float]) -> list[Any] | ClawqError:
+        """One run call's reply, or the ClawqError it met (RedisUnavailable still raises)."""
+        try:
+            return self._call(name, [self._now_arg(), task_id, run_id, *args], task_id=task_id)
+        except RedisUnavailable:
+            raise
+        except ClawqError as err:
+            return err
+
+    @staticmethod
+    def _completion(task_id: int, reply: list[Any]) -> Completion:
         repeated = Status(reply[0]) is Status.REPEATED
         note = "" if repeated else str(reply[3])
         return Completion(
@@ -747,6 +809,25 @@ class Broker:
             if rest.isdigit():
                 ids.add(int(rest))
         return sorted(ids)
+
+
+def _complete_args(outcome: Outcome) -> list[str | int | float]:
+    """complete_run's ARGV after the run id."""
+    extras = outcome.extras()
+    return [int(outcome.needs_follow_up), outcome.next_prompt or "", outcome.summary,
+            json.dumps(extras) if extras else "{}", outcome.digest()]
+
+
+def _translated(err: Exception, where: str) -> ClawqError:
+    """The ClawqError redis-py's ``err`` becomes at the boundary (RedisUnavailable raises)."""
+    try:
+        with redis_errors(where):
+            raise err
+    except RedisUnavailable:
+        raise
+    except ClawqError as translated:
+        return translated
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _glob_escape(text: str) -> str:

@@ -12,7 +12,9 @@ from clawq.broker import (
     InputError,
     NothingToClaim,
     Outcome,
+    RunFenced,
     SchemaMismatch,
+    TaskNotFound,
     TaskStatus,
     parse_config,
 )
@@ -174,3 +176,41 @@ def test_a_claim_batch_out_of_range_is_refused_and_changes_nothing(broker: Broke
     with pytest.raises(InputError, match=r"^bad claim batch .*: 1 to 64$"):
         broker.claim_many(limit)
     assert {k: broker.client.dump(k) for k in broker.client.keys("*")} == before
+
+
+def test_complete_many_maps_each_reply_to_its_own_result(broker: Broker) -> None:
+    ids = [broker.add(f"b{i}", "t", chain="coding") for i in range(4)]
+    claims, _ = broker.claim_many(4)
+    by_task = {c.task_id: c for c in claims}
+    ok, repeated, fenced, gone = (by_task[i] for i in ids)
+    done = Outcome(summary="done")
+    before = broker.complete(repeated.task_id, repeated.run_id, done)
+    broker.client.delete(broker.keys.task(gone.task_id))
+    results = broker.complete_many([
+        (ok.task_id, ok.run_id, Outcome(needs_follow_up=True, next_prompt="more", summary="s")),
+        (repeated.task_id, repeated.run_id, done),
+        (fenced.task_id, "00000000-0000-4000-8000-000000000000", done),
+        (gone.task_id, gone.run_id, done),
+        (0, ok.run_id, done),
+    ])
+    assert [type(r).__name__ for r in results] == ["Completion", "Completion", "RunFenced", "TaskNotFound",
+                                                   "InputError"]
+    first, again, fenced_err, gone_err, bad = results
+    assert broker.complete_many([]) == []
+    assert (first.status, first.run_count, first.repeated) == (TaskStatus.UP_NEXT, 1, False)
+    assert again == before.model_copy(update={"repeated": True, "note": ""})
+    assert isinstance(fenced_err, RunFenced) and isinstance(gone_err, TaskNotFound)
+    assert isinstance(bad, InputError)
+    assert broker.get_task(fenced.task_id).status is TaskStatus.IN_PROGRESS  # the fenced run still holds it
+    assert broker.get_task(ok.task_id).status is TaskStatus.UP_NEXT
+
+
+def test_complete_many_equals_complete_one_by_one(broker: Broker, r: redis.Redis) -> None:
+    ids = [broker.add(f"b{i}", "t", chain="coding") for i in range(3)]
+    claims, _ = broker.claim_many(3)
+    r.script_flush()  # the pipeline meets NOSCRIPT: each call is made again through the wrapper
+    results = broker.complete_many([(c.task_id, c.run_id, Outcome(summary="ok")) for c in claims])
+    assert [(x.task_id, x.status) for x in results if not isinstance(x, Exception)] == [
+        (c.task_id, TaskStatus.IN_REVIEW) for c in claims]
+    assert sorted(c.task_id for c in claims) == ids
+    assert [e["type"] for e in broker.events(100)].count("completed") == 3
