@@ -253,10 +253,30 @@ def show(obj: Ctx, task_id: int) -> None:
             f"due {_when(task.due_at)}" if task.due_at is not None else "",
             f"not before {_when(task.not_before)}" if task.not_before is not None else "",
             "night-only" if task.night_only else "") if part))
-    lines += [f"  run {r.get('run_id')} {r.get('model')} -> {r.get('outcome', 'running')}" for r in task.runs]
+    lines += [f"  run {r.get('run_id')} {r.get('model')} -> {r.get('outcome', 'running')}{_run_usage(r)}"
+              for r in task.runs]
     if task.last_error:
         lines.append(f"  last error ({task.last_error_reason}): {_clean(task.last_error)}")
     emit(obj, doc, "\n".join(lines))
+
+
+def _tokens(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "?"
+    return f"{n / 1000:.1f}k" if n >= 1000 else str(int(n))
+
+
+def _run_usage(run: dict[str, Any]) -> str:
+    """`` session <id> · 15.6k in / 6 out · $0.0080`` for a run whose agent CLI said so."""
+    parts = []
+    if run.get("session_id"):
+        parts.append(f"session {_clean(str(run['session_id']))}")
+    usage = run.get("usage") or {}
+    if usage.get("input_tokens") is not None or usage.get("output_tokens") is not None:
+        parts.append(f"{_tokens(usage.get('input_tokens'))} in / {_tokens(usage.get('output_tokens'))} out")
+    if usage.get("cost_usd") is not None:
+        parts.append(f"${usage['cost_usd']:.4f}")
+    return ("  · " + " · ".join(parts)) if parts else ""
 
 
 @cli.command("ls")
@@ -601,6 +621,10 @@ def health(obj: Ctx) -> None:
         cool = f"  cooling {m['cooldown_remaining_s']:.0f}s" if m["cooldown_remaining_s"] else ""
         lines.append(f"  model {name:<16} {m['inflight']}/{m['cap'] if m['cap'] is not None else '-'}"
                      f"  failures {m['failures']}{cool}")
+    if doc.get("usage"):
+        lines.append("  cost  " + " · ".join(
+            f"{name} ${u['cost_usd']:.2f} ({_tokens(u['input_tokens'])} in, {_tokens(u['output_tokens'])} out)"
+            for name, u in doc["usage"].items()))
     for name, p in doc["providers"].items():
         br = p["breaker"]
         left = f" {br['remaining_s']:.0f}s left" if br["state"] == "open" else ""
@@ -610,6 +634,24 @@ def health(obj: Ctx) -> None:
         lines.append(f"  error {e['reason']:<13} task {e['task_id']} ({e['board']}, {e['model']}): "
                      f"{_clean(str(e['message']))}")
     emit(obj, doc, "\n".join(lines))
+
+
+@cli.group()
+def agents() -> None:
+    """The agent CLIs of the configured models."""
+
+
+@agents.command("check")
+@command_options
+def agents_check(obj: Ctx) -> None:
+    """For each model: is its CLI on PATH, and what does --version say; for each board: does its workdir
+    exist. From the config loaded in Redis; never sends a prompt. Exit 1 when something is missing."""
+    from clawq.workers.agents.check import check_agents, check_table
+
+    doc = check_agents(obj.broker().config())
+    emit(obj, doc, check_table(doc))
+    if not doc["ok"]:
+        sys.exit(1)
 
 
 # -- running -------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from .breaker import BreakerState
 from .config import Config
 from .connection import Client
 from .keys import Keys
+from .usage import read_usage_stats
 
 __all__ = ["HealthSource", "collect_health"]
 
@@ -75,6 +76,7 @@ def collect_health(broker: HealthSource) -> dict[str, Any]:
                    "scheduled": sum(b["scheduled"] for b in board_docs.values())},
         "boards": board_docs,
         "models": _models(broker, inflight_m, failures, now),
+        "usage": _usage(broker),
         "providers": {
             p: {"inflight": _int(_t_map(inflight_p).get(p)), "cap": cfg.limits.provider_max_inflight.get(p),
                 "breaker": _breaker(breakers.get(p))}
@@ -145,6 +147,20 @@ def _task_fields(broker: HealthSource, ids: set[int]) -> dict[int, dict[str, str
             f.setdefault("queued_at", added)  # absent until the task is first requeued
         out[tid] = f
     return out
+
+
+def _usage(broker: HealthSource) -> dict[str, dict[str, float]]:
+    """Tokens and dollars the agent CLIs reported, per model (summed over boards; models with none left out)."""
+    tokens, cost = read_usage_stats(broker.client, broker.keys)
+    out: dict[str, dict[str, float]] = {}
+    for (model, _board, kind), n in tokens.items():
+        doc = out.setdefault(model, {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0})
+        if kind in ("input", "output"):
+            doc[f"{kind}_tokens"] += n
+    for (model, _board), dollars in cost.items():
+        doc = out.setdefault(model, {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0})
+        doc["cost_usd"] = round(doc["cost_usd"] + dollars, 6)
+    return dict(sorted(out.items()))
 
 
 def _models(broker: HealthSource, inflight: dict[Any, Any], failures: dict[Any, Any], now: float) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from clawq.broker import BreakerStatus, Broker
 from clawq.broker.stats import CLAIM_TO_START_BUCKETS, bucket_field, observe_claim_to_start
 from clawq.broker.translate import redis_errors
+from clawq.broker.usage import read_usage_stats
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -129,6 +130,9 @@ class ClawqCollector:
         yield from _board_metrics(health["boards"], stats)
         yield from _model_metrics(health["models"], health["providers"], stats)
         yield from _claim_metrics(stats)
+        with redis_errors("Redis"):
+            tokens, cost = read_usage_stats(self.broker.client, self.broker.keys)
+        yield from _agent_metrics(tokens, cost)
 
 
 def _board_metrics(boards: dict[str, Any], stats: Stats) -> Iterator[Metric]:
@@ -198,6 +202,20 @@ def _claim_metrics(stats: Stats) -> Iterator[Metric]:
     buckets, total = histogram_buckets(stats.claim_to_start)
     yield HistogramMetricFamily("clawq_claim_to_start_seconds", "Seconds from a claim to its run starting.",
                                 buckets=buckets, sum_value=total)
+
+
+def _agent_metrics(tokens: dict[tuple[str, str, str], int], cost: dict[tuple[str, str], float]) -> Iterator[Metric]:
+    from prometheus_client.metrics_core import CounterMetricFamily
+
+    tok = CounterMetricFamily("clawq_agent_tokens", "Tokens the agent CLIs reported, by model, board and kind "
+                              "(input, output).", labels=["model", "board", "kind"])
+    for (model, board, kind), n in sorted(tokens.items()):
+        tok.add_metric([model, board, kind], n)
+    usd = CounterMetricFamily("clawq_agent_cost_usd", "US dollars the agent CLIs reported, by model and board.",
+                              labels=["model", "board"])
+    for (model, board), dollars in sorted(cost.items()):
+        usd.add_metric([model, board], dollars)
+    yield from (tok, usd)
 
 
 def make_registry(broker: Broker) -> CollectorRegistry:

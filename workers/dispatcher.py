@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from clawq.broker import Broker, Claim, Deadlines, NothingToClaim, RedisUnavailable
+from clawq.broker.config import Config, next_local_time
 from clawq.broker.schedules import Schedules
 
 from .notify import Notifiers, notifiers_from
@@ -82,8 +83,23 @@ class AgentGate:
             self.notifiers.send("agent_not_ready", f"clawq: agent runtime not ready, claims held ({why})")
 
 
-def summary_line(health: dict[str, Any], skips: dict[str, int]) -> str:
-    """One line for humans: mode, cap, in progress, queued, free slots, why waiting, models busy/cooling."""
+def night_start(cfg: Config, now: float) -> float:
+    """When "tonight" began: the most recent start of the night window (the last 24 h without night mode)."""
+    if cfg.night_mode is None:
+        return now - 86400
+    return next_local_time(cfg.night_mode.start, now - 86400, cfg.night_mode.timezone)
+
+
+def _cost_part(cost: dict[str, float] | None) -> str:
+    if not cost:
+        return ""
+    per_model = ", ".join(f"{m} ${c:.2f}" for m, c in sorted(cost.items(), key=lambda kv: -kv[1]))
+    return f" · cost tonight: ${sum(cost.values()):.2f} ({per_model})"
+
+
+def summary_line(health: dict[str, Any], skips: dict[str, int], cost: dict[str, float] | None = None) -> str:
+    """One line for humans: mode, cap, in progress, queued, free slots, why waiting, models busy/cooling, and
+    what the agents cost since the night window opened (``cost``: dollars per model)."""
     g = health["global"]
     queued = sum(b["queue_depth"] for b in health["boards"].values())
     free = max(0, g["max_concurrent"] - g["in_progress"])
@@ -94,7 +110,7 @@ def summary_line(health: dict[str, Any], skips: dict[str, int]) -> str:
                         for m, s in health["models"].items() if s["cooldown_remaining_s"]) or "-"
     mode = "night" if g["night"] else "day"
     return (f"clawq {mode}: cap {g['max_concurrent']}, {g['in_progress']} in progress, {queued} queued, "
-            f"{free} free · waiting: {top} · models: {busy} · cooling: {cooling}")
+            f"{free} free · waiting: {top} · models: {busy} · cooling: {cooling}{_cost_part(cost)}")
 
 
 @dataclass
@@ -213,10 +229,42 @@ class Dispatcher:
         interval_ms = int(self.broker.config().notify.summary_interval_minutes * 60_000)
         if self.broker.client.set(self.broker.keys.summary_lock, "1", nx=True, px=max(1, interval_ms)):
             assert self.notifiers is not None
-            self.notifiers.send("summary", summary_line(health, self.last_skips), {"health": health})
+            cost = self.broker.cost_since(night_start(self.broker.config(), self.broker.now()))
+            self.notifiers.send("summary", summary_line(health, self.last_skips, cost),
+                                {"health": health, "cost_tonight": cost})
             self._due = due.model_copy(update={"summary_lock_s": interval_ms / 1000})
 
+    def _model_alert(self, event: dict[str, Any]) -> None:
+        """One alert per cooldown of a model whose agent cannot run (auth, agent_config), however many of its
+        runs hit it (the lock lives as long as the cooldown)."""
+        model = str(event.get("model", "-"))
+        minutes = self.broker.config().watchdog.auth_cooldown_minutes
+        if not self.broker.client.set(self.broker.keys.notified_model("auth", model), "1", nx=True,
+                                      ex=max(1, int(minutes * 60))):
+            return
+        assert self.notifiers is not None
+        what = "is not logged in or its key was refused" if event.get("type") == "auth" else "cannot be started"
+        text = (f"clawq: the agent of model {model} {what}; {model} cools for {minutes:g} min and its tasks move "
+                f"down their chains: {event.get('message', '')}")
+        self.notifiers.send("agent_auth", text.strip(), {"model": model, "event": event})
+
+    def _workdir_alert(self, event: dict[str, Any]) -> None:
+        """The board's workdir is missing: its run was released and the board paused (once per event)."""
+        if not self.broker.client.set(self.broker.keys.notified(event["id"]), "1", nx=True, ex=_ALERT_TTL_S):
+            return
+        assert self.notifiers is not None
+        text = (f"clawq: board {event.get('board')} paused: {event.get('message', '')}; task {event.get('task_id')} "
+                f"waits (no attempt used). Create the directory or fix boards.{event.get('board')}.workdir, then "
+                f"clawq resume {event.get('board')}")
+        self.notifiers.send("workdir_missing", text, {"board": event.get("board"), "event": event})
+
     def _alert(self, event: dict[str, Any]) -> None:
+        if event.get("type") in ("auth", "agent_config"):
+            self._model_alert(event)
+            return
+        if event.get("type") == "released" and event.get("reason") == "workdir_missing":
+            self._workdir_alert(event)
+            return
         kind = _alert_kind(event)
         if kind is None or not self.broker.client.set(self.broker.keys.notified(event["id"]), "1", nx=True,
                                                        ex=_ALERT_TTL_S):
