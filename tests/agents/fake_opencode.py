@@ -40,7 +40,7 @@ def main() -> int:
         print("1.4.2")
         return 0
     stdin = "" if sys.stdin.isatty() else sys.stdin.read()
-    prompt = " ".join(ns.words[1:]) + ("\n" + stdin if stdin else "")
+    prompt = "\n".join(p for p in (" ".join(ns.words[1:]), stdin) if p)
     if not prompt.strip():
         print("You must provide a message or a command", file=sys.stderr)
         return 1
