@@ -419,3 +419,20 @@ def test_fake_cli_resumes_its_session(preset: str, tmp_path: Path) -> None:
     assert isinstance(got, Done) and second["native"].session_id == sid and second["call"]["session"] == sid
     missing, code, _ = _run_fake(preset, "done", tmp_path, session="no-such-session")
     assert isinstance(missing, Failed) and code != 0
+
+
+# -- the night's cost in the periodic summary --------------------------------------------------------------------
+def test_summary_line_says_what_tonight_cost_since_the_window_opened() -> None:
+    from clawq.broker.config import Config
+    from clawq.broker.usage import cost_since
+    from clawq.workers.dispatcher import night_start, summary_line
+
+    health = {"global": {"max_concurrent": 8, "in_progress": 1, "night": True}, "boards": {}, "models": {}}
+    line = summary_line(health, {}, {"opus": 1.5, "codex": 0.25})
+    assert line.endswith("· cost tonight: $1.75 (opus $1.50, codex $0.25)")
+    assert "cost tonight" not in summary_line(health, {}, {})
+    cfg = Config.model_validate({"night_mode": {"timezone": "UTC", "start": "23:00", "end": "08:00"}})
+    assert night_start(cfg, NOW) == NOW - 23 * 3600  # 22:00 UTC: the window opened yesterday at 23:00
+    assert night_start(cfg, NOW + 2 * 3600) == NOW + 3600  # 00:00: tonight's window opened at 23:00
+    hourly = {f"{int(NOW - 7200)}|opus": "1.0", f"{int(NOW)}|opus": "0.5", f"{int(NOW)}|codex": "0.25", "junk": "9"}
+    assert cost_since(hourly, NOW - 60) == {"opus": 0.5, "codex": 0.25}

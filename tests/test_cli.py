@@ -381,7 +381,7 @@ def test_health_json_shape(run: Run) -> None:
     add(run, "b1")
     claim(run)
     doc = ok(run, "health")
-    assert set(doc) == {"global", "boards", "models", "providers", "recent_errors"}
+    assert set(doc) == {"global", "boards", "models", "providers", "usage", "recent_errors"}
     cap, night = Config().global_cap_at(time.time())
     assert doc["global"] == {"max_concurrent": cap, "in_progress": 1, "night": night, "scheduled": 0}
     board = doc["boards"]["b1"]
@@ -393,7 +393,7 @@ def test_health_json_shape(run: Run) -> None:
     assert (doc["models"]["codex"]["inflight"], doc["models"]["codex"]["cap"]) == (1, 2)
     assert doc["providers"]["openai"] == {"inflight": 1, "cap": 3, "breaker": {
         "state": "closed", "remaining_s": 0.0, "until": None, "cause": None, "probe_task": None}}
-    assert doc["recent_errors"] == []
+    assert doc["recent_errors"] == [] and doc["usage"] == {}
 
 
 def test_health_json_has_the_contract_keys(run: Run) -> None:

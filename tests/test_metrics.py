@@ -35,7 +35,8 @@ GAUGES = {
     "clawq_board_scheduled", "clawq_model_inflight", "clawq_model_cap", "clawq_provider_inflight", "clawq_provider_cap",
     "clawq_model_cooldown_remaining_seconds", "clawq_provider_breaker_state",
 }
-COUNTERS = {"clawq_board_completed", "clawq_model_failures", "clawq_skips", "clawq_claims"}
+COUNTERS = {"clawq_board_completed", "clawq_model_failures", "clawq_skips", "clawq_claims", "clawq_agent_tokens",
+            "clawq_agent_cost_usd"}
 
 
 @pytest.fixture
