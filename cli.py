@@ -248,11 +248,12 @@ def show(obj: Ctx, task_id: int) -> None:
     lines = [f"task {task.task_id} [{task.status.value}] on {task.board}: {_clean(task.title)}",
              f"  chain {task.chain or '-'}  model {task.model or '-'}  runs {task.run_count}  "
              f"attempts {task.attempts}"]
-    if task.due_at is not None or task.not_before is not None or task.night_only:
+    if task.due_at is not None or task.not_before is not None or task.night_only or task.schedule:
         lines.append("  " + "  ".join(part for part in (
             f"due {_when(task.due_at)}" if task.due_at is not None else "",
             f"not before {_when(task.not_before)}" if task.not_before is not None else "",
-            "night-only" if task.night_only else "") if part))
+            "night-only" if task.night_only else "",
+            f"from schedule {task.schedule}" if task.schedule else "") if part))
     lines += [f"  run {r.get('run_id')} {r.get('model')} -> {r.get('outcome', 'running')}{_run_usage(r)}"
               for r in task.runs]
     if task.last_error:

@@ -288,3 +288,15 @@ def test_a_schedule_listed_without_its_hash_is_dropped_not_fired_for_ever(broker
     at_utc(clock, 23)
     assert [f.outcome for f in Schedules(broker).fire_due()] == ["gone"]
     assert Schedules(broker).fire_due() == [] and broker.deadlines().schedule is None
+
+
+def test_a_schedule_whose_chain_left_the_config_records_its_firings_as_failed(broker: Broker, clock: Clock) -> None:
+    broker.load_config(config())
+    at_utc(clock, 12)
+    sid = Schedules(broker).add("0 23 * * *", "infra", "nightly", chain="bulk").schedule_id
+    chains = {k: v for k, v in config().chains.items() if k != "bulk"}
+    broker.load_config(config(chains=chains))
+    t23 = at_utc(clock, 23)
+    assert [f.outcome for f in Schedules(broker).fire_due()] == ["failed"]
+    assert broker.list_tasks() == [] and Schedules(broker).get(sid).next_fire == t23 + DAY
+    assert [e["type"] for e in broker.events(count=100)][-1] == "schedule_failed"

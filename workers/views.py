@@ -13,18 +13,19 @@ from clawq.broker import Broker
 
 __all__ = ["LiveView", "print_report", "queue_view"]
 
-_EVENT_TYPES = ("claimed", "completed", "follow_up", "failed", "timeout", "rate_limit", "quota_reached", "released")
+_EVENT_TYPES = ("claimed", "completed", "follow_up", "failed", "timeout", "rate_limit", "quota_reached", "released",
+                "due", "schedule_skipped", "schedule_missed")
 
 
 def _boards_table(health: dict[str, Any]) -> Table:
     table = Table(title="boards", expand=False)
-    for col in ("board", "done/h", "queued", "running", "why waiting"):
+    for col in ("board", "done/h", "queued", "scheduled", "running", "why waiting"):
         table.add_column(col)
     for name, b in health["boards"].items():
         run = b.get("running")
         running = f"#{run['task_id']} {run['model']} {run['elapsed_s'] or 0:.0f}s" if run else "-"
-        table.add_row(name, str(b["completed_last_hour"]), str(b["queue_depth"]), running,
-                      b.get("why_waiting", b["state"]))
+        table.add_row(name, str(b["completed_last_hour"]), str(b["queue_depth"]), str(b.get("scheduled", 0)),
+                      running, b.get("why_waiting", b["state"]))
     return table
 
 
