@@ -82,6 +82,8 @@ def check_table(doc: dict[str, Any]) -> str:
     for model, d in doc["models"].items():
         found = d["path"] or ("-" if d["runner"] in ("python", "simulated") else "MISSING")
         version = d["version"] if d["error"] is None else f"{d['version'] or ''} ({d['error']})".strip()
+        if d.get("env_from_missing_here"):
+            version = f"{version or ''} (not set here: {', '.join(d['env_from_missing_here'])})".strip()
         rows.append((model, d["runner"], d["bin"] or "-", found, version or "-"))
     lines = _columns(rows)
     if doc["boards"]:
