@@ -387,12 +387,12 @@ def test_the_night_cap_applies_by_the_clock(broker: Broker, clock: FakeClock) ->
                                      "night_mode": {"global_max_concurrent": 2}}))
     _add_boards(broker, 3)
     clock.t = local_ts(BA, 2025, 6, 10, 12, 0)
-    assert broker.health()["global"] == {"max_concurrent": 1, "in_progress": 0, "night": False}
+    assert broker.health()["global"] == {"max_concurrent": 1, "in_progress": 0, "night": False, "scheduled": 0}
     broker.claim()
     with pytest.raises(NothingToClaim):
         broker.claim()
     clock.t = local_ts(BA, 2025, 6, 11, 3, 0)
-    assert broker.health()["global"] == {"max_concurrent": 2, "in_progress": 1, "night": True}
+    assert broker.health()["global"] == {"max_concurrent": 2, "in_progress": 1, "night": True, "scheduled": 0}
     broker.claim()
     with pytest.raises(NothingToClaim) as exc:
         broker.claim()
