@@ -47,7 +47,14 @@ if follow_up and run_count >= max_runs then
   note = "follow-up limit reached (" .. run_count .. " runs): sent to in_review"
 end
 
-end_run(K, P, id, t, now, follow_up and "follow_up" or "done", note)
+-- One HSET of the task hash: the run's end, the outcome's figures and the task's next place.
+local requeued = follow_up and note == ""
+local fields = {"run_count", run_count, "attempts", 0, "last_digest", run_id .. "|" .. ARGV[9],
+                "last_summary", ARGV[7]}
+for _, v in ipairs(requeued and requeue_fields(now, 0) or finish_fields(now, "in_review")) do
+  fields[#fields + 1] = v
+end
+end_run(K, P, id, t, now, follow_up and "follow_up" or "done", note, fields)
 local entry = cjson.decode(ARGV[8])
 entry.run_id = run_id
 entry.run_count = run_count
@@ -56,21 +63,19 @@ entry.summary = ARGV[7]
 entry.at = now / 1000
 if follow_up then entry.next_prompt = ARGV[6] end
 rcall("RPUSH", context_key(P, id), cjson.encode(entry))
-rcall("HSET", task_key(P, id), "run_count", run_count, "attempts", 0, "last_digest", run_id .. "|" .. ARGV[9],
-      "last_summary", ARGV[7])
 rcall("HINCRBY", K.stats_completed, t.board, 1)
 rcall("ZADD", done_key(P, t.board), now, run_id)
 rcall("ZREMRANGEBYSCORE", done_key(P, t.board), "-inf", now - 86400000)
 
 local status
-if follow_up and note == "" then
+if requeued then
   status = "up_next"
-  requeue(K, P, id, t, now, 0)
+  requeue(K, P, id, t, now, 0, true)
   emit(K, now, "follow_up", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                              "run_id", run_id, "run_count", run_count, "message", ARGV[7]})
 else
   status = "in_review"
-  finish(K, P, id, t, now, "in_review", K.in_review)
+  finish(K, P, id, t, now, "in_review", K.in_review, true)
   emit(K, now, "completed", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                              "run_id", run_id, "run_count", run_count, "message", note ~= "" and note or ARGV[7]})
 end

@@ -403,8 +403,9 @@ end
 
 -- End the active run of in-progress task `id`: its lease, counters and board slot are
 -- released and its history entry closed with `outcome`. The task is left nowhere: the
--- caller puts it in its next place in the same script.
-local function end_run(K, P, id, t, now, outcome, detail)
+-- caller puts it in its next place in the same script. fields (optional): more task hash
+-- fields, name, value, ..., written with the run's own in one HSET.
+local function end_run(K, P, id, t, now, outcome, detail, fields)
   rcall("ZREM", K.running, id)
   inflight_down(K, t.model, t.provider)
   rcall("HDEL", board_key(P, t.board), "running")
@@ -419,7 +420,7 @@ local function end_run(K, P, id, t, now, outcome, detail)
     rcall("LSET", rk, -1, string.sub(raw, 1, -2) .. tail .. "}")
   end
   rcall("HDEL", task_key(P, id), "run_id", "lease_deadline")
-  rcall("HSET", task_key(P, id), "last_run_id", t.run_id, "updated_at", int(now))
+  rcall("HSET", task_key(P, id), "last_run_id", t.run_id, "updated_at", int(now), unpack(fields or {}))
 end
 
 -- Scheduled tasks: `scheduled` (ZSET id -> due ms) holds every task that waits for its not-before time
@@ -449,9 +450,11 @@ local function new_task(K, P, now, spec)
   end
   local id
   if spec.id == "" then
-    id = num(rcall("GET", K.task_seq), 0) + 1
-    if id >= 100000000000000 then return {3, "task ids are exhausted (they stay below 10**14)"} end
-    rcall("SET", K.task_seq, int(id))
+    id = rcall("INCR", K.task_seq)
+    if id >= 100000000000000 then
+      rcall("DECR", K.task_seq)  -- refused: task_seq as it was
+      return {3, "task ids are exhausted (they stay below 10**14)"}
+    end
   else
     id = tonumber(spec.id)
     if rcall("EXISTS", task_key(P, spec.id)) == 1 then return {4, id} end
@@ -476,25 +479,38 @@ local function new_task(K, P, now, spec)
   else
     rcall("ZADD", queue_key(P, board), id, sid)
     if spec.night == "1" then rcall("ZADD", K.night_queued, id, sid) end
-    reindex_board(K, P, board, now)
+    -- Behind a lower id the board's head, so its index, is unchanged: only a new head re-indexes it.
+    if rcall("ZRANK", queue_key(P, board), sid) == 0 then reindex_board(K, P, board, now) end
   end
   emit(K, now, "added", {"task_id", sid, "board", board, "chain", spec.chain, "model", spec.pinned,
                          "status", status, "due", due and due > now and int(due) or nil, "schedule", spec.schedule})
   return {0, id, status}
 end
 
+-- The task hash fields of a task back in its queue (requeue writes them unless its caller did).
+local function requeue_fields(now, backoff_until)
+  return {"status", "up_next", "backoff_until", int(backoff_until), "queued_at", int(now)}
+end
+
 -- Back to the board's queue, scored by its id: it is the head again if nothing lower waits.
-local function requeue(K, P, id, t, now, backoff_until)
+-- written: the caller already wrote requeue_fields (with end_run's, in one HSET).
+local function requeue(K, P, id, t, now, backoff_until, written)
   rcall("ZADD", queue_key(P, t.board), id, id)
-  rcall("HSET", task_key(P, id), "status", "up_next", "backoff_until", int(backoff_until), "queued_at", int(now))
+  if not written then rcall("HSET", task_key(P, id), unpack(requeue_fields(now, backoff_until))) end
   reindex_board(K, P, t.board, now)
+end
+
+-- The task hash fields of a task in final place `status` (finish writes them unless its caller did).
+local function finish_fields(now, status)
+  return {"status", status, "finished_at", int(now)}
 end
 
 -- A final place: in_review, failed or cancelled (each a ZSET of id -> time). An unfinished
 -- task (scheduled, up_next, in_progress) stops counting in refs, the uses of its chain key.
-local function finish(K, P, id, t, now, status, place)
+-- written: the caller already wrote finish_fields.
+local function finish(K, P, id, t, now, status, place, written)
   rcall("ZADD", place, now, id)
-  rcall("HSET", task_key(P, id), "status", status, "finished_at", int(now))
+  if not written then rcall("HSET", task_key(P, id), unpack(finish_fields(now, status))) end
   if t.status == "up_next" or t.status == "in_progress" or t.status == "scheduled" then
     counter_down(K.refs, t.ck)
   end
