@@ -615,9 +615,10 @@ def health(obj: Ctx) -> None:
     doc = obj.broker().health()
     g = doc["global"]
     lines = [f"{'night' if g['night'] else 'day'}: {g['in_progress']}/{g['max_concurrent']} in progress"]
+    lines += _namespace_lines(doc.get("namespace") or {})
     for name, bd in doc["boards"].items():
         lines.append(f"  board {name:<16} queued {bd['queue_depth']:>4}  running {bd['in_progress']}  "
-                     f"done/h {bd['completed_last_hour']:>3}  {bd['state']}")
+                     f"done/h {bd['completed_last_hour']:>3}  {bd.get('why_waiting', bd['state'])}")
     for name, m in doc["models"].items():
         cool = f"  cooling {m['cooldown_remaining_s']:.0f}s" if m["cooldown_remaining_s"] else ""
         lines.append(f"  model {name:<16} {m['inflight']}/{m['cap'] if m['cap'] is not None else '-'}"
@@ -653,6 +654,16 @@ def agents_check(obj: Ctx) -> None:
     emit(obj, doc, check_table(doc))
     if not doc["ok"]:
         sys.exit(1)
+
+
+def _namespace_lines(ns: dict[str, Any]) -> list[str]:
+    """What health and doctor say about the namespace itself: re-created after a wipe, and when."""
+    again = ns.get("recreated")
+    if not again:
+        return []
+    return [f"  WARNING namespace {ns.get('name')} was re-created at {_when(again['at'])}: it was wiped (Redis "
+            f"restarted without persistence, failed over to an empty replica, or was flushed) and every task of "
+            f"{again.get('previous_id') or '?'} was lost; noticed by {again.get('noticed_by') or '?'}"]
 
 
 # -- running -------------------------------------------------------------------------------------------
@@ -770,7 +781,8 @@ def _interrupt(signum: int, frame: object) -> None:
 def doctor(obj: Ctx, repair: bool) -> None:
     """Check every queue invariant; --repair rebuilds counters, indexes and refs. Exit 1 if problems remain."""
     doc = obj.broker().doctor(repair=repair)
-    lines = [f"problem: {p}" for p in doc["problems"]]
+    lines = [f"note: {n}" for n in doc.get("notes", [])]
+    lines += [f"problem: {p}" for p in doc["problems"]]
     lines += [f"repaired: {f}" for f in doc["repaired"]]
     if repair:
         lines += [f"remaining: {p}" for p in doc["remaining"]]

@@ -6,6 +6,7 @@ rule of its own (those live in ``lua/``), only argument checks, time, and the ma
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ from .errors import (
     ClawqError,
     ConfigError,
     InputError,
+    NamespaceWiped,
     NothingToClaim,
     RedisUnavailable,
     SchemaMismatch,
@@ -45,6 +47,7 @@ from .errors import (
     error_for,
 )
 from .health import collect_health
+from .identity import MetaFields, NamespaceInfo, new_identity
 from .keys import Keys
 from .models import Added, Claim, Completion, Deadlines, Outcome, Task, TaskStatus
 from .redact import redact_url
@@ -94,6 +97,10 @@ class Broker:
         self._config: Config | None = None
         self._config_version = ""
         self._ready = False
+        self._identity: str | None = None  #: the namespace id this broker knows (None: none seen yet)
+        self._stored_config: Config | None = None  #: the last config read from Redis that was stored there
+        #: called with every NamespaceWiped this broker notices (a daemon logs it); see :meth:`_observe_identity`
+        self.on_wipe: Callable[[NamespaceWiped], None] | None = None
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "default", *, lean: bool = False, **kwargs: Any) -> Broker:
@@ -112,11 +119,81 @@ class Broker:
 
     # -- setup -----------------------------------------------------------------------------------
     def connect(self) -> None:
-        """Check the namespace's schema version (a new namespace is written on its first change)."""
+        """Check the namespace's schema version and learn its identity (a new namespace is written on its
+        first change; a namespace written before identities gets one now)."""
         with redis_errors(self._where):
-            found = self.client.hget(self.keys.meta, "schema_version")
+            found, ident = self.client.hmget(self.keys.meta, [MetaFields.SCHEMA, MetaFields.ID])
         if found is not None:
             self._check_schema(found)
+            if ident is None:
+                ident = self._write_identity()
+        self._identity = None if ident is None else to_str(ident)
+
+    @property
+    def identity(self) -> str | None:
+        """The namespace id this broker knows (None before it saw one)."""
+        return self._identity
+
+    def _write_identity(self, extra: dict[str, Any] | None = None) -> str:
+        """Give the namespace its id and creation time unless it has them (and ``extra`` meta fields, always);
+        returns the id it has. One MULTI: concurrent writers agree on the first id."""
+        with redis_errors(self._where):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hsetnx(self.keys.meta, MetaFields.SCHEMA, SCHEMA_VERSION)
+            pipe.hsetnx(self.keys.meta, MetaFields.ID, new_identity())
+            pipe.hsetnx(self.keys.meta, MetaFields.CREATED_AT, _ms(self.now()))
+            if extra:
+                pipe.hset(self.keys.meta, mapping=cast(Any, extra))
+            pipe.hmget(self.keys.meta, [MetaFields.SCHEMA, MetaFields.ID])
+            *_, (schema, ident) = pipe.execute()
+        self._check_schema(schema)
+        return to_str(ident)
+
+    def _observe_identity(self, found: Any, *, strict: bool) -> None:
+        """Compare the namespace id just read with the one this broker knows. A change (or a vanished id)
+        means the namespace was wiped: tell ``on_wipe``, remember the new id (so it is said once), and raise
+        NamespaceWiped when ``strict`` (a caller about to act on the namespace must stop and recover)."""
+        current = None if found is None else to_str(found)
+        known = self._identity
+        if known is None or current == known:
+            self._identity = current if known is None else known
+            return
+        self._identity = current
+        err = NamespaceWiped(self.namespace, known, current, self._stored_config)
+        if self.on_wipe is not None:
+            self.on_wipe(err)
+        if strict:
+            raise err
+
+    def namespace_info(self) -> NamespaceInfo:
+        """What the ``meta`` hash says: id, creation time, and whether (and when) the namespace was re-created."""
+        with redis_errors(self._where):
+            meta = texts(self.client.hgetall(self.keys.meta))
+        self._observe_identity(meta.get(MetaFields.ID), strict=False)
+        return NamespaceInfo.from_meta(meta)
+
+    def recreate(self, previous: str, config: Config | None, noticed_by: str) -> str:
+        """After a wipe: set the namespace up again, record that it was re-created (when, from which id, by
+        whom), and restore ``config`` (the last one this process knew) unless someone stored another since
+        (a config other than the defaults that a fresh command seeds). Never seeds the defaults itself.
+        Returns what it did with the config, for the log."""
+        ident = self._write_identity({MetaFields.RECREATED_AT: _ms(self.now()), MetaFields.PREVIOUS_ID: previous,
+                                      MetaFields.NOTICED_BY: noticed_by})
+        self._identity = ident
+        self._ready = True
+        self._config = None
+        with redis_errors(self._where):
+            raw = self.client.get(self.keys.config)
+        if config is None:
+            return "no config to restore (this process never read a stored one)"
+        if raw is None:
+            version = self._store_config(config, only_if_absent=True)
+            return f"restored the last config it knew (now version {version})"
+        current = parse_config(json.loads(text(raw)))
+        if current == DEFAULT_CONFIG and config != DEFAULT_CONFIG:
+            version = self._store_config(config, only_if_absent=False)
+            return f"restored the last config it knew over the defaults a command seeded (now version {version})"
+        return "kept the config stored since the wipe" if current != config else "the config was restored already"
 
     def _check_schema(self, found: Any) -> None:
         if str(text(found)) != str(SCHEMA_VERSION):
@@ -126,15 +203,16 @@ class Broker:
             )
 
     def _ensure_ready(self) -> None:
-        """Before the first change: write the schema version and the seed config if there are none."""
+        """Before the first change: write the schema version, the identity and the seed config if there are
+        none. Done once per broker: a broker that set a namespace up (or saw its config) never seeds it again,
+        so a namespace wiped under a running process is noticed (:meth:`_observe_identity`), not re-seeded."""
         if self._ready:
             return
         if self._config is not None and self._config_version:  # a stored config: the namespace exists
             self._ready = True
             return
-        with redis_errors(self._where):
-            self.client.hsetnx(self.keys.meta, "schema_version", SCHEMA_VERSION)
-            self._check_schema(self.client.hget(self.keys.meta, "schema_version"))
+        ident = self._write_identity()
+        self._observe_identity(ident, strict=True)
         self._store_config(DEFAULT_CONFIG, only_if_absent=True)
         self._ready = True
 
@@ -166,19 +244,24 @@ class Broker:
         self._config = None
 
     def _reload_config(self) -> None:
+        """Read the stored config, its version and the namespace id (one MULTI); raises NamespaceWiped (after
+        taking what is there now) when the namespace this broker knew is gone."""
         with redis_errors(self._where):
             pipe = self.client.pipeline(transaction=True)
             pipe.get(self.keys.config)
             pipe.hget(self.keys.cfg_settings, "version")
-            raw, version = pipe.execute()
+            pipe.hget(self.keys.meta, MetaFields.ID)
+            raw, version, ident = pipe.execute()
         if raw is None:  # nothing stored yet: the seed applies (written on the first change)
             self._config, self._config_version = DEFAULT_CONFIG, ""
-            return
-        try:
-            self._config = parse_config(json.loads(text(raw)))
-        except (ValueError, ConfigError) as err:
-            raise ScriptError(f"the config stored in Redis is unreadable: {err}") from None
-        self._config_version = str(text(version))
+        else:
+            try:
+                self._config = parse_config(json.loads(text(raw)))
+            except (ValueError, ConfigError) as err:
+                raise ScriptError(f"the config stored in Redis is unreadable: {err}") from None
+            self._config_version = str(text(version))
+            self._stored_config = self._config
+        self._observe_identity(ident, strict=True)
 
     def load_config(self, config: Config) -> int:
         """Make ``config`` the effective config of the namespace; returns its version."""
@@ -203,6 +286,8 @@ class Broker:
         if status is not Status.OK:
             raise error_for(status, 0, "", str(reply[1]))
         self._config = None
+        if not only_if_absent:
+            self._stored_config = config  # what a restore after a wipe gives back
         return int(reply[1])
 
     # -- tasks -----------------------------------------------------------------------------------
@@ -755,7 +840,8 @@ class Broker:
         return self.deadlines().next
 
     def deadlines(self) -> Deadlines:
-        """Lease, backoff and cooldown ends and the summary lock's time left, in one round trip."""
+        """Lease, backoff and cooldown ends and the summary lock's time left, in one round trip (the dispatcher's
+        read per wake). It also checks the namespace id: raises NamespaceWiped when it changed."""
         with redis_errors(self._where):
             pipe = self.client.pipeline(transaction=False)
             pipe.zrange(self.keys.running, 0, 0, withscores=True)
@@ -764,7 +850,9 @@ class Broker:
             pipe.pttl(self.keys.summary_lock)
             pipe.zrange(self.keys.scheduled, 0, 0, withscores=True)
             pipe.zrange(self.keys.schedules, 0, 0, withscores=True)
-            lease, backoff, blocked, pttl, scheduled, schedules = pipe.execute()
+            pipe.hget(self.keys.meta, MetaFields.ID)
+            lease, backoff, blocked, pttl, scheduled, schedules, ident = pipe.execute()
+        self._observe_identity(ident, strict=True)
         now_ms = self.now() * 1000
         cooling = [int(str(text(v)).partition("|")[0]) for f, v in blocked.items()
                    if to_str(f)[:2] in ("c:", "o:")]
@@ -780,7 +868,9 @@ class Broker:
 
     def health(self) -> dict[str, Any]:
         with redis_errors(self._where):
-            return collect_health(self)
+            doc = collect_health(self)
+        doc["namespace"] = {"name": self.namespace, **self.namespace_info().doc()}
+        return doc
 
     def doctor(self, repair: bool = False) -> dict[str, Any]:
         """Check every invariant (one atomic script); with ``repair`` rebuild the derived state.
@@ -798,7 +888,11 @@ class Broker:
         remaining = found.problems
         if repair and found.problems:
             remaining = run(False).problems
-        return doctor_report(found, remaining)
+        report = doctor_report(found, remaining)
+        info = self.namespace_info()  # not a problem to repair, but what happened: a wipe, and when
+        line = info.recreated_line(_iso(info.recreated_at)) if info.recreated_at is not None else None
+        report["notes"] = [line] if line else []
+        return report
 
     def _task_hash_ids(self) -> list[int]:
         """The id of every task hash, found with SCAN (no index lists every task; SCAN never blocks Redis)."""
@@ -828,6 +922,11 @@ def _translated(err: Exception, where: str) -> ClawqError:
     except ClawqError as translated:
         return translated
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _iso(ts: float) -> str:
+    """Epoch seconds as an ISO 8601 UTC time (for reports)."""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds")
 
 
 def _glob_escape(text: str) -> str:

@@ -16,7 +16,9 @@ __all__ = [
     "DuplicateTask",
     "InputError",
     "InvalidState",
+    "NamespaceWiped",
     "NothingToClaim",
+    "RedisOutOfMemory",
     "RedisUnavailable",
     "RunFenced",
     "SchemaMismatch",
@@ -118,6 +120,30 @@ class RunFenced(ClawqError):
 
 class RedisUnavailable(ClawqError):
     """Redis could not be reached."""
+
+
+class RedisOutOfMemory(ClawqError):
+    """Redis refused a write: it is at its ``maxmemory`` under the ``noeviction`` policy (nothing was written)."""
+
+
+class NamespaceWiped(ClawqError):
+    """The namespace this process knew is gone: its identity (``meta`` ``id``) changed or vanished.
+
+    A Redis restart without persistence, a failover to an empty replica or a FLUSHALL does that. ``previous``
+    is the identity this process knew, ``current`` the one found now (None: the namespace is empty), and
+    ``last_config`` the last config this process read from it (None if it never read a stored one).
+    """
+
+    def __init__(self, namespace: str, previous: str, current: str | None, last_config: object = None) -> None:
+        now = f"re-created as {current}" if current else "empty"
+        super().__init__(
+            f"namespace {namespace!r} was wiped (it was {previous}, it is now {now}): Redis restarted without "
+            "persistence, failed over to an empty replica, or was flushed; every task it held is gone"
+        )
+        self.namespace = namespace
+        self.previous = previous
+        self.current = current
+        self.last_config = last_config
 
 
 class SchemaMismatch(ClawqError):

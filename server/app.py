@@ -557,6 +557,7 @@ def serve(
         broker = connect_when_ready(redis_url, namespace, on_wait=lambda err: say(f"clawq serve: {err}; waiting "
                                                                                  "for Redis to answer"))
         assert broker is not None  # no stop event: it waits until Redis answers
+        broker.on_wipe = lambda err: say(f"clawq serve: NAMESPACE WIPED: {err}")
         bound = sock.getsockname()
         say(f"clawq serve: listening on http://{_url_host(host)}:{bound[1]}/ (namespace {namespace}, "
             f"Redis {redact_url(redis_url)})")

@@ -82,7 +82,7 @@ def repaired(broker: Broker, *expected: str) -> dict[str, Any]:
     assert doc["ok"], doc
     assert doc["problems"] and set(doc["problems"]) <= set(found["problems"])  # no cascade after a fix
     assert doc["repaired"] and doc["remaining"] == []
-    assert broker.doctor() == {"ok": True, "problems": [], "repaired": [], "remaining": []}
+    assert broker.doctor() == {"ok": True, "problems": [], "repaired": [], "remaining": [], "notes": []}
     check(broker)
     return doc
 
@@ -94,9 +94,9 @@ def test_a_healthy_queue_has_no_problems_and_repair_changes_nothing(
     broker: Broker, clock: Clock, r: redis.Redis
 ) -> None:
     workload(broker, clock)
-    assert broker.doctor() == {"ok": True, "problems": [], "repaired": [], "remaining": []}
+    assert broker.doctor() == {"ok": True, "problems": [], "repaired": [], "remaining": [], "notes": []}
     before = snapshot(r)
-    assert broker.doctor(repair=True) == {"ok": True, "problems": [], "repaired": [], "remaining": []}
+    assert broker.doctor(repair=True) == {"ok": True, "problems": [], "repaired": [], "remaining": [], "notes": []}
     assert snapshot(r) == before
 
 
@@ -298,14 +298,14 @@ def test_cli_json_shape_and_exit_codes(
     workload(broker, clock)
     code, out = clawq(capsys, redis_url, namespace, "doctor", "--json")
     assert code == 0
-    assert json.loads(out) == {"ok": True, "problems": [], "repaired": [], "remaining": []}
+    assert json.loads(out) == {"ok": True, "problems": [], "repaired": [], "remaining": [], "notes": []}
 
     rc(broker).hincrby(broker.keys.inflight_model, "glm", 1)
     rc(broker).zadd(broker.keys.ready_fronts, {"m:opus": 1})
     code, out = clawq(capsys, redis_url, namespace, "doctor", "--json")
     doc = json.loads(out)
     assert code == 1
-    assert set(doc) == {"ok", "problems", "repaired", "remaining"}
+    assert set(doc) == {"ok", "problems", "repaired", "remaining", "notes"}
     assert doc["ok"] is False and len(doc["problems"]) == 2 and doc["repaired"] == []
 
     code, out = clawq(capsys, redis_url, namespace, "doctor")  # text: one line per problem

@@ -211,3 +211,86 @@ def test_serve_on_a_port_in_use_exits_1_in_one_line(server: RedisServer, procs: 
     assert done.returncode == 1, (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert lines == [f"clawq: cannot listen on 127.0.0.1:{port}: Address already in use"], done.stderr
+
+
+# -- item 1: Redis comes back empty ----------------------------------------------------------------------------
+@pytest.fixture
+def volatile() -> Iterator[RedisServer]:
+    """A private system redis-server without persistence: a restart loses everything."""
+    binary = redis_binaries().get("redis7")
+    if binary is None:
+        pytest.skip("needs the system redis-server")
+    with RedisServer(binary, name="volatile") as srv:
+        yield srv
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.timeout(90)
+def test_a_namespace_wiped_by_a_restart_is_noticed_restored_and_its_vanished_runs_stopped(
+        volatile: RedisServer, namespace: str, tmp_path: Path) -> None:
+    procs = Procs(volatile.url, namespace, tmp_path)
+    try:
+        _wiped_night(procs, volatile, namespace, tmp_path)
+    finally:
+        procs.stop()
+
+
+def _wiped_night(procs: Procs, server: RedisServer, namespace: str, tmp_path: Path) -> None:
+    cfg = fault_config(tmp_path, namespace)
+    (tmp_path / "night.yaml").write_text(json.dumps(cfg.model_dump(mode="json")))
+    assert procs.cli("config", "load", str(tmp_path / "night.yaml")).returncode == 0
+    http_port = free_port()
+    procs.start("dispatcher", "dispatch", "--log-level", "INFO")
+    procs.start("worker", "worker", "--name", f"{namespace}-w1", "--log-level", "INFO")
+    procs.start("serve", "serve", "--port", str(http_port))
+    health = f"http://127.0.0.1:{http_port}/api/v1/tasks/queue_health"
+    wait_for(lambda: http_ok(health), 10.0, "serve answers", procs)
+    procs.cli("add", "--board", "web", "--chain", "coding", "--prompt", json.dumps({"dur": 60}), "long run")
+    first = wait_for(lambda: [e for e in _agent_log(tmp_path) if e["ev"] == "start"], 10.0, "the agent starts",
+                     procs)[0]
+
+    server.restart()  # no persistence: the namespace comes back empty
+    time.sleep(0.3)
+    added = procs.cli("add", "--board", "web", "--chain", "coding", "--prompt", json.dumps({"dur": 0.1}),
+                      "after the wipe")
+    assert added.returncode == 0, added.stderr
+    http_ok(health)  # serve reads the namespace: it notices too
+
+    # the dispatcher notices, says so once, restores the config it knew (not the defaults a fresh add seeded)
+    wait_for(lambda: "re-created" in procs.log("dispatcher"), 8.0, "the dispatcher notices the wipe", procs)
+    shown = json.loads(procs.cli("config", "show", "--json").stdout)
+    assert shown["agent"]["command"] == cfg.agent.command and shown["agent"]["queue"] == cfg.agent.queue
+    # the agent whose task vanished is stopped at its next heartbeat (every 4 s here) and reports nothing
+    wait_for(lambda: not _pid_alive(first["pid"]), 10.0, "the vanished run's agent is stopped", procs)
+    # the task added after the wipe runs with the restored config
+    wait_for(lambda: task_status(server, namespace, 1) is TaskStatus.IN_REVIEW, 15.0, "the new task ran", procs)
+    b = Broker.from_url(server.url, namespace)
+    try:
+        runs = b.get_task(1).runs
+        assert [r["run_id"] for r in runs] != [first["run_id"]] and all(r["run_id"] != first["run_id"] for r in runs)
+    finally:
+        b.close()
+    assert not [e for e in _agent_log(tmp_path) if e["ev"] == "end" and e["run_id"] == first["run_id"]]
+
+    # every process kept running, and each says it once
+    assert all(p.poll() is None for p in procs.procs.values()), procs.tails()
+    assert procs.log("dispatcher").count("NAMESPACE WIPED") == 1, procs.log("dispatcher")
+    assert procs.log("serve").count("NAMESPACE WIPED") == 1, procs.log("serve")
+    worker = procs.log("worker")
+    assert worker.count("NAMESPACE WIPED") == 1 and "Traceback" not in worker, worker
+
+    # health and doctor say what happened, and when
+    text = procs.cli("health")
+    assert text.returncode == 0 and "re-created at" in text.stdout, text.stdout + text.stderr
+    doc = json.loads(procs.cli("health", "--json").stdout)
+    again = doc["namespace"]["recreated"]
+    assert again and again["previous_id"] and abs(again["at"] - time.time()) < 60
+    doctor = procs.cli("doctor")
+    assert doctor.returncode == 0 and "note: namespace re-created at" in doctor.stdout, doctor.stdout

@@ -22,7 +22,7 @@ def test_agent_job_carries_board_task_model(broker: Broker, redis_url: str) -> N
         assert job.description == f"clawq web#{claim.task_id} on codex (openai) run 1 attempt 1"
         assert job.meta == {"namespace": broker.namespace, "task_id": claim.task_id, "board": "web",
                             "model": "codex", "provider": "openai", "run_count": 1, "attempt": 1,
-                            "config_version": broker.config_version}
+                            "config_version": broker.config_version, "namespace_id": broker.identity}
         assert broker.config_version  # the version the claim checked: a worker reads the config again only if newer
         assert job.func_name == "clawq.workers.job.run_task"
         assert job.args == (broker.namespace, claim.task_id, claim.run_id)

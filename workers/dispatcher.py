@@ -21,6 +21,8 @@ import redis
 
 from clawq.broker import Broker, Claim, Deadlines, NothingToClaim, RedisUnavailable
 from clawq.broker.config import Config, next_local_time
+from clawq.broker.errors import NamespaceWiped, RedisOutOfMemory
+from clawq.broker.identity import process_name
 from clawq.broker.schedules import Schedules
 
 from .notify import Notifiers, notifiers_from
@@ -304,11 +306,29 @@ class Dispatcher:
                 if outage:
                     log.warning("Redis is reachable again: dispatching resumes")
                 outage = False
-            except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as err:
+            except NamespaceWiped as err:
+                self.recover(err)
+            except (RedisUnavailable, RedisOutOfMemory, redis.ConnectionError, redis.TimeoutError) as err:
                 if not outage:
                     log.error("%s; retrying every %.1fs", err, _RETRY_S)
                 outage = True
                 stop.wait(_RETRY_S)
+
+    def recover(self, wiped: NamespaceWiped) -> None:
+        """The namespace was wiped under this dispatcher: say so loudly (log, and one alert across dispatchers),
+        set it up again with the last config this dispatcher knew (never the defaults), and start afresh.
+        Runs whose tasks vanished stop at their next heartbeat and report nothing."""
+        log.error("NAMESPACE WIPED: %s. Runs of vanished tasks stop at their next heartbeat and report nothing.",
+                  wiped)
+        done = self.broker.recreate(wiped.previous, _config_or_none(wiped.last_config), process_name("dispatch"))
+        log.error("namespace %s re-created: %s", self.broker.namespace, done)
+        lock = self.broker.keys.prefix + f"lock:wiped:{self.broker.identity}"
+        if self.broker.client.set(lock, wiped.previous, nx=True, ex=_ALERT_TTL_S):
+            assert self.notifiers is not None
+            self.notifiers.send("namespace_wiped", f"clawq: {wiped}. The dispatcher {done}.",
+                                {"previous_id": wiped.previous, "id": self.broker.identity})
+        self._cursor, self._due, self._active = "", None, False
+        self._refresh_notifiers()
 
     def _cycle(self, stop: threading.Event) -> None:
         if not self._cursor:  # events from here on wake us (and raise their alerts); none is skipped
@@ -338,6 +358,10 @@ class Dispatcher:
             return "0-0"
         eid = rows[0][0]
         return eid.decode() if isinstance(eid, bytes) else str(eid)
+
+
+def _config_or_none(found: object) -> Config | None:
+    return found if isinstance(found, Config) else None
 
 
 def _alert_kind(event: dict[str, Any]) -> str | None:

@@ -55,6 +55,12 @@ class Heartbeat(threading.Thread):
                 self.fenced = True
                 self.stop.set()
                 return
+            except TaskNotFound:  # the task vanished (a wiped namespace): stop the agent, report nothing
+                log.error("task %s vanished from Redis (the namespace was wiped?): its agent is stopped and "
+                          "nothing is reported", self.task_id)
+                self.fenced = True
+                self.stop.set()
+                return
             except ClawqError as err:  # Redis blip: try again at the next beat
                 log.warning("heartbeat of task %s failed: %s", self.task_id, err)
 
@@ -97,11 +103,15 @@ def _rq_pool(connection: redis.Redis | None) -> redis.ConnectionPool:
     return connection.connection_pool
 
 
-def prepare(namespace: str, connection: redis.Redis | None = None, config_version: str | None = None) -> None:
+def prepare(namespace: str, connection: redis.Redis | None = None, config_version: str | None = None,
+            namespace_id: str | None = None) -> None:
     """Before a job runs (in a forking worker: before the fork), make its broker, read the config (again when
-    ``config_version``, the version its claim checked, is not the cached one) and import its agent, so that
-    the job, or every work-horse forked after this, finds them ready."""
+    ``config_version``, the version its claim checked, is not the cached one, or when the claim was made in
+    a namespace of another identity than the one known here: raises NamespaceWiped once then) and import its
+    agent, so that the job, or every work-horse forked after this, finds them ready."""
     broker = job_broker(namespace, connection)
+    if namespace_id is not None and broker.identity is not None and namespace_id != broker.identity:
+        broker.forget_config()  # the reload reads the namespace id too, and says the namespace was wiped
     cfg = broker.config() if config_version is None else broker.config_of(config_version)
     preload_agent(cfg.agent)
 
@@ -219,7 +229,7 @@ def _released_for_workdir(broker: Broker, task_id: int, run_id: str, board: str,
 def _report(broker: Broker, task_id: int, run_id: str, result: Any) -> dict[str, Any]:
     try:
         became = report(broker, task_id, run_id, result)
-    except RunFenced:
+    except (RunFenced, TaskNotFound):  # TaskNotFound: the task vanished with a wiped namespace
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
     log.info("task %s run %s: %s", task_id, run_id, became)
     return {"task_id": task_id, "run_id": run_id, "reported": True, "result": became}

@@ -14,6 +14,7 @@ from rq.job import Job
 
 from clawq.broker import Broker, Claim, ClawqError
 from clawq.broker.connection import rq_connection
+from clawq.broker.errors import NamespaceWiped
 
 from .job import prepare, run_task
 
@@ -27,12 +28,13 @@ _JOB_TIMEOUT_MARGIN_S = 300
 _RETRY_S = 1.0
 
 
-def job_meta(namespace: str, claim: Claim, config_version: str = "") -> dict[str, Any]:
-    """What rq-dashboard shows and a worker needs: who runs what, and the config version the claim checked."""
+def job_meta(namespace: str, claim: Claim, config_version: str = "", namespace_id: str = "") -> dict[str, Any]:
+    """What rq-dashboard shows and a worker needs: who runs what, the config version the claim checked, and
+    the identity of the namespace it was claimed in (a worker that knew another one learns of a wipe)."""
     return {
         "namespace": namespace, "task_id": claim.task_id, "board": claim.board, "model": claim.model,
         "provider": claim.provider, "run_count": claim.run_count, "attempt": claim.attempt,
-        "config_version": config_version,
+        "config_version": config_version, "namespace_id": namespace_id,
     }
 
 
@@ -49,7 +51,7 @@ def rq_enqueuer(broker: Broker, connection: redis.Redis) -> Any:
                 job_id=claim.run_id,
                 description=(f"clawq {claim.board}#{claim.task_id} on {claim.model} ({claim.provider}) "
                              f"run {claim.run_count} attempt {claim.attempt}"),
-                meta=job_meta(broker.namespace, claim, broker.config_version),
+                meta=job_meta(broker.namespace, claim, broker.config_version, broker.identity or ""),
                 job_timeout=int(cfg.timeout_minutes * 60) + _JOB_TIMEOUT_MARGIN_S,
                 result_ttl=86400, failure_ttl=7 * 86400, pipeline=pipe,
             )
@@ -64,7 +66,10 @@ def _prepare(job: Job) -> None:
     if job.func_name != f"{run_task.__module__}.{run_task.__name__}" or not job.args:
         return
     try:
-        prepare(str(job.args[0]), job.connection, job.meta.get("config_version") or None)
+        prepare(str(job.args[0]), job.connection, job.meta.get("config_version") or None,
+                job.meta.get("namespace_id") or None)
+    except NamespaceWiped as err:  # said once per wipe: the broker now knows the new identity
+        log.error("NAMESPACE WIPED: %s. Runs of vanished tasks stop at their next heartbeat.", err)
     except ClawqError as err:  # e.g. Redis is down: the job fails on it and RQ says so
         log.debug("cannot prepare job %s: %s", job.id, err)
     except Exception:  # never the worker's death: the job meets the same error and reports it

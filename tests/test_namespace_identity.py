@@ -1,0 +1,102 @@
+"""A namespace's identity: written once, checked on reads a process makes anyway, so a wipe is noticed.
+
+Fast, in-process: FLUSHALL stands in for a restart without persistence (the process tests in
+test_redis_faults.py restart a real server).
+"""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from clawq.broker import DEFAULT_CONFIG, Broker
+from clawq.broker.config import Config
+from clawq.broker.errors import NamespaceWiped
+
+
+def _cfg() -> Config:
+    return Config.model_validate({"night_mode": None, "agent": {"runner": "command", "command": ["my-agent"]}})
+
+
+def _fresh(redis_url: str, namespace: str) -> Broker:
+    return Broker(redis.Redis.from_url(redis_url, decode_responses=True), namespace)
+
+
+def test_the_identity_is_written_once_and_shared(broker: Broker, redis_url: str, namespace: str) -> None:
+    broker.load_config(_cfg())
+    ident = broker.identity
+    assert ident and len(ident) == 16
+    other = _fresh(redis_url, namespace)
+    other.connect()
+    assert other.identity == ident
+    info = other.namespace_info()
+    assert info.id == ident and info.created_at and info.recreated_at is None
+    other.close()
+
+
+def test_a_namespace_written_before_identities_gets_one_on_connect(r: redis.Redis, redis_url: str,
+                                                                    namespace: str) -> None:
+    b = _fresh(redis_url, namespace)
+    b.load_config(_cfg())
+    r.hdel(b.keys.meta, "id", "created_at")
+    late = _fresh(redis_url, namespace)
+    late.connect()
+    assert late.identity and r.hget(b.keys.meta, "id") == late.identity.encode()
+    b.close()
+    late.close()
+
+
+def test_a_wipe_is_noticed_on_the_dispatchers_read_once_and_restored_without_defaults(
+        broker: Broker, r: redis.Redis, redis_url: str, namespace: str) -> None:
+    broker.load_config(_cfg())
+    broker.add("web", "t", chain="coding")
+    broker.deadlines()  # the dispatcher's read per wake: nothing happened
+    before = broker.identity
+    seen: list[NamespaceWiped] = []
+    broker.on_wipe = seen.append
+    r.flushall()
+    with pytest.raises(NamespaceWiped) as info:
+        broker.deadlines()
+    assert info.value.previous == before and info.value.current is None
+    assert info.value.last_config == _cfg()
+    assert len(seen) == 1
+    # a fresh command seeds the defaults meanwhile (it cannot know): the restore replaces them
+    cli = _fresh(redis_url, namespace)
+    cli.add("web", "after", chain="coding")
+    assert cli.config() == DEFAULT_CONFIG
+    done = broker.recreate(info.value.previous, info.value.last_config, "dispatch@test:1")
+    assert "restored" in done
+    assert broker.identity == cli.identity  # the id the command wrote first is kept
+    broker.deadlines()  # no second notice
+    assert len(seen) == 1
+    cli.forget_config()
+    assert cli.config() == _cfg()
+    meta = broker.namespace_info()
+    assert meta.recreated_at and meta.previous_id == before and meta.noticed_by == "dispatch@test:1"
+    assert broker.health()["namespace"]["recreated"]["previous_id"] == before
+    report = broker.doctor()
+    assert report["ok"] and report["notes"] and "re-created" in report["notes"][0]
+    cli.close()
+
+
+def test_a_config_reload_notices_a_wipe_and_a_claim_does_not_run_on_defaults(
+        broker: Broker, r: redis.Redis) -> None:
+    broker.load_config(_cfg())
+    broker.add("web", "t", chain="coding")
+    r.flushall()
+    with pytest.raises(NamespaceWiped):
+        broker.claim()
+    assert not r.keys("*task*")
+
+
+def test_a_restore_keeps_a_config_loaded_since_the_wipe(broker: Broker, r: redis.Redis, redis_url: str,
+                                                          namespace: str) -> None:
+    broker.load_config(_cfg())
+    r.flushall()
+    with pytest.raises(NamespaceWiped) as info:
+        broker.deadlines()
+    newer = Config.model_validate({"night_mode": None, "agent": {"runner": "command", "command": ["newer"]}})
+    _fresh(redis_url, namespace).load_config(newer)
+    assert "kept" in broker.recreate(info.value.previous, info.value.last_config, "t")
+    broker.forget_config()
+    assert broker.config() == newer
