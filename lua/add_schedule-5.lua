@@ -29,7 +29,7 @@ else
 end
 local id = rcall("INCR", KEYS[1])
 local sid = int(id)
-rcall("HSET", P .. "schedule:" .. sid, "cron", ARGV[3], "tz", ARGV[4], "board", ARGV[5], "ck", ck,
+rcall("HSET", schedule_key(P, sid), "cron", ARGV[3], "tz", ARGV[4], "board", ARGV[5], "ck", ck,
       "title", ARGV[8], "prompt", ARGV[9], "created_at", int(now))
 rcall("ZADD", KEYS[2], ARGV[10], sid)
 emit(K, now, "schedule_added", {"schedule", sid, "board", ARGV[5], "cron", ARGV[3], "tz", ARGV[4],

@@ -49,7 +49,7 @@ if not score then return {1, "no schedule " .. sid} end
 if tonumber(score) ~= tonumber(ARGV[4]) then return {8} end
 rcall("ZADD", K.schedules, "XX", ARGV[6], sid)
 
-local sk = P .. "schedule:" .. sid
+local sk = schedule_key(P, sid)
 local s = rcall("HMGET", sk, "board", "ck", "title", "prompt", "last_task")
 rcall("HSET", sk, "last_fire", ARGV[5])
 if ARGV[7] == "missed" then

@@ -15,7 +15,7 @@ local rcall = redis.call
 local K = {events = KEYS[2]}
 local P, now, sid = ARGV[1], clock_ms(ARGV[2]), ARGV[3]
 if rcall("ZREM", KEYS[1], sid) == 0 then return {1, "no schedule " .. sid} end
-local board = rcall("HGET", P .. "schedule:" .. sid, "board")
-rcall("DEL", P .. "schedule:" .. sid)
+local board = rcall("HGET", schedule_key(P, sid), "board")
+rcall("DEL", schedule_key(P, sid))
 emit(K, now, "schedule_removed", {"schedule", sid, "board", board})
 return {0}

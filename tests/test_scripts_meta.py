@@ -55,11 +55,11 @@ def test_lua_key_builders_agree_with_keys_module() -> None:
         "board": keys.board("B"), "queue": keys.queue("B"), "done": keys.done("B"), "task": keys.task(7),
         "runs": keys.runs(7), "context": keys.context(7), "lease": keys.lease(7),
         "ready": keys.ready("c:x"), "cooldown": keys.cooldown("B"), "breaker": keys.breaker("B"),
-        "breaker_failures": keys.breaker_failures("B"),
+        "breaker_failures": keys.breaker_failures("B"), "schedule": keys.schedule(7),
     }
     assert set(builders) == set(expected)
     for name, expr in builders.items():
-        arg = "7" if name in ("task", "runs", "context", "lease") else ("c:x" if name == "ready" else "B")
+        arg = "7" if name in ("task", "runs", "context", "lease", "schedule") else ("c:x" if name == "ready" else "B")
         parts = [p.strip() for p in expr.split("..")]
         built = keys.prefix + "".join(arg if not p.startswith('"') else p.strip('"') for p in parts)
         assert built == expected[name], name
@@ -120,3 +120,4 @@ def test_a_script_includes_only_the_core_definitions_it_uses() -> None:
     for needed in ("pick_model", "check_model", "cooldown_end", "model_view", "hash_table", "note_inflight"):
         assert f"local function {needed}(" in claim, needed
     assert claim.index("local function hash_table(") < claim.index("local function model_view(")
+

@@ -6,7 +6,7 @@
   the keys a script only knows once it has decided -- a board's queue, a task's hash --
   from the namespace prefix ARGV[1], `clawq:{<ns>}:`, so every key keeps the hash tag:
     board:<b>  board:<b>:queue  board:<b>:done  task:<id>  task:<id>:runs
-    task:<id>:context  task:<id>:lease  ready:<ck>  cooldown:<model>
+    task:<id>:context  task:<id>:lease  ready:<ck>  cooldown:<model>  schedule:<id>
     breaker:<provider>  breaker:<provider>:failures
 
   Functions take K, a table of the namespace keys the calling script got in KEYS,
@@ -23,6 +23,7 @@ local function context_key(P, id) return P .. "task:" .. id .. ":context" end
 local function lease_key(P, id) return P .. "task:" .. id .. ":lease" end
 local function ready_key(P, ck) return P .. "ready:" .. ck end
 local function cooldown_key(P, m) return P .. "cooldown:" .. m end
+local function schedule_key(P, id) return P .. "schedule:" .. id end
 local function breaker_key(P, p) return P .. "breaker:" .. p end
 local function breaker_failures_key(P, p) return P .. "breaker:" .. p .. ":failures" end
 
