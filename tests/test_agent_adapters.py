@@ -133,10 +133,12 @@ def test_claude_success_sample() -> None:
     (_claude_result("You've hit your limit · resets 1pm (Europe/Lisbon)", is_error=True), 1, "quota",
      datetime(2026, 12, 5, 13, 0, tzinfo=UTC).timestamp()),
     (_claude_result("Claude AI usage limit reached|1796479200", is_error=False), 1, "quota", 1796479200),
+    (_claude_result("Claude AI usage limit reached|1796479200", is_error=False), 0, "quota", 1796479200),
     (_claude_result("API Error: Rate limit reached", is_error=True, duration_api_ms=0), 0, "rate", None),
     (_claude_result("You have reached your specified API usage limits. You will regain access on 2026-12-07 at "
                     "00:00 UTC.", is_error=True), 1, "quota", datetime(2026, 12, 7, tzinfo=UTC).timestamp()),
-], ids=["rate-limit-event", "hit-your-limit-lisbon", "legacy-pipe-epoch", "api-error-exit-0", "spend-cap"])
+], ids=["rate-limit-event", "hit-your-limit-lisbon", "legacy-pipe-epoch", "legacy-not-is-error-exit-0",
+        "api-error-exit-0", "spend-cap"])
 def test_claude_limits(stdout: str, code: int, kind: str, reset: float | None) -> None:
     got = result(ClaudeCode(), stdout, "", code)
     assert isinstance(got, RateLimited) and got.quota is (kind == "quota") and got.reset_at == reset

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -88,9 +89,18 @@ def answer(scene: str, cli: str) -> str:
 
 
 def hang() -> NoReturn:
-    """A child in our process group (as a shell tool would be), then sleep until a signal ends us."""
+    """A child in our process group (as a shell tool would be), then sleep until a signal ends us; the signals
+    received are appended to ``hang.<pid>.signals`` (SIGINT and SIGTERM end the fake, as they end the CLIs)."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     (home() / f"hang.{os.getpid()}").write_text(json.dumps({"pid": os.getpid(), "child": child.pid}))
+
+    def on_signal(signum: int, _frame: object) -> None:
+        with open(home() / f"hang.{os.getpid()}.signals", "a", encoding="utf-8") as fh:
+            fh.write(signal.Signals(signum).name + "\n")
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     time.sleep(3600)
     sys.exit(0)
 

@@ -11,6 +11,7 @@ read by :mod:`broker.signals`. Root: ``--dangerously-skip-permissions`` is refus
 
 from __future__ import annotations
 
+import re
 import signal
 from typing import Any
 
@@ -18,6 +19,9 @@ from .base import Invocation, Launch, Native, Usage, count, dollars, json_lines,
 
 __all__ = ["ClaudeCode"]
 
+#: A whole result that is a usage-limit notice (``Claude AI usage limit reached|<epoch>``, ``You've hit your
+#: limit · resets 1pm (Europe/Lisbon)``, ``…session limit…``): a limit even when ``is_error`` is false.
+_LIMIT_TEXT = re.compile(r"(?:Claude AI usage limit reached\s*\|\s*\d{9,}|You've hit your (?:\w+ )?limit\b)", re.I)
 _ERROR_KINDS = {"authentication_failed", "billing_error", "rate_limit", "invalid_request", "server_error", "unknown"}
 
 
@@ -63,6 +67,9 @@ def _result(native: Native, doc: dict[str, Any]) -> None:
     native.usage = Usage(sum(known) if known else None, count(usage.get("output_tokens")),
                          dollars(doc.get("total_cost_usd")))
     subtype = text_of(doc.get("subtype"))
+    if _LIMIT_TEXT.match(native.text.strip()):  # fixtures disagree on is_error for these: the text decides
+        native.error = native.text.strip()
+        return
     if doc.get("is_error") is not True and subtype in ("", "success"):
         native.error, native.limited, native.auth = None, False, False  # the turn succeeded after all
     else:
