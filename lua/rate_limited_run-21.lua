@@ -19,7 +19,11 @@
            model's agent cannot run: not logged in, bad key, no executable)  ARGV[7] message
   ARGV[8] provider fault (1/0; absent = 0): no reset was parsed, so the limit counts toward the breaker
 
-  Returns {0, model, cooldown_end_ms} | {1, detail} no such task | {2, detail} fenced
+  A repeat of the limit that ended this run (its first call timed out after it was applied) changes
+  nothing and answers 8 (the task keeps `last_digest` = "<run id>|limit:<class>|<model>|<cooldown end>").
+
+  Returns {0, model, cooldown_end_ms} | {8, model, cooldown_end_ms} repeated | {1, detail} no such task
+          | {2, detail} fenced
 ]]
 local rcall = redis.call
 --- @include "core"
@@ -27,7 +31,15 @@ local rcall = redis.call
 local K = keys_from(RUN_END_KEYS, 2)
 local P, now, id, reason, message = ARGV[1], clock_ms(ARGV[2]), ARGV[3], ARGV[6], ARGV[7]
 local t, code, detail = active_run(P, id, ARGV[4])
-if not t then return {code, detail} end
+if not t then
+  local _, what = last_report(P, id, ARGV[4])
+  local prefix = "limit:" .. reason .. "|"
+  if code == 2 and what and string.sub(what, 1, #prefix) == prefix then
+    local model, until_ms = string.match(string.sub(what, #prefix + 1), "^(.*)|(%d+)$")
+    return {8, model, tonumber(until_ms)}
+  end
+  return {code, detail}
+end
 
 local until_ms = cool_model(K, P, t.model, now, tonumber(ARGV[5]), reason, true)
 end_run(K, P, id, t, now, reason, message)
@@ -37,4 +49,6 @@ requeue(K, P, id, t, now, 0)
 emit(K, now, reason, {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                       "run_id", t.run_id, "until", int(until_ms), "message", message})
 breaker_after(K, P, t, now, ARGV[8] == "1" and "fault" or "ok", reason)
+rcall("HSET", task_key(P, id), "last_digest",
+      ARGV[4] .. "|limit:" .. reason .. "|" .. t.model .. "|" .. int(until_ms))
 return {0, t.model, until_ms}

@@ -15,7 +15,10 @@
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id
   ARGV[5] reason (released, pairing, agent_unreachable, ...)  ARGV[6] message
 
-  Returns {0, "up_next"} | {1, detail} no such task | {2, detail} fenced
+  A repeat of the release that ended this run (its first call timed out after it was applied) changes
+  nothing and answers 8 (the task keeps `last_digest` = "<run id>|release:<reason>").
+
+  Returns {0, "up_next"} | {8, status} repeated | {1, detail} no such task | {2, detail} fenced
 ]]
 local rcall = redis.call
 --- @include "core"
@@ -23,7 +26,11 @@ local rcall = redis.call
 local K = keys_from(RUN_END_KEYS, 2)
 local P, now, id, reason, message = ARGV[1], clock_ms(ARGV[2]), ARGV[3], ARGV[5], ARGV[6]
 local t, code, detail = active_run(P, id, ARGV[4])
-if not t then return {code, detail} end
+if not t then
+  local cur, what = last_report(P, id, ARGV[4])
+  if code == 2 and what == "release:" .. reason then return {8, cur.status} end
+  return {code, detail}
+end
 end_run(K, P, id, t, now, reason, message)
 if reason ~= "released" then
   rcall("HSET", task_key(P, id), "last_error", message, "last_error_reason", reason)
@@ -33,4 +40,5 @@ requeue(K, P, id, t, now, 0)
 emit(K, now, "released", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                           "run_id", t.run_id, "reason", reason, "message", message})
 breaker_after(K, P, t, now, "void")
+rcall("HSET", task_key(P, id), "last_digest", ARGV[4] .. "|release:" .. reason)
 return {0, "up_next"}

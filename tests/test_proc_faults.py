@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_job import claimed, jobs  # noqa: F401  (jobs is a fixture)
+import redis
+from test_job import claimed, counted, jobs  # noqa: F401  (jobs is a fixture)
 
-from clawq.broker import Broker, TaskStatus
+from clawq.broker import Broker, RedisUnavailable, RunFenced, TaskStatus
 from clawq.broker.config import Config
 from clawq.workers.job import run_task
 from clawq.workers.procs import alive
@@ -118,3 +119,129 @@ def test_a_python_agent_returning_nul_or_lone_surrogates_is_reported(
     out = run_task(broker.namespace, tid, run_id)
     assert out["reported"], out
     assert out["result"] == {"summary": "completed", "error": "failed", "message": "rate_limit"}[field]
+
+
+# -- item 5: reports survive a blip ---------------------------------------------------------------------------
+def events_of(broker: Broker, task_id: int) -> list[str]:
+    return [e["type"] for e in broker.events(count=1000) if str(e.get("task_id")) == str(task_id)]
+
+
+def test_a_repeated_failure_report_is_recognised_not_applied_twice(broker: Broker) -> None:
+    tid, run_id = claimed(broker)
+    first = broker.fail(tid, run_id, "tests do not pass", cause="failed")
+    assert broker.fail(tid, run_id, "tests do not pass", cause="failed") == first  # a repeat, not fenced
+    assert events_of(broker, tid).count("failed") == 1
+    assert broker.get_task(tid).attempts == 1
+    with pytest.raises(RunFenced):  # another report of the ended run is refused
+        broker.rate_limited(tid, run_id, retry_after=30)
+
+
+def test_a_repeated_rate_limit_report_is_recognised_not_applied_twice(broker: Broker) -> None:
+    tid, run_id = claimed(broker)
+    first = broker.rate_limited(tid, run_id, retry_after=30, message="429")
+    assert broker.rate_limited(tid, run_id, retry_after=30, message="429") == first
+    assert events_of(broker, tid).count("rate_limit") == 1
+    with pytest.raises(RunFenced):
+        broker.fail(tid, run_id, "late", cause="failed")
+
+
+def test_a_repeated_release_is_recognised_not_applied_twice(broker: Broker) -> None:
+    tid, run_id = claimed(broker)
+    broker.release(tid, run_id, "agent_unreachable", "no such binary")
+    broker.release(tid, run_id, "agent_unreachable", "no such binary")
+    assert events_of(broker, tid).count("released") == 1
+    with pytest.raises(RunFenced):
+        broker.release(tid, run_id, "pairing", "pairing required")
+
+
+def test_a_repeat_of_an_old_run_after_a_new_claim_is_fenced(broker: Broker) -> None:
+    tid, run_id = claimed(broker)
+    broker.rate_limited(tid, run_id, retry_after=1, message="429")
+    broker.load_config(Config.model_validate({"night_mode": None, "notify": {"log": False}}))
+    new = broker.claim()
+    assert new.task_id == tid and new.run_id != run_id
+    with pytest.raises(RunFenced):  # the task moved on: the old run's repeat must not touch the new run
+        broker.fail(tid, run_id, "late", cause="failed")
+    assert broker.get_task(tid).run_id == new.run_id
+
+
+@pytest.mark.parametrize("agent", ["then_done", "returns"])
+def test_a_report_whose_reply_was_lost_is_tried_again_and_counted_once(
+        broker: Broker, jobs: Any, agent: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The first report is applied but its reply never arrives (the connection drops): the worker tries again,
+    the script recognises the repeat, and the outcome is recorded once."""
+    from agents import py_agent
+
+    monkeypatch.setattr(py_agent, "RETURNS", {"status": "failed", "error": "tests do not pass"})
+    broker.load_config(Config.model_validate({"night_mode": None, "notify": {"log": False},
+                                              "agent": {"runner": "python", "callable": f"agents.py_agent:{agent}"}}))
+    tid, run_id = claimed(broker)
+    real = Broker._run_call
+    lost: list[str] = []
+
+    def reply_lost(self: Broker, name: str, *args: Any, **kw: Any) -> Any:
+        reply = real(self, name, *args, **kw)
+        if self is not broker and not lost:
+            lost.append(name)
+            raise RedisUnavailable("cannot reach Redis: Connection reset by peer (after the script ran)")
+        return reply
+
+    monkeypatch.setattr(Broker, "_run_call", reply_lost)
+    out = run_task(broker.namespace, tid, run_id)
+    assert lost == ["complete_run" if agent == "then_done" else "fail_run"]
+    assert out["reported"] and out["result"] == ("completed" if agent == "then_done" else "failed"), out
+    task = broker.get_task(tid)
+    kinds = events_of(broker, tid)
+    if agent == "then_done":
+        assert task.status is TaskStatus.IN_REVIEW and task.run_count == 1 and kinds.count("completed") == 1
+    else:
+        assert task.attempts == 1 and kinds.count("failed") == 1, kinds
+
+
+def run_paused(broker: Broker, redis_url: str, monkeypatch: pytest.MonkeyPatch, lease_minutes: float,
+               pause_ms: int) -> tuple[dict[str, Any], float, list[Any]]:
+    """Run a job whose agent pauses the private server (CLIENT PAUSE WRITE: scripts wait) just before it answers
+    done, with a worker whose Redis calls time out after 0.3 s; returns the job's result, its duration and the
+    heartbeats sent."""
+    from agents import py_agent
+
+    admin = redis.Redis.from_url(redis_url)
+    monkeypatch.setenv("CLAWQ_REDIS_URL", f"{redis_url}?socket_timeout=0.3")
+    monkeypatch.setattr(py_agent, "BEFORE", lambda: admin.client_pause(pause_ms, all=False))
+    broker.load_config(Config.model_validate({
+        "night_mode": None, "notify": {"log": False},
+        "watchdog": {"stale_in_progress_minutes": lease_minutes, "heartbeat_grace_minutes": 0},
+        "agent": {"runner": "python", "callable": "agents.py_agent:then_done"}}))
+    tid, run_id = claimed(broker)
+    beats = counted(monkeypatch, Broker, "heartbeat")
+    t0 = time.monotonic()
+    try:
+        out = run_task(broker.namespace, tid, run_id)
+    finally:
+        admin.client_unpause()
+        admin.close()
+    return out, time.monotonic() - t0, beats
+
+
+@pytest.mark.timeout(60)
+def test_reports_ride_out_a_client_pause_and_heartbeats_go_on(
+        broker: Broker, jobs: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The report is tried again until Redis answers, heartbeats go on meanwhile, the outcome is recorded once."""
+    out, took, beats = run_paused(broker, redis_url, monkeypatch, lease_minutes=0.05, pause_ms=2500)  # 3 s lease
+    assert out["reported"] and out["result"] == "completed", out
+    assert 2.4 < took < 10, took
+    assert beats, "no heartbeat while the report waited for Redis"
+    task = broker.get_task(out["task_id"])
+    assert task.status is TaskStatus.IN_REVIEW and task.run_count == 1
+    assert events_of(broker, out["task_id"]).count("completed") == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_report_is_given_up_once_the_lease_has_expired(
+        broker: Broker, jobs: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Past the lease the run may be running again elsewhere: the worker stops trying and says so."""
+    out, took, _ = run_paused(broker, redis_url, monkeypatch, lease_minutes=0.02, pause_ms=4000)  # 1.2 s lease
+    assert not out["reported"] and out["why"] == "redis_unavailable" and out["outcome"] == "done", out
+    assert 1.0 < took < 4.5, took
+    task = broker.get_task(out["task_id"])
+    assert task.status is TaskStatus.IN_PROGRESS and task.run_count == 0  # the reaper's to requeue

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import threading
 import time
@@ -22,10 +23,10 @@ from typing import Any
 
 import redis
 
-from clawq.broker import Broker, ClawqError, RunFenced, Task, TaskNotFound, TaskStatus
+from clawq.broker import Broker, ClawqError, RedisUnavailable, RunFenced, ScriptError, Task, TaskNotFound, TaskStatus
 from clawq.broker.config import Config
 
-from .agent_output import clean_result, clean_text
+from .agent_output import AgentResult, Done, Failed, RateLimited, clean_result, clean_text
 from .report import report
 from .runners import RunContext, Stalled, preload_agent, run_model
 
@@ -35,22 +36,30 @@ log = logging.getLogger("clawq.job")
 
 #: This process's brokers by (namespace, where): the URL, or the RQ connection pool they copy (kept alive here).
 _BROKERS: dict[tuple[str, object], Broker] = {}
+#: The first pause before a report that Redis refused is tried again; it doubles up to _REPORT_BACKOFF_MAX_S.
+_REPORT_BACKOFF_S = 0.25
+_REPORT_BACKOFF_MAX_S = 5.0
+#: How long before the lease's end the last try of a report goes out.
+_REPORT_LAST_TRY_S = 0.1
 
 
 class Heartbeat(threading.Thread):
-    """Beats every ``interval`` seconds; when fenced, sets ``stop`` (the agent is stopped)."""
+    """Beats every ``interval`` seconds; when fenced, sets ``stop`` (the agent is stopped). ``deadline`` is the
+    lease's end as last extended (epoch seconds on the broker's clock)."""
 
-    def __init__(self, broker: Broker, task_id: int, run_id: str, interval: float, stop: threading.Event):
+    def __init__(self, broker: Broker, task_id: int, run_id: str, interval: float, stop: threading.Event,
+                 deadline: float | None = None):
         super().__init__(daemon=True, name=f"clawq-heartbeat-{task_id}")
         self.broker, self.task_id, self.run_id = broker, task_id, run_id
         self.interval, self.stop = interval, stop
+        self.deadline = deadline
         self.fenced = False
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
             try:
-                self.broker.heartbeat(self.task_id, self.run_id)
+                self.deadline = self.broker.heartbeat(self.task_id, self.run_id)
             except RunFenced:
                 self.fenced = True
                 self.stop.set()
@@ -63,6 +72,11 @@ class Heartbeat(threading.Thread):
                 return
             except ClawqError as err:  # Redis blip: try again at the next beat
                 log.warning("heartbeat of task %s failed: %s", self.task_id, err)
+
+    def ensure_started(self) -> None:
+        """Start beating, unless it already did (or was halted)."""
+        if self.ident is None and not self._halt.is_set():
+            self.start()
 
     def halt(self) -> None:
         self._halt.set()
@@ -186,7 +200,8 @@ def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:
     if doc is None:  # the beat fences the run already: only a hand-edited task gets here
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "not the active run"}
     stop = threading.Event()
-    beat = Heartbeat(broker, task_id, run_id, cfg.watchdog.stale_in_progress_minutes * 60 / 3, stop)
+    beat = Heartbeat(broker, task_id, run_id, cfg.watchdog.stale_in_progress_minutes * 60 / 3, stop,
+                     task.lease_deadline)
     # the lease was just extended: heartbeats start once the agent outlives its first poll (RunContext.started)
     ctx = RunContext(task=doc, timeout_s=cfg.agent.timeout_minutes * 60, stop=stop, on_start=beat.start)
     missing = _missing_workdir(cfg, task.board)
@@ -196,19 +211,32 @@ def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:
         return _released_for_workdir(broker, task_id, run_id, task.board, missing)
     try:
         result = run_model(cfg, ctx)
+        if result is None or beat.fenced:
+            beat.halt()
+            out: dict[str, Any] = {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
+        else:  # heartbeats go on while the report waits for Redis
+            out = _report(broker, task_id, run_id, clean_result(result), beat)
     except Stalled:
         beat.halt()
         _wait_until_fenced(broker, task_id, run_id, ctx.timeout_s)
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "stalled"}
     finally:
         beat.halt()
-    broker.save_run_log(task_id, run_id, [clean_text(line) for line in ctx.log], cfg.agent.log_tail_bytes)
-    if ctx.meta:  # paid for whether or not the run may still report
-        broker.record_usage(task_id, run_id, str(doc["model"]), task.board, ctx.meta.get("session_id"),
-                            ctx.meta.get("usage") or {})
-    if result is None or beat.fenced:
-        return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
-    return _report(broker, task_id, run_id, clean_result(result))
+    _keep_run_record(broker, task, ctx, doc, cfg)
+    return out
+
+
+def _keep_run_record(broker: Broker, task: Task, ctx: RunContext, doc: dict[str, Any], cfg: Config) -> None:
+    """The run's log tail and what it cost, after its outcome (which matters more): a Redis error here is
+    logged, never the outcome's loss."""
+    try:
+        broker.save_run_log(task.task_id, doc["run_id"], [clean_text(line) for line in ctx.log],
+                            cfg.agent.log_tail_bytes)
+        if ctx.meta:  # paid for whether or not the run could still report
+            broker.record_usage(task.task_id, doc["run_id"], str(doc["model"]), task.board,
+                                ctx.meta.get("session_id"), ctx.meta.get("usage") or {})
+    except ClawqError as err:
+        log.warning("task %s run %s: its log and usage were not kept: %s", task.task_id, doc["run_id"], err)
 
 
 def _missing_workdir(cfg: Config, board: str) -> str | None:
@@ -226,10 +254,37 @@ def _released_for_workdir(broker: Broker, task_id: int, run_id: str, board: str,
     return {"task_id": task_id, "run_id": run_id, "reported": True, "result": "workdir_missing"}
 
 
-def _report(broker: Broker, task_id: int, run_id: str, result: Any) -> dict[str, Any]:
-    try:
-        became = report(broker, task_id, run_id, result)
-    except (RunFenced, TaskNotFound):  # TaskNotFound: the task vanished with a wiped namespace
-        return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
-    log.info("task %s run %s: %s", task_id, run_id, became)
-    return {"task_id": task_id, "run_id": run_id, "reported": True, "result": became}
+def _report(broker: Broker, task_id: int, run_id: str, result: AgentResult, beat: Heartbeat) -> dict[str, Any]:
+    """Report ``result``. While Redis fails, try again with backoff until the lease would expire, heartbeating
+    meanwhile. A first try that was applied although its reply was lost (a timeout during a pause) makes the
+    next try a repeat, which its script recognises: the outcome is never recorded twice."""
+    backoff, tries = _REPORT_BACKOFF_S, 0
+    while True:
+        tries += 1
+        try:
+            became = report(broker, task_id, run_id, result)
+            break
+        except (RunFenced, TaskNotFound):  # TaskNotFound: the task vanished with a wiped namespace
+            return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "fenced"}
+        except (RedisUnavailable, ScriptError) as err:
+            left = math.inf if beat.deadline is None else beat.deadline - broker.now()
+            if left <= 0:
+                log.error("task %s run %s: outcome %s not reported before the lease expired (%s); the task will "
+                          "run again", task_id, run_id, _what(result), err)
+                return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "redis_unavailable",
+                        "error": str(err), "outcome": _what(result)}
+            if tries == 1:
+                log.warning("task %s run %s: cannot report %s yet (%s); trying again until the lease expires",
+                            task_id, run_id, _what(result), err)
+                beat.ensure_started()
+        time.sleep(min(backoff, max(left - _REPORT_LAST_TRY_S, _REPORT_LAST_TRY_S)))  # one last try before it expires
+        backoff = min(backoff * 2, _REPORT_BACKOFF_MAX_S)
+    log.info("task %s run %s: %s%s", task_id, run_id, became, f" (after {tries} tries)" if tries > 1 else "")
+    out = {"task_id": task_id, "run_id": run_id, "reported": True, "result": became}
+    if isinstance(result, Failed):
+        out["error"] = result.error
+    return out
+
+
+def _what(result: AgentResult) -> str:
+    return "done" if isinstance(result, Done) else "rate limit" if isinstance(result, RateLimited) else result.cause

@@ -389,6 +389,18 @@ local function task_fields(P, id)
           last_run_id = v[9], last_digest = v[10]}
 end
 
+-- The report last applied to a task, when it was one of run_id's: the task keeps `last_digest` =
+-- "<run id>|<what>" of it. A caller whose first try timed out although it was applied tries again,
+-- finds its run ended, and is told it repeated itself (8) instead of fenced: nothing applies twice.
+-- Returns the task's fields and <what>, or nil.
+local function last_report(P, id, run_id)
+  local cur = task_fields(P, id)
+  if not cur or not cur.last_digest then return nil end
+  local prefix = run_id .. "|"
+  if string.sub(cur.last_digest, 1, #prefix) ~= prefix then return nil end
+  return cur, string.sub(cur.last_digest, #prefix + 1)
+end
+
 local function counter_down(hash, field)
   if not field then return nil end
   local n = rcall("HINCRBY", hash, field, -1)
