@@ -499,11 +499,24 @@ def test_fail_run_fenced(broker: Broker, clock: Clock) -> None:
     claim = broker.claim()
     broker.fail(1, claim.run_id, "x")
     before = snapshot(broker)
-    with pytest.raises(RunFenced, match="the run already ended"):
-        broker.fail(1, claim.run_id, "x")
+    with pytest.raises(RunFenced, match="the run already ended"):  # another root cause: not a repeat
+        broker.fail(1, claim.run_id, "x", cause="timeout")
     assert raw(broker, "fail_run", ms(clock()), 1, str(uuid.uuid4()), "failed", "x", 1, task_id=1) == [
         Status.FENCED, "the task is up_next"
     ]
+    assert snapshot(broker) == before
+
+
+def test_fail_run_repeated(broker: Broker, clock: Clock) -> None:
+    """The same failure again (its first call timed out after it was applied): 8, nothing changes."""
+    broker.add("web", "t", chain="coding")
+    claim = broker.claim()
+    assert broker.fail(1, claim.run_id, "x", cause="failed") == (TaskStatus.UP_NEXT, 1)
+    before = snapshot(broker)
+    assert raw(broker, "fail_run", ms(clock()), 1, claim.run_id, "failed", "x", 1, task_id=1) == [
+        Status.REPEATED, "up_next", 1
+    ]
+    assert broker.fail(1, claim.run_id, "x", cause="failed") == (TaskStatus.UP_NEXT, 1)
     assert snapshot(broker) == before
 
 
@@ -544,6 +557,22 @@ def test_rate_limited_run_fenced(broker: Broker, clock: Clock) -> None:
         broker.rate_limited(1, str(uuid.uuid4()), retry_after=600)
     assert snapshot(broker) == before
     assert broker.cooldowns() == {}
+
+
+def test_rate_limited_run_repeated(broker: Broker, clock: Clock) -> None:
+    """The same limit again (its first call timed out after it was applied): 8 with the model and its cooldown
+    end, nothing changes; a limit of another class for the ended run is fenced."""
+    broker.add("web", "t", chain="coding")
+    claim = broker.claim()
+    model, until = broker.rate_limited(1, claim.run_id, retry_after=600, message="429")
+    before = snapshot(broker)
+    reply = raw(broker, "rate_limited_run", ms(clock()), 1, claim.run_id, ms(clock()) + 900_000, "rate_limit", "429",
+                task_id=1)
+    assert reply == [Status.REPEATED, model, round(until * 1000)]
+    assert broker.rate_limited(1, claim.run_id, retry_after=600, message="429") == (model, until)
+    with pytest.raises(RunFenced):
+        broker.rate_limited(1, claim.run_id, retry_after=600, message="quota", quota=True)
+    assert snapshot(broker) == before
 
 
 # -- release_run -------------------------------------------------------------------------------------
@@ -588,8 +617,11 @@ def test_release_run_fenced(broker: Broker, clock: Clock) -> None:
     assert snapshot(broker) == before
     broker.release(1, claim.run_id)
     before = snapshot(broker)
-    assert raw(broker, "release_run", ms(clock()), 1, claim.run_id, "released", "", task_id=1) == [
+    assert raw(broker, "release_run", ms(clock()), 1, claim.run_id, "pairing", "", task_id=1) == [
         Status.FENCED, "the run already ended"
+    ]
+    assert raw(broker, "release_run", ms(clock()), 1, claim.run_id, "released", "", task_id=1) == [
+        Status.REPEATED, "up_next"
     ]
     assert snapshot(broker) == before
 
