@@ -269,8 +269,9 @@ def _report(broker: Broker, task_id: int, run_id: str, result: AgentResult, beat
         except (RedisUnavailable, ScriptError) as err:
             left = math.inf if beat.deadline is None else beat.deadline - broker.now()
             if left <= 0:
-                log.error("task %s run %s: outcome %s not reported before the lease expired (%s); the task will "
-                          "run again", task_id, run_id, _what(result), err)
+                log.error("task %s run %s: outcome %s not confirmed before the lease expired (%s); unless Redis "
+                          "applied a try it had already read, the task will run again", task_id, run_id,
+                          _what(result), err)
                 return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "redis_unavailable",
                         "error": str(err), "outcome": _what(result)}
             if tries == 1:
