@@ -9,8 +9,8 @@
   with SCAN, which does not block Redis, and passes their ids; the places list the rest. A task added
   after the SCAN is in its place, so it is found there.
   Checked (and repaired):
-    - each task is in exactly the place its status names (scheduled / board queue / running /
-      status:in_review / status:failed / status:cancelled); a missing place is restored,
+    - each task is in exactly the place its status names (scheduled, scored by its due_at / board
+      queue / running / status:in_review / status:failed / status:cancelled); a missing place is restored,
       an extra place is dropped; a place listing a task with no hash is cleaned
     - seq:task is at least every task id; `boards` lists every task's board
     - inflight:model / inflight:provider = in-progress tasks by their model / provider
@@ -206,6 +206,12 @@ for _, id in ipairs(sorted_keys(tasks, true)) do
         if repair then
           rcall("ZADD", K.running, t.lease_deadline, id)
           fix("set task " .. id .. "'s running score to its lease_deadline")
+        end
+      elseif expected == K.scheduled and t.due_at and tonumber(places[expected]) ~= tonumber(t.due_at) then
+        problem("task " .. id .. " is in scheduled until " .. places[expected] .. ", its due_at says " .. t.due_at)
+        if repair then
+          rcall("ZADD", K.scheduled, t.due_at, id)
+          fix("set task " .. id .. "'s scheduled score to its due_at")
         end
       end
     end

@@ -360,3 +360,12 @@ def test_a_dispatcher_starts_night_only_tasks_when_the_night_opens(broker: Broke
     assert d.step() == 2
     assert {x.task_id for x in claims[1:]} == {a, b}
     check(broker)
+
+
+def test_doctor_sets_a_scheduled_score_back_to_the_due_time(broker: Broker, clock: Clock) -> None:
+    broker.load_config(config())
+    tid = broker.add("web", "t", chain="coding", not_before=clock() + 600)
+    rc(broker).zadd(broker.keys.scheduled, {str(tid): 1})  # due long ago: the next claim would queue it
+    repaired(broker, f"task {tid} is in scheduled until 1, its due_at says {int((clock() + 600) * 1000)}")
+    assert nothing(broker) == {}
+    assert broker.get_task(tid).status is TaskStatus.SCHEDULED
