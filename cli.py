@@ -535,14 +535,13 @@ def top(obj: Ctx, interval: float, once: bool) -> None:
 def _top_frame(obj: Ctx) -> Any:
     """One frame of ``clawq top``; while Redis does not answer, a line that says so (the view rides out a
     blip and resumes by itself)."""
-    import redis
     from rich.text import Text
 
     from clawq.workers.views import queue_view
 
     try:
         return queue_view(obj.broker())
-    except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as err:
+    except RedisUnavailable as err:
         return Text(f"clawq top: {err}; retrying every second (q quits)", style="bold red")
 
 
@@ -585,19 +584,11 @@ def serve(obj: Ctx, host: str, port: int) -> None:
 
 
 def _latest_id(b: Broker) -> str:
-    rows: Any = b.client.xrevrange(b.keys.events, count=1)
-    return str(rows[0][0]) if rows else "0-0"
+    return b.latest_event_id()
 
 
 def _last(b: Broker, count: int) -> list[dict[str, Any]]:
-    with_ids: Any = b.client.xrevrange(b.keys.events, count=count)
-    ids = [r[0] for r in with_ids or []]
-    return b.events(count=count, after=_prev_id(ids[-1])) if ids else []
-
-
-def _prev_id(eid: Any) -> str:
-    ms, _, seq = str(eid.decode() if isinstance(eid, bytes) else eid).partition("-")
-    return f"{ms}-{int(seq) - 1}" if int(seq) > 0 else f"{int(ms) - 1}-18446744073709551615"
+    return list(reversed(b.latest_events(count)))
 
 
 def _print_event(obj: Ctx, row: dict[str, Any]) -> None:

@@ -53,10 +53,10 @@ from .models import Added, Claim, Completion, Deadlines, Outcome, Task, TaskStat
 from .redact import redact_url
 from .scripts import Scripts, load_specs
 from .signals import MAX_RESET_SECONDS, SignalClass, counts_for_breaker, parse_signal, root_cause
-from .stats import observe_claim_to_start, queue_claim_to_start
+from .stats import Counters, counters_from, observe_claim_to_start, queue_claim_to_start
 from .timing import parse_not_before, start_of
 from .translate import redis_errors
-from .usage import cost_since, queue_usage, stale_hours, usage_doc
+from .usage import cost_since, queue_usage, read_usage_stats, stale_hours, usage_doc
 
 __all__ = ["SCHEMA_VERSION", "Broker"]
 
@@ -332,14 +332,21 @@ class Broker:
         if task_id is not None:
             check_task_id(task_id)
         self._check_known(chain=chain, model=model)
-        start = start_of(self.config(), board, self.now(), not_before=not_before, night_only=night_only)
-        args: list[str | int | float] = [
-            self._now_arg(), "" if task_id is None else task_id, board, title, prompt,
-            chain or "", model or "", "" if start.due is None else _ms(start.due), "1" if start.night_only else "",
-            "" if start.not_before is None else _ms(start.not_before),
-        ]
-        reply = self._call("add_task", args)
-        status = Status(reply[0])
+        for _ in range(3):
+            start = start_of(self.config(), board, self.now(), not_before=not_before, night_only=night_only)
+            args: list[str | int | float] = [
+                self._now_arg(), "" if task_id is None else task_id, board, title, prompt,
+                chain or "", model or "", "" if start.due is None else _ms(start.due),
+                "1" if start.night_only else "", "" if start.not_before is None else _ms(start.not_before),
+                self._config_version,
+            ]
+            reply = self._call("add_task", args)
+            status = Status(reply[0])
+            if status is not Status.CONFIG_STALE:
+                break
+            self._config = None
+        else:
+            raise ScriptError("the config kept changing during the add; try again")
         if status is Status.BAD_STATE:
             raise InputError(str(reply[1]))
         if status is not Status.OK:
@@ -354,12 +361,22 @@ class Broker:
         return parse_not_before(text, self.config(), self.now())
 
     def _check_known(self, *, chain: str | None = None, model: str | None = None) -> None:
-        """Refuse an unknown chain or model before anything is written (the scripts check again)."""
-        cfg = self.config()
-        if chain is not None and chain not in cfg.chains:
-            raise UnknownChain(f"unknown chain {chain!r}")
-        if model is not None and model not in cfg.models:
-            raise UnknownChain(f"unknown model {model!r}")
+        """Refuse an unknown chain or model before anything is written (the scripts check again, atomically).
+
+        Only the config in Redis now refuses: a name the cached config lacks is checked again after a reload,
+        so a chain that another process has just loaded is never refused here.
+        """
+        for fresh in (False, True):
+            if fresh:
+                self._reload_config()
+            cfg = self.config()
+            if chain is not None and chain not in cfg.chains:
+                unknown = f"unknown chain {chain!r}"
+            elif model is not None and model not in cfg.models:
+                unknown = f"unknown model {model!r}"
+            else:
+                return
+        raise UnknownChain(unknown)
 
     def claim(self) -> Claim:
         """Claim the next task that may run now; raises NothingToClaim with the skip reasons."""
@@ -574,31 +591,34 @@ class Broker:
         """The run hit a rate/usage limit: cool its model, return the task to its head.
 
         The cooldown ends after ``retry_after`` seconds, else at ``reset_at``, else at the reset parsed
-        from ``message``, else after rate_limit_cooldown_minutes. Returns the model and the cooldown end.
+        from ``message``, else after the config's rate_limit_cooldown_minutes (read by the script, so it is
+        the current config's). Returns the model and the cooldown end.
+
+        ``quota`` None: ``message`` is an unclassified text, parsed here for its class and reset. A caller that
+        parsed it already (the agent protocol) gives ``quota`` and ``reset_at``: the text is not parsed twice.
         ``cause`` names another reason to cool the model the same way (``auth``, ``agent_config``: the model's
         agent cannot run at all; no attempt is used).
         """
         now = self.now()
         check_text("message", message, MAX_TEXT_BYTES)
-        signal = parse_signal(message, now) if message else None
-        reset_known = True
+        if retry_after is not None and (
+                not math.isfinite(retry_after) or retry_after <= 0 or retry_after > MAX_RESET_SECONDS):
+            raise InputError(f"bad retry-after {retry_after}: seconds in (0, {MAX_RESET_SECONDS}]")
+        if quota is None:
+            signal = parse_signal(message, now) if message else None
+            quota = signal is not None and signal.klass is SignalClass.QUOTA_REACHED
+            if reset_at is None and signal is not None:
+                reset_at = signal.reset_at
+        until: float | None = None
         if retry_after is not None:
-            if not math.isfinite(retry_after) or retry_after <= 0 or retry_after > MAX_RESET_SECONDS:
-                raise InputError(f"bad retry-after {retry_after}: seconds in (0, {MAX_RESET_SECONDS}]")
             until = now + retry_after
         elif reset_at is not None and now < reset_at <= now + MAX_RESET_SECONDS:
             until = reset_at
-        elif signal is not None and signal.reset_at is not None:
-            until = signal.reset_at
-        else:
-            until = now + self.config().watchdog.rate_limit_cooldown_minutes * 60
-            reset_known = False
-        if quota is None:
-            quota = signal is not None and signal.klass is SignalClass.QUOTA_REACHED
         klass = cause or ("quota_reached" if quota else "rate_limit")
-        text = message or f"rate limited for {until - now:.0f}s"
-        fault = int(counts_for_breaker(klass, reset_known=reset_known))
-        reply = self._run_call("rate_limited_run", task_id, run_id, [_ms(until), klass, text, fault])
+        text = message or (f"rate limited for {until - now:.0f}s" if until is not None else "rate limited")
+        fault = int(counts_for_breaker(klass, reset_known=until is not None))
+        reply = self._run_call("rate_limited_run", task_id, run_id,
+                               ["" if until is None else _ms(until), klass, text, fault])
         return str(reply[1]), int(reply[2]) / 1000
 
     def workdir_missing(self, task_id: int, run_id: str, board: str, path: str) -> None:
@@ -617,6 +637,12 @@ class Broker:
             queue_usage(pipe, self.keys, task_id, run_id, (model, board), session_id, doc, self.now())
             pipe.execute()
 
+    def usage_stats(self) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str], float]]:
+        """What the agent CLIs reported, in one transaction: tokens by (model, board, kind) and dollars by
+        (model, board)."""
+        with redis_errors(self._where):
+            return read_usage_stats(self.client, self.keys)
+
     def cost_since(self, since: float) -> dict[str, float]:
         """Dollars per model reported by runs since ``since`` (hour resolution); drops hours older than two days."""
         with redis_errors(self._where):
@@ -626,10 +652,18 @@ class Broker:
                 self.client.hdel(self.keys.stats_agent_cost_hourly, *stale)
         return cost_since(hourly, since)
 
-    def release(self, task_id: int, run_id: str, reason: str = "released", message: str = "") -> None:
-        """Give a claimed run back without using an attempt: the task is the board head again at once."""
+    def release(
+        self, task_id: int, run_id: str, reason: str = "released", message: str = "", *, hold_s: float = 0.0
+    ) -> None:
+        """Give a claimed run back without using an attempt: the task is the board head again at once.
+
+        ``hold_s`` > 0: the agent runtime failed, not the task; claims are held that long (:meth:`agent_gate`
+        says why: ``"<reason>: <message>"``), in the same atomic call.
+        """
         check_text("message", message, MAX_TEXT_BYTES)
-        self._run_call("release_run", task_id, run_id, [reason, message])
+        if not math.isfinite(hold_s) or not 0 <= hold_s <= MAX_RESET_SECONDS:
+            raise InputError(f"bad hold {hold_s}: seconds in [0, {MAX_RESET_SECONDS}]")
+        self._run_call("release_run", task_id, run_id, [reason, message, _ms(hold_s)])
 
     def reap(self) -> list[int]:
         """Requeue every task whose lease deadline passed; returns their ids."""
@@ -677,14 +711,16 @@ class Broker:
 
     def cooldowns(self) -> dict[str, dict[str, Any]]:
         """Models cooling now: {model: {"until": epoch s, "remaining_s": s, "reason": str}}."""
-        models = sorted(self.config().models)
-        with redis_errors(self._where):
-            values = self.client.mget([self.keys.cooldown(m) for m in models]) if models else []
+        def queue(pipe: Any, cfg: Config) -> None:
+            for m in sorted(cfg.models):
+                pipe.get(self.keys.cooldown(m))
+
+        cfg, values = self.read_with_config(queue)
         now = self.now()
         out: dict[str, dict[str, Any]] = {}
-        for model, raw in zip(models, values, strict=True):
+        for model, raw in zip(sorted(cfg.models), values, strict=True):
             if raw:
-                until_ms, _, reason = str(text(raw)).partition("|")
+                until_ms, _, reason = to_str(raw).partition("|")
                 until = int(until_ms) / 1000
                 if until > now:
                     out[model] = {"until": until, "remaining_s": round(until - now, 3), "reason": reason}
@@ -693,14 +729,14 @@ class Broker:
     # -- provider breakers -----------------------------------------------------------------------
     def breakers(self) -> dict[str, BreakerState]:
         """Every configured provider's breaker: closed, open or half_open, with its time left."""
-        providers = sorted(set(self.config().models.values()))
-        now = self.now()
-        with redis_errors(self._where):
-            pipe = self.client.pipeline(transaction=True)
-            for p in providers:
+        def queue(pipe: Any, cfg: Config) -> None:
+            for p in sorted(set(cfg.models.values())):
                 pipe.hgetall(self.keys.breaker(p))
                 pipe.zcard(self.keys.breaker_failures(p))
-            rows = pipe.execute()
+
+        cfg, rows = self.read_with_config(queue)
+        now = self.now()
+        providers = sorted(set(cfg.models.values()))
         return {p: state_from(p, texts(rows[2 * i]), int(rows[2 * i + 1]), now) for i, p in enumerate(providers)}
 
     def open_breaker(self, provider: str, minutes: float) -> BreakerState:
@@ -794,6 +830,17 @@ class Broker:
             rows: Any = self.client.xrange(self.keys.events, min=start, max="+", count=count)
         return [event(eid, fields) for eid, fields in rows or []]
 
+    def latest_events(self, count: int) -> list[dict[str, Any]]:
+        """The ``count`` newest events, newest first."""
+        with redis_errors(self._where):
+            rows: Any = self.client.xrevrange(self.keys.events, count=count)
+        return [event(eid, fields) for eid, fields in rows or []]
+
+    def latest_event_id(self) -> str:
+        """The stream id of the newest event ("0-0" when there is none): wait for events after it."""
+        newest = self.latest_events(1)
+        return str(newest[0]["id"]) if newest else "0-0"
+
     def wait_events(self, after: str, block_ms: int) -> list[dict[str, Any]]:
         """Block up to ``block_ms`` for events after stream id ``after`` ("$" = only new ones)."""
         with redis_errors(self._where):
@@ -811,6 +858,49 @@ class Broker:
             with redis_errors(self._where):
                 self.client.hset(self.keys.run_log(task_id), run_id, text)
 
+    # -- bookkeeping of the dispatchers: who alerts, and the counters -------------------------------
+    def count_skip(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` boards refused for ``reason`` outside a claim (e.g. agent_not_ready: no claim was tried)."""
+        with redis_errors(self._where):
+            self.client.hincrby(self.keys.stats_skips, reason, n)
+
+    def counters(self) -> Counters:
+        """Every ``stats:*`` counter of the namespace, in one transaction."""
+        k = self.keys
+        with redis_errors(self._where):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hgetall(k.stats_completed)
+            pipe.hgetall(k.stats_failures)
+            pipe.hgetall(k.stats_skips)
+            pipe.get(k.stats_claims)
+            pipe.hgetall(k.stats_claim_to_start)
+            return counters_from(*pipe.execute())
+
+    def last_task_id(self) -> int:
+        """The highest task id handed out or given so far (0 before the first task)."""
+        with redis_errors(self._where):
+            return int(to_str(self.client.get(self.keys.task_seq) or 0))
+
+    def take_summary_turn(self, interval_s: float) -> bool:
+        """Whether this caller sends this interval's summary: True for exactly one caller per ``interval_s``."""
+        with redis_errors(self._where):
+            return bool(self.client.set(self.keys.summary_lock, "1", nx=True, px=max(1, _ms(interval_s))))
+
+    def first_to_alert(self, event_id: str, ttl_s: float) -> bool:
+        """Whether this caller sends the alert of event ``event_id``: True once per event across dispatchers."""
+        with redis_errors(self._where):
+            return bool(self.client.set(self.keys.notified(event_id), "1", nx=True, px=max(1, _ms(ttl_s))))
+
+    def outage_begins(self, why: str, ttl_s: float) -> bool:
+        """Record that the agent runtime is not ready; True for the one caller that should alert (the first)."""
+        with redis_errors(self._where):
+            return bool(self.client.set(self.keys.outage_lock, why[:500], nx=True, px=max(1, _ms(ttl_s))))
+
+    def outage_ends(self) -> bool:
+        """Record that the agent runtime is ready; True for the one caller that should say so (an outage was on)."""
+        with redis_errors(self._where):
+            return bool(self.client.delete(self.keys.outage_lock))
+
     def trip_agent_gate(self, seconds: float, reason: str) -> None:
         """Hold claims for ``seconds``: the agent runtime is down or refuses this client."""
         with redis_errors(self._where):
@@ -822,13 +912,37 @@ class Broker:
             value = self.client.get(self.keys.agent_gate)
         return None if value is None else to_str(value)
 
-    def explain_boards(self, boards: list[str], global_cap: int) -> list[str]:
-        """Why each board's head is not running now (the claim's own rules, read-only)."""
+    def explain_boards(self, boards: list[str], global_cap: int | None = None) -> list[str]:
+        """Why each board's head is not running now (the claim's own rules, read-only), judged under the config
+        in Redis now: the script refuses a global cap computed from an older config, and it is computed again.
+        ``global_cap``: judge under this cap instead of the config's."""
         if not boards:
             return []
-        with redis_errors(self._where):
-            reply = self._scripts.call("explain_boards", [self.keys.prefix, self._now_arg(), global_cap, *boards])
-        return [str(x) for x in reply[1:]]
+        for _ in range(3):
+            cap = self.config().global_cap_at(self.now())[0] if global_cap is None else global_cap
+            args = [self.keys.prefix, self._now_arg(), cap, self._config_version, *boards]
+            with redis_errors(self._where):
+                reply = self._scripts.call("explain_boards", args)
+            if Status(reply[0]) is not Status.CONFIG_STALE:
+                return [str(x) for x in reply[1:]]
+            self._config = None
+        raise ScriptError("the config kept changing while explaining the boards; try again")
+
+    def read_with_config(self, queue: Callable[[Any, Config], None]) -> tuple[Config, list[Any]]:
+        """Reads that depend on the config, in one MULTI with the config version: ``queue(pipe, config)`` adds
+        them for the cached config; when the version read is not that config's, the config is reloaded and the
+        reads are made again. Returns the config they were made for and their replies."""
+        for _ in range(3):
+            cfg = self.config()
+            with redis_errors(self._where):
+                pipe = self.client.pipeline(transaction=True)
+                pipe.hget(self.keys.cfg_settings, "version")
+                queue(pipe, cfg)
+                version, *replies = pipe.execute()
+            if ("" if version is None else to_str(version)) == self._config_version:
+                return cfg, replies
+            self._config = None
+        raise ScriptError("the config kept changing during the read; try again")
 
     def observe_claim_to_start(self, seconds: float) -> None:
         """Record how long a claimed run waited for its worker (the claim-to-start histogram)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .breaker import BreakerState
@@ -31,7 +32,9 @@ class HealthSource(Protocol):
 
     def now(self) -> float: ...
 
-    def explain_boards(self, boards: list[str], global_cap: int) -> list[str]: ...
+    def explain_boards(self, boards: list[str], global_cap: int | None = None) -> list[str]: ...
+
+    def read_with_config(self, queue: Callable[[Any, Config], None]) -> tuple[Config, list[Any]]: ...
 
     def cooldowns(self) -> dict[str, dict[str, Any]]: ...
 
@@ -49,27 +52,28 @@ def _int(value: Any) -> int:
 def collect_health(broker: HealthSource) -> dict[str, Any]:
     """Queue depth, in-progress and throughput per board; inflight, cap, cooldown per model."""
     keys, client = broker.keys, broker.client
-    cfg = broker.config()
     now = broker.now()
     now_ms = int(now * 1000)
     boards = sorted(str(_t(b)) for b in client.smembers(keys.boards))
-    pipe = client.pipeline(transaction=True)
-    pipe.zcard(keys.running)
-    pipe.hgetall(keys.inflight_model)
-    pipe.hgetall(keys.inflight_provider)
-    pipe.hgetall(keys.stats_failures)
-    pipe.lrange(keys.errors, 0, _RECENT_ERRORS - 1)
-    for b in boards:
-        pipe.zcard(keys.queue(b))
-        pipe.hmget(keys.board(b), "running", "paused", "state", "scheduled")
-        pipe.zcount(keys.done(b), now_ms - _HOUR_MS, "+inf")
-        pipe.zrange(keys.queue(b), 0, _HEAD - 1)
-    replies = pipe.execute()
+
+    def queue(pipe: Any, _cfg: Config) -> None:
+        pipe.zcard(keys.running)
+        pipe.hgetall(keys.inflight_model)
+        pipe.hgetall(keys.inflight_provider)
+        pipe.hgetall(keys.stats_failures)
+        pipe.lrange(keys.errors, 0, _RECENT_ERRORS - 1)
+        for b in boards:
+            pipe.zcard(keys.queue(b))
+            pipe.hmget(keys.board(b), "running", "paused", "state", "scheduled")
+            pipe.zcount(keys.done(b), now_ms - _HOUR_MS, "+inf")
+            pipe.zrange(keys.queue(b), 0, _HEAD - 1)
+
+    cfg, replies = broker.read_with_config(queue)  # the caps shown are those of the config in Redis now
     in_progress, inflight_m, inflight_p, failures, errors = replies[:5]
     cap, night = cfg.global_cap_at(now)
     breakers = broker.breakers()
     board_docs = _boards(broker, boards, replies[5:], now)
-    for name, why in zip(boards, broker.explain_boards(boards, cap), strict=True):
+    for name, why in zip(boards, broker.explain_boards(boards), strict=True):
         board_docs[name]["why_waiting"] = why
     return {
         "global": {"max_concurrent": cap, "in_progress": int(in_progress), "night": night,

@@ -3,7 +3,8 @@
 All keys of a namespace live under ``clawq:{<namespace>}:`` -- the braces are a Redis Cluster hash tag, so
 a namespace occupies exactly one slot and every Lua script may touch any of its keys.  Scripts build the
 few keys they only know after deciding (a board's queue, a task's hash) from :attr:`Keys.prefix` with the
-same suffixes as the methods below; ``lua/lib/keys.lua`` mirrors them and a test checks the two agree.
+same suffixes as the methods below. Nothing outside ``broker/`` names a key (``tests/test_layers.py``), and
+the README's keyspace table lists every key built here (``tests/test_keyspace.py``).
 """
 
 from __future__ import annotations
@@ -248,14 +249,15 @@ class Keys:
         """STRING with TTL: taken by the dispatcher that sends this interval's summary."""
         return self._k("lock", "summary")
 
+    @property
+    def outage_lock(self) -> str:
+        """STRING with TTL: why the agent runtime is not ready; taken by the dispatcher that sends the outage
+        alert (one per outage across dispatchers), deleted by the one that sees it end."""
+        return self._k("lock", "outage")
+
     def notified(self, event_id: str) -> str:
         """STRING with TTL: this event's alert was sent (one per event across dispatchers)."""
         return self._k("notified", event_id)
-
-    @property
-    def wake(self) -> str:
-        """LIST: nudges for the dispatchers (a worker freed a slot, an operator asked)."""
-        return self._k("wake")
 
     # -- per-board keys ------------------------------------------------------------------------------
     def board(self, board: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -10,7 +11,8 @@ import redis
 from .errors import InputError
 from .keys import Keys
 
-__all__ = ["CLAIM_TO_START_BUCKETS", "bucket_field", "observe_claim_to_start", "queue_claim_to_start"]
+__all__ = ["CLAIM_TO_START_BUCKETS", "Counters", "bucket_field", "counters_from", "observe_claim_to_start",
+           "queue_claim_to_start"]
 
 #: Upper bounds (s) of the claim-to-start histogram buckets, the last one +Inf. Counts are stored per
 #: bucket (not cumulative) in the HASH ``stats:claim_to_start``, beside "sum" and "count".
@@ -41,3 +43,42 @@ def observe_claim_to_start(client: redis.Redis, keys: Keys, seconds: float) -> N
     pipe = client.pipeline(transaction=True)
     queue_claim_to_start(pipe, keys, seconds)
     pipe.execute()
+
+
+@dataclass(frozen=True)
+class Counters:
+    """The counters of the ``stats:*`` keys, read in one transaction (:meth:`Broker.counters`)."""
+
+    completed: dict[str, float]  #: board -> outcomes recorded
+    failures: dict[tuple[str, str], float]  #: (model, reason) -> failed runs
+    skips: dict[str, float]  #: skip reason -> boards refused
+    claims: float  #: successful claims
+    claim_to_start: dict[str, float]  #: bucket field / "sum" / "count" -> value
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _number(value: Any) -> float:
+    """A stored counter; a value that is not a finite number (hand-edited) counts as 0."""
+    try:
+        number = float(_text(value))
+    except ValueError:
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _floats(mapping: Any) -> dict[str, float]:
+    return {_text(k): _number(v) for k, v in (mapping or {}).items()}
+
+
+def counters_from(completed: Any, failures: Any, skips: Any, claims: Any, histogram: Any) -> Counters:
+    """The counters from the replies of HGETALL stats:completed, stats:failures, stats:skips, GET stats:claims and
+    HGETALL stats:claim_to_start."""
+    per_reason: dict[tuple[str, str], float] = {}
+    for field, n in _floats(failures).items():
+        model, _, reason = field.partition("|")
+        per_reason[(model, reason)] = per_reason.get((model, reason), 0.0) + n
+    return Counters(completed=_floats(completed), failures=per_reason, skips=_floats(skips),
+                    claims=_number(claims) if claims is not None else 0.0, claim_to_start=_floats(histogram))

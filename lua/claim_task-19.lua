@@ -67,6 +67,7 @@ local now = clock_ms(ARGV[2])
 
 local settings = rcall("HMGET", K.cfg_settings, "version", "lease_ms")
 if settings[1] ~= ARGV[6] then return {7} end
+local lease_ms = setting(settings[2], "lease_ms")  -- before any write: a missing setting changes nothing
 
 -- Boards whose backoff ended join their ready line (the broker's delayed work, atomic with claims).
 local due = rcall("ZRANGEBYSCORE", K.idx_backoff, "-inf", now, "LIMIT", 0, 100)
@@ -150,7 +151,6 @@ local function choose(fronts, view)
   return nil, refused
 end
 
-local lease_ms = num(settings[2], 1380000)
 local deadline = now + lease_ms
 
 -- Claim the head of board `best.board` for run `run_id`; its reply fields go on `out`.

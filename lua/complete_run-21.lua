@@ -41,7 +41,7 @@ end
 
 local follow_up = ARGV[5] == "1"
 local run_count = t.run_count + 1
-local max_runs = num(rcall("HGET", K.cfg_settings, "max_runs"), 5)
+local max_runs = setting(rcall("HGET", K.cfg_settings, "max_runs"), "max_runs")
 local note = ""
 if follow_up and run_count >= max_runs then
   note = "follow-up limit reached (" .. run_count .. " runs): sent to in_review"

@@ -18,7 +18,7 @@ local rcall = redis.call
 local P, now, id = ARGV[1], clock_ms(ARGV[2]), ARGV[3]
 local t, code, detail = active_run(P, id, ARGV[4])
 if not t then return {code, detail} end
-local ms = num(rcall("HGET", KEYS[4], "heartbeat_ms"), 1200000)
+local ms = setting(rcall("HGET", KEYS[4], "heartbeat_ms"), "heartbeat_ms")
 local deadline = now + ms
 rcall("ZADD", KEYS[3], deadline, id)
 rcall("SET", KEYS[2], ARGV[4], "PX", ms)

@@ -15,8 +15,9 @@
   ready:<ck>, cooldown:<model>, breaker:<provider>, breaker:<provider>:failures
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id
-  ARGV[5] cooldown end (ms)  ARGV[6] class: rate_limit | quota_reached, or auth | agent_config (the
-           model's agent cannot run: not logged in, bad key, no executable)  ARGV[7] message
+  ARGV[5] cooldown end (ms), or "" when no reset is known: now + the config's cooldown_ms
+  ARGV[6] class: rate_limit | quota_reached, or auth | agent_config (the model's agent cannot run: not
+           logged in, bad key, no executable)  ARGV[7] message
   ARGV[8] provider fault (1/0; absent = 0): no reset was parsed, so the limit counts toward the breaker
 
   A repeat of the limit that ended this run (its first call timed out after it was applied) changes
@@ -41,7 +42,9 @@ if not t then
   return {code, detail}
 end
 
-local until_ms = cool_model(K, P, t.model, now, tonumber(ARGV[5]), reason, true)
+local end_ms = tonumber(ARGV[5])
+if not end_ms then end_ms = now + setting(rcall("HGET", K.cfg_settings, "cooldown_ms"), "cooldown_ms") end
+local until_ms = cool_model(K, P, t.model, now, end_ms, reason, true)
 end_run(K, P, id, t, now, reason, message)
 rcall("HSET", task_key(P, id), "last_error", message, "last_error_reason", reason)
 record_error(K, now, reason, id, t, message)

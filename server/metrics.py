@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from clawq.broker import BreakerStatus, Broker
-from clawq.broker.stats import CLAIM_TO_START_BUCKETS, bucket_field, observe_claim_to_start
-from clawq.broker.translate import redis_errors
-from clawq.broker.usage import read_usage_stats
+from clawq.broker.stats import CLAIM_TO_START_BUCKETS, Counters, bucket_field, observe_claim_to_start
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -43,55 +40,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 
-def _s(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _num(value: Any) -> float:
-    try:
-        number = float(_s(value))
-    except ValueError:
-        return 0.0
-    return number if math.isfinite(number) else 0.0
-
-
-def _strs(mapping: Mapping[Any, Any]) -> dict[str, float]:
-    return {_s(k): _num(v) for k, v in mapping.items()}
-
-
-@dataclass(frozen=True)
-class Stats:
-    """The counters of the ``stats:*`` keys."""
-
-    completed: dict[str, float]  #: board -> outcomes recorded
-    failures: dict[tuple[str, str], float]  #: (model, reason) -> failed runs
-    skips: dict[str, float]  #: skip reason -> boards refused
-    claims: float  #: successful claims
-    claim_to_start: dict[str, float]  #: bucket field / "sum" / "count" -> value
+#: The counters of the ``stats:*`` keys (read by the broker in one transaction).
+Stats = Counters
 
 
 def read_stats(broker: Broker) -> Stats:
-    """Every ``stats:*`` key of the namespace, in one transaction."""
-    keys = broker.keys
-    with redis_errors("Redis"):
-        pipe = broker.client.pipeline(transaction=True)
-        pipe.hgetall(keys.stats_completed)
-        pipe.hgetall(keys.stats_failures)
-        pipe.hgetall(keys.stats_skips)
-        pipe.get(keys.stats_claims)
-        pipe.hgetall(keys.stats_claim_to_start)
-        completed, failures, skips, claims, histogram = pipe.execute()
-    per_reason: dict[tuple[str, str], float] = {}
-    for field, n in _strs(failures).items():
-        model, _, reason = field.partition("|")
-        per_reason[(model, reason)] = per_reason.get((model, reason), 0.0) + n
-    return Stats(
-        completed=_strs(completed),
-        failures=per_reason,
-        skips=_strs(skips),
-        claims=_num(claims) if claims is not None else 0.0,
-        claim_to_start=_strs(histogram),
-    )
+    """Every ``stats:*`` counter of the namespace, in one transaction."""
+    return broker.counters()
 
 
 def histogram_buckets(fields: Mapping[str, float]) -> tuple[list[tuple[str, float]], float]:
@@ -130,8 +85,7 @@ class ClawqCollector:
         yield from _board_metrics(health["boards"], stats)
         yield from _model_metrics(health["models"], health["providers"], stats)
         yield from _claim_metrics(stats)
-        with redis_errors("Redis"):
-            tokens, cost = read_usage_stats(self.broker.client, self.broker.keys)
+        tokens, cost = self.broker.usage_stats()
         yield from _agent_metrics(tokens, cost)
 
 

@@ -307,7 +307,7 @@ def _await_alerts(broker: Broker, sink: Sink, limit_s: float = 10.0) -> None:
 
 def _fates_by_id(plan: Plan, broker: Broker) -> dict[str, str]:
     """Plan fates are by task index; tasks get ids from the namespace counter, starting after it."""
-    first = int(broker.client.get(broker.keys.task_seq) or 0) + 1
+    first = broker.last_task_id() + 1
     out = {}
     for key, fate in plan.fates.items():
         index, claim = key.split(":")
@@ -327,7 +327,7 @@ def _report(broker: Broker, tasks: list[Task], sink: Sink, fleet: Fleet, plan: P
     for e in events:
         if e["type"] in ("timeout", "rate_limit", "quota_reached", "failed", "released", "overloaded"):
             causes[e["type"]] = causes.get(e["type"], 0) + 1
-    skips = {str(k): int(v) for k, v in broker.client.hgetall(broker.keys.stats_skips).items()}
+    skips = {k: int(v) for k, v in broker.counters().skips.items()}
     return {
         "ok": all(c.ok for c in criteria.values()),
         "redis": redis_label,

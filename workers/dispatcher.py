@@ -77,11 +77,10 @@ class AgentGate:
         While the gate stays open, nothing is written: the lock is released by a dispatcher that saw the
         outage (or that just started, and cannot know)."""
         was_ok, self._was_ok = self._was_ok, ok
-        lock = self.broker.keys.prefix + "lock:outage"
         if ok:
-            if was_ok is not True and self.broker.client.delete(lock):
+            if was_ok is not True and self.broker.outage_ends():
                 self.notifiers.send("agent_ready", "clawq: agent runtime is back, claiming again")
-        elif self.broker.client.set(lock, why[:500], nx=True, ex=_ALERT_TTL_S):
+        elif self.broker.outage_begins(why, _ALERT_TTL_S):
             self.notifiers.send("agent_not_ready", f"clawq: agent runtime not ready, claims held ({why})")
 
 
@@ -155,7 +154,7 @@ class Dispatcher:
         self._gate_closed = not self._gate.ready()
         made = 0
         if self._gate_closed:
-            self.broker.client.hincrby(self.broker.keys.stats_skips, "agent_not_ready", 1)
+            self.broker.count_skip("agent_not_ready")
             self.last_skips = {"agent_not_ready": 1}
         else:
             made = self._claim_all()
@@ -229,7 +228,7 @@ class Dispatcher:
         if not active:
             return
         interval_ms = int(self.broker.config().notify.summary_interval_minutes * 60_000)
-        if self.broker.client.set(self.broker.keys.summary_lock, "1", nx=True, px=max(1, interval_ms)):
+        if self.broker.take_summary_turn(interval_ms / 1000):
             assert self.notifiers is not None
             cost = self.broker.cost_since(night_start(self.broker.config(), self.broker.now()))
             self.notifiers.send("summary", summary_line(health, self.last_skips, cost),
@@ -268,8 +267,7 @@ class Dispatcher:
             self._workdir_alert(event)
             return
         kind = _alert_kind(event)
-        if kind is None or not self.broker.client.set(self.broker.keys.notified(event["id"]), "1", nx=True,
-                                                       ex=_ALERT_TTL_S):
+        if kind is None or not self.broker.first_to_alert(event["id"], _ALERT_TTL_S):
             return
         assert self.notifiers is not None
         if kind == "provider_open":
@@ -353,11 +351,7 @@ class Dispatcher:
                 self._refresh_notifiers()
 
     def _latest_event_id(self) -> str:
-        rows: Any = self.broker.client.xrevrange(self.broker.keys.events, count=1)
-        if not rows:
-            return "0-0"
-        eid = rows[0][0]
-        return eid.decode() if isinstance(eid, bytes) else str(eid)
+        return self.broker.latest_event_id()
 
 
 def _config_or_none(found: object) -> Config | None:

@@ -36,12 +36,12 @@ def report(broker: Broker, task_id: int, run_id: str, result: AgentResult) -> st
                             reset_at=result.reset_at, quota=result.quota)
         return "quota_reached" if result.quota else "rate_limit"
     if result.cause in RELEASE_CAUSES:
-        broker.release(task_id, run_id, result.cause, result.error)
-        broker.trip_agent_gate(RELEASE_CAUSES[result.cause], f"{result.cause}: {result.error}")
+        broker.release(task_id, run_id, result.cause, result.error, hold_s=RELEASE_CAUSES[result.cause])
         return "released"
     if result.cause in MODEL_CAUSES:
         minutes = broker.config().watchdog.auth_cooldown_minutes
-        broker.rate_limited(task_id, run_id, retry_after=minutes * 60, message=result.error, cause=result.cause)
+        broker.rate_limited(task_id, run_id, retry_after=minutes * 60, message=result.error, quota=False,
+                            cause=result.cause)
         return result.cause
     broker.fail(task_id, run_id, result.error, cause=result.cause)
     return result.cause

@@ -66,11 +66,11 @@ def _events_table(broker: Broker) -> Table:
     table = Table(title="recent events", expand=False)
     for col in ("type", "task", "board", "model"):
         table.add_column(col)
-    rows: Any = broker.client.xrevrange(broker.keys.events, count=40)
     shown = 0
-    for _, fields in rows or []:
+    for fields in broker.latest_events(40):
         if fields.get("type") in _EVENT_TYPES and shown < 8:
-            table.add_row(fields["type"], fields.get("task_id", ""), fields.get("board", ""), fields.get("model", ""))
+            table.add_row(fields["type"], str(fields.get("task_id", "")), fields.get("board", ""),
+                          fields.get("model", ""))
             shown += 1
     return table
 

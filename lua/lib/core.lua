@@ -31,6 +31,14 @@ local function num(v, default)
   return tonumber(v) or default
 end
 
+-- A config setting read from cfg_settings (load_config writes every one): a missing one is an error,
+-- never a default of the script's own, so the config stays the one statement of each setting.
+local function setting(v, name)
+  local n = tonumber(v)
+  if n == nil then error("clawq: config setting " .. name .. " is missing: load a config (clawq config load)") end
+  return n
+end
+
 -- The script's clock in ms: ARGV's value when the caller gives one (tests drive a fake clock), else
 -- the server's TIME, read once per call, so every client's events are stamped in the order Redis ran
 -- them, whatever the clients' clock skew.
@@ -186,7 +194,8 @@ local function breaker_after(K, P, t, now, verdict, cause)
     if verdict == "ok" then
       close_breaker(K, P, p, now, "the probe succeeded")
     elseif verdict == "fault" then
-      local max_ms = num(rcall("HGET", K.cfg_settings, "breaker_max_cooldown_ms"), 3600000)
+      local max_ms = setting(rcall("HGET", K.cfg_settings, "breaker_max_cooldown_ms"),
+                             "breaker_max_cooldown_ms")
       open_breaker(K, P, p, now, cause, math.max(1, math.min(num(b[3], 0) * 2, max_ms)))
     else
       rcall("HDEL", bk, "probe", "probe_task")
@@ -196,13 +205,13 @@ local function breaker_after(K, P, t, now, verdict, cause)
   end
   if verdict ~= "fault" or b[1] then return end
   local cfg = rcall("HMGET", K.cfg_settings, "breaker_failures", "breaker_window_ms", "breaker_cooldown_ms")
-  local failures = num(cfg[1], 0)
+  local failures = setting(cfg[1], "breaker_failures")
   if failures < 1 then return end
-  local fk, window = breaker_failures_key(P, p), num(cfg[2], 300000)
+  local fk, window = breaker_failures_key(P, p), setting(cfg[2], "breaker_window_ms")
   rcall("ZADD", fk, now, t.run_id)
   rcall("ZREMRANGEBYSCORE", fk, "-inf", now - window)
   if rcall("ZCARD", fk) >= failures then
-    open_breaker(K, P, p, now, cause, num(cfg[3], 600000))
+    open_breaker(K, P, p, now, cause, setting(cfg[3], "breaker_cooldown_ms"))
   else
     rcall("PEXPIRE", fk, window)
   end
@@ -540,9 +549,9 @@ local function fail_run(K, P, id, t, now, cause, message, retry, backoff, verdic
   rcall("HSET", task_key(P, id), "attempts", attempts, "last_error", message or "", "last_error_reason", cause)
   record_error(K, now, cause, id, t, message)
   local status = "up_next"
-  if retry and attempts < num(cfg[1], 3) then
+  if retry and attempts < setting(cfg[1], "max_attempts") then
     local until_ms = 0
-    if backoff then until_ms = now + num(cfg[2], 0) end
+    if backoff then until_ms = now + setting(cfg[2], "backoff_ms") end
     requeue(K, P, id, t, now, until_ms)
   else
     status = "failed"
@@ -561,9 +570,22 @@ local RUN_END_KEYS = {"cfg_settings", "cfg_model_cap", "cfg_provider_cap", "bloc
                       "ready_seq", "idx_busy", "idx_paused", "idx_backoff", "refs", "in_review", "failed",
                       "cancelled", "events", "errors", "stats_failures", "stats_completed"}
 
+-- The settings the end of a run may read (fail_run, complete_run, rate_limited_run, breaker_after).
+local RUN_END_SETTINGS = {"max_attempts", "backoff_ms", "max_runs", "cooldown_ms", "breaker_failures",
+                          "breaker_window_ms", "breaker_cooldown_ms", "breaker_max_cooldown_ms"}
+
+-- Fail (an error naming the setting) unless every setting in `names` is in cfg_settings; called before a
+-- script writes anything, so a missing setting fails the whole call with nothing changed.
+local function require_settings(key, names)
+  local v = rcall("HMGET", key, unpack(names))
+  for i, name in ipairs(names) do setting(v[i], name) end
+end
+
+-- The keys of a run-end script by name, its settings checked first.
 local function keys_from(names, first)
   local K = {}
   for i, name in ipairs(names) do K[name] = KEYS[first + i - 1] end
+  if K.cfg_settings then require_settings(K.cfg_settings, RUN_END_SETTINGS) end
   return K
 end
 

@@ -9,11 +9,14 @@
   KEYS[5]  idx_busy            SET
   KEYS[6]  idx_paused          SET
   KEYS[7]  idx_backoff         ZSET
+  KEYS[8]  cfg_settings        HASH   version (the caller's global cap came from that config)
   Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>
 
-  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] global cap  ARGV[4..] board names
+  ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] global cap
+  ARGV[4] the config version the caller computed ARGV[3] from  ARGV[5..] board names
 
-  Returns {0, reason, reason, ...}, one per board, each one of:
+  Returns {7} when the config changed since the caller read it, else {0, reason, reason, ...}, one per
+  board, each one of:
     idle (nothing queued), running (its task runs, nothing else queued), board_busy,
     board_paused, backoff, global_cap, model_rate_limited, model_quota_reached,
     provider_quota_reached, provider_open, ready (it may run: the next claim can take it)
@@ -22,6 +25,7 @@ local rcall = redis.call
 --- @include "core"
 
 local K = {cfg_chains = KEYS[1], cfg_model_provider = KEYS[2], blocked = KEYS[3]}
+if (rcall("HGET", KEYS[8], "version") or "") ~= ARGV[4] then return {7} end
 local P, now = ARGV[1], clock_ms(ARGV[2])
 local full = rcall("ZCARD", KEYS[4]) >= tonumber(ARGV[3])
 local view = model_view(K)
@@ -41,5 +45,5 @@ local function explain(b)
 end
 
 local out = {0}
-for i = 4, #ARGV do out[#out + 1] = explain(ARGV[i]) end
+for i = 5, #ARGV do out[#out + 1] = explain(ARGV[i]) end
 return out

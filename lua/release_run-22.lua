@@ -2,10 +2,13 @@
   release_run: give a claimed run back without using an attempt (fenced by run id): the
   dispatcher could not hand it to a worker, or the agent runtime was unreachable or refused
   this client (pairing). The task returns to its board head at once; no backoff, no cooldown.
-  A released run tells nothing about its provider: a breaker's probe slot is freed.
+  A released run tells nothing about its provider: a breaker's probe slot is freed. When the
+  agent runtime itself failed (ARGV[7] > 0), claims are held that long in the same call
+  (gate:agent, read by the dispatcher before it claims).
 
   KEYS[1]  task (task:<id>)   HASH
-  KEYS[2..21] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
+  KEYS[2]  agent_gate         STRING why claims are held, with its TTL
+  KEYS[3..22] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
            cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
            inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
            in_review failed cancelled events errors stats_failures stats_completed
@@ -14,6 +17,7 @@
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id
   ARGV[5] reason (released, pairing, agent_unreachable, ...)  ARGV[6] message
+  ARGV[7] hold claims for this many ms (0: no hold)
 
   A repeat of the release that ended this run (its first call timed out after it was applied) changes
   nothing and answers 8 (the task keeps `last_digest` = "<run id>|release:<reason>").
@@ -23,7 +27,7 @@
 local rcall = redis.call
 --- @include "core"
 
-local K = keys_from(RUN_END_KEYS, 2)
+local K = keys_from(RUN_END_KEYS, 3)
 local P, now, id, reason, message = ARGV[1], clock_ms(ARGV[2]), ARGV[3], ARGV[5], ARGV[6]
 local t, code, detail = active_run(P, id, ARGV[4])
 if not t then
@@ -37,6 +41,8 @@ if reason ~= "released" then
   record_error(K, now, reason, id, t, message)
 end
 requeue(K, P, id, t, now, 0)
+local hold_ms = tonumber(ARGV[7]) or 0
+if hold_ms > 0 then rcall("SET", KEYS[2], string.sub(reason .. ": " .. message, 1, 500), "PX", hold_ms) end
 emit(K, now, "released", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                           "run_id", t.run_id, "reason", reason, "message", message})
 breaker_after(K, P, t, now, "void")

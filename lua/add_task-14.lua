@@ -22,6 +22,7 @@
   KEYS[11] events              STREAM
   KEYS[12] scheduled           ZSET   task id -> due time (ms)
   KEYS[13] night_queued        ZSET   night-only tasks that went to a board queue
+  KEYS[14] cfg_settings        HASH   version (the caller's due time and night rule came from that config)
   Built from ARGV[1]: task:<id>, board:<b>, board:<b>:queue, ready:<ck>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id, or "" for the next from task_seq
@@ -29,9 +30,11 @@
   ARGV[9] due time (ms) or "": a task due after now waits in `scheduled` (the caller computes it from the
           not-before time and the night window)
   ARGV[10] "1" for a night-only task, else ""  ARGV[11] the not-before time asked for (ms) or ""
+  ARGV[12] the config version the caller computed ARGV[9] and ARGV[10] from (absent: it computed nothing
+           from the config, nothing is checked)
 
   Returns {0, task_id, status} | {4, task_id} duplicate id | {5, message} unknown chain or model
-          | {3, message} no auto id left below 10**14
+          | {3, message} no auto id left below 10**14 | {7} the config changed since the caller read it
 ]]
 local rcall = redis.call
 --- @include "core"
@@ -40,6 +43,7 @@ local K = {task_seq = KEYS[1], boards = KEYS[2], cfg_chains = KEYS[3], cfg_model
            refs = KEYS[5], ready_fronts = KEYS[6], ready_seq = KEYS[7], idx_busy = KEYS[8],
            idx_paused = KEYS[9], idx_backoff = KEYS[10], events = KEYS[11], scheduled = KEYS[12],
            night_queued = KEYS[13]}
+if ARGV[12] and (rcall("HGET", KEYS[14], "version") or "") ~= ARGV[12] then return {7} end
 return new_task(K, ARGV[1], clock_ms(ARGV[2]), {
   id = ARGV[3], board = ARGV[4], title = ARGV[5], prompt = ARGV[6], chain = ARGV[7], pinned = ARGV[8],
   due = ARGV[9], night = ARGV[10], not_before = ARGV[11]})
