@@ -891,6 +891,12 @@ class Broker:
         with redis_errors(self._where):
             return bool(self.client.set(self.keys.notified(event_id), "1", nx=True, px=max(1, _ms(ttl_s))))
 
+    def first_to_alert_model(self, kind: str, model: str, ttl_s: float) -> bool:
+        """Whether this caller sends the ``kind`` alert of ``model`` (auth): True once per ``ttl_s`` (its cooldown)."""
+        with redis_errors(self._where):
+            return bool(self.client.set(self.keys.notified_model(kind, model), "1", nx=True,
+                                        px=max(1000, _ms(ttl_s))))
+
     def outage_begins(self, why: str, ttl_s: float) -> bool:
         """Record that the agent runtime is not ready; True for the one caller that should alert (the first)."""
         with redis_errors(self._where):

@@ -240,8 +240,7 @@ class Dispatcher:
         runs hit it (the lock lives as long as the cooldown)."""
         model = str(event.get("model", "-"))
         minutes = self.broker.config().watchdog.auth_cooldown_minutes
-        if not self.broker.client.set(self.broker.keys.notified_model("auth", model), "1", nx=True,
-                                      ex=max(1, int(minutes * 60))):
+        if not self.broker.first_to_alert_model("auth", model, minutes * 60):
             return
         assert self.notifiers is not None
         what = "is not logged in or its key was refused" if event.get("type") == "auth" else "cannot be started"
@@ -251,7 +250,7 @@ class Dispatcher:
 
     def _workdir_alert(self, event: dict[str, Any]) -> None:
         """The board's workdir is missing: its run was released and the board paused (once per event)."""
-        if not self.broker.client.set(self.broker.keys.notified(event["id"]), "1", nx=True, ex=_ALERT_TTL_S):
+        if not self.broker.first_to_alert(event["id"], _ALERT_TTL_S):
             return
         assert self.notifiers is not None
         text = (f"clawq: board {event.get('board')} paused: {event.get('message', '')}; task {event.get('task_id')} "
