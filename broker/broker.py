@@ -897,6 +897,13 @@ class Broker:
             return bool(self.client.set(self.keys.notified_model(kind, model), "1", nx=True,
                                         px=max(1000, _ms(ttl_s))))
 
+    def first_to_alert_wipe(self, previous: str, ttl_s: float) -> bool:
+        """Whether this caller sends the alert that the namespace (once ``previous``) was wiped and re-created as
+        its current identity: True for one caller across dispatchers."""
+        with redis_errors(self._where):
+            return bool(self.client.set(self.keys.wiped_lock(str(self.identity)), previous, nx=True,
+                                        px=max(1, _ms(ttl_s))))
+
     def outage_begins(self, why: str, ttl_s: float) -> bool:
         """Record that the agent runtime is not ready; True for the one caller that should alert (the first)."""
         with redis_errors(self._where):

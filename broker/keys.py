@@ -255,6 +255,11 @@ class Keys:
         alert (one per outage across dispatchers), deleted by the one that sees it end."""
         return self._k("lock", "outage")
 
+    def wiped_lock(self, identity: str) -> str:
+        """STRING with TTL: the previous identity of a namespace found wiped; taken by the one dispatcher that
+        sends the alert for the namespace re-created as ``identity``."""
+        return self._k("lock", "wiped", identity)
+
     def notified(self, event_id: str) -> str:
         """STRING with TTL: this event's alert was sent (one per event across dispatchers)."""
         return self._k("notified", event_id)

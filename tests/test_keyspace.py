@@ -11,7 +11,8 @@ from clawq.broker.keys import Keys
 README = Path(__file__).resolve().parent.parent / "README.md"
 #: How the README spells each key builder's argument.
 PLACEHOLDERS = {"board": "<b>", "task_id": "<id>", "schedule_id": "<id>", "model": "<model>",
-                "provider": "<provider>", "event_id": "<event id>", "ck": "<ck>", "kind": "<kind>"}
+                "provider": "<provider>", "event_id": "<event id>", "ck": "<ck>", "kind": "<kind>",
+                "identity": "<namespace id>"}
 
 
 def _built_keys() -> set[str]:

@@ -319,8 +319,7 @@ class Dispatcher:
                   wiped)
         done = self.broker.recreate(wiped.previous, _config_or_none(wiped.last_config), process_name("dispatch"))
         log.error("namespace %s re-created: %s", self.broker.namespace, done)
-        lock = self.broker.keys.prefix + f"lock:wiped:{self.broker.identity}"
-        if self.broker.client.set(lock, wiped.previous, nx=True, ex=_ALERT_TTL_S):
+        if self.broker.first_to_alert_wipe(wiped.previous, _ALERT_TTL_S):
             assert self.notifiers is not None
             self.notifiers.send("namespace_wiped", f"clawq: {wiped}. The dispatcher {done}.",
                                 {"previous_id": wiped.previous, "id": self.broker.identity})
