@@ -369,3 +369,16 @@ def test_doctor_sets_a_scheduled_score_back_to_the_due_time(broker: Broker, cloc
     repaired(broker, f"task {tid} is in scheduled until 1, its due_at says {int((clock() + 600) * 1000)}")
     assert nothing(broker) == {}
     assert broker.get_task(tid).status is TaskStatus.SCHEDULED
+
+
+def test_a_closed_agent_gate_does_not_make_a_due_task_spin_the_dispatcher(broker: Broker, clock: Clock) -> None:
+    """Only a claim queues a due task, and no claim runs while the agent gate is closed: the dispatcher waits
+    for the gate's next check instead of waking at once, again and again."""
+    broker.load_config(config())
+    broker.add("web", "t", chain="coding", not_before=clock() + 60)
+    d = Dispatcher(broker, lambda claim: None, notifiers=Notifiers())
+    broker.trip_agent_gate(600, "agent down")
+    clock.advance(120)
+    assert d.step() == 0
+    assert d._due is not None and d._due.scheduled is not None and d._due.scheduled < clock()
+    assert d._wait_s() > 1

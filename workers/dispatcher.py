@@ -286,6 +286,8 @@ class Dispatcher:
         waits = [_GATE_CHECK_S if self._gate_closed else _IDLE_WAKE_S]
         due = self._due
         if due is not None:
+            if self._gate_closed:  # no claim runs: a backoff end or a due task (claim work) would wake it at once
+                due = due.model_copy(update={"backoff": None, "scheduled": None})
             if (deadline := due.next) is not None:
                 waits.append(max(0.0, deadline - self.broker.now()) + 0.001)
             if self._active:
