@@ -46,6 +46,7 @@ from .errors import (
     UnknownChain,
     error_for,
 )
+from .events import COOLING_TYPES, FAILURE_TYPES
 from .health import collect_health
 from .identity import MetaFields, NamespaceInfo, new_identity
 from .keys import Keys
@@ -573,6 +574,8 @@ class Broker:
         """
         check_text("reason", reason, MAX_TEXT_BYTES, required=True)
         cause = cause or root_cause(reason, self.now())
+        if cause not in FAILURE_TYPES:
+            raise InputError(f"bad failure cause {cause!r}: one of {', '.join(sorted(FAILURE_TYPES))}")
         fault = int(counts_for_breaker(cause))
         reply = self._run_call("fail_run", task_id, run_id, [cause, reason, int(retry), fault])
         return TaskStatus(reply[1]), int(reply[2])
@@ -615,6 +618,8 @@ class Broker:
         elif reset_at is not None and now < reset_at <= now + MAX_RESET_SECONDS:
             until = reset_at
         klass = cause or ("quota_reached" if quota else "rate_limit")
+        if klass not in COOLING_TYPES:
+            raise InputError(f"bad cooling cause {klass!r}: one of {', '.join(sorted(COOLING_TYPES))}")
         text = message or (f"rate limited for {until - now:.0f}s" if until is not None else "rate limited")
         fault = int(counts_for_breaker(klass, reset_known=until is not None))
         reply = self._run_call("rate_limited_run", task_id, run_id,

@@ -22,6 +22,7 @@ import redis
 from clawq.broker import Broker, Claim, Deadlines, NothingToClaim, RedisUnavailable
 from clawq.broker.config import Config, next_local_time
 from clawq.broker.errors import NamespaceWiped, RedisOutOfMemory
+from clawq.broker.events import EventType
 from clawq.broker.identity import process_name
 from clawq.broker.schedules import Schedules
 
@@ -243,7 +244,7 @@ class Dispatcher:
         if not self.broker.first_to_alert_model("auth", model, minutes * 60):
             return
         assert self.notifiers is not None
-        what = "is not logged in or its key was refused" if event.get("type") == "auth" else "cannot be started"
+        what = "is not logged in or its key was refused" if event.get("type") == EventType.AUTH else "cannot be started"
         text = (f"clawq: the agent of model {model} {what}; {model} cools for {minutes:g} min and its tasks move "
                 f"down their chains: {event.get('message', '')}")
         self.notifiers.send("agent_auth", text.strip(), {"model": model, "event": event})
@@ -259,10 +260,10 @@ class Dispatcher:
         self.notifiers.send("workdir_missing", text, {"board": event.get("board"), "event": event})
 
     def _alert(self, event: dict[str, Any]) -> None:
-        if event.get("type") in ("auth", "agent_config"):
+        if event.get("type") in (EventType.AUTH, EventType.AGENT_CONFIG):
             self._model_alert(event)
             return
-        if event.get("type") == "released" and event.get("reason") == "workdir_missing":
+        if event.get("type") == EventType.RELEASED and event.get("reason") == "workdir_missing":
             self._workdir_alert(event)
             return
         kind = _alert_kind(event)
@@ -346,7 +347,7 @@ class Dispatcher:
     def _on_events(self, events: list[dict[str, Any]]) -> None:
         for event in events:
             self._alert(event)
-            if event.get("type") == "config_loaded":
+            if event.get("type") == EventType.CONFIG_LOADED:
                 self.broker.forget_config()
                 self._refresh_notifiers()
 
@@ -361,9 +362,9 @@ def _config_or_none(found: object) -> Config | None:
 def _alert_kind(event: dict[str, Any]) -> str | None:
     """in_review for a completed task; failed for any run end that failed the task for good; provider_open for
     each opening of a provider's breaker."""
-    if event.get("type") == "completed":
+    if event.get("type") == EventType.COMPLETED:
         return "in_review"
-    if event.get("type") == "provider_open":
+    if event.get("type") == EventType.PROVIDER_OPEN:
         return "provider_open"
     if event.get("status") == "failed":  # fail_run's events, whatever their root cause
         return "failed"

@@ -10,11 +10,15 @@ from rich.live import Live
 from rich.table import Table
 
 from clawq.broker import Broker
+from clawq.broker.events import EventType
 
 __all__ = ["LiveView", "print_report", "queue_view"]
 
-_EVENT_TYPES = ("claimed", "completed", "follow_up", "failed", "timeout", "rate_limit", "quota_reached", "released",
-                "due", "schedule_skipped", "schedule_missed")
+_EVENT_TYPES = frozenset({
+    EventType.CLAIMED, EventType.COMPLETED, EventType.FOLLOW_UP, EventType.FAILED, EventType.TIMEOUT,
+    EventType.RATE_LIMIT, EventType.QUOTA_REACHED, EventType.RELEASED, EventType.DUE, EventType.SCHEDULE_SKIPPED,
+    EventType.SCHEDULE_MISSED,
+})
 
 
 def _boards_table(health: dict[str, Any]) -> Table:
