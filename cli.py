@@ -33,6 +33,7 @@ from clawq.broker import (
     load_config_file,
 )
 from clawq.broker.errors import InputError
+from clawq.broker.memory import MemoryState
 from clawq.broker.schedules import Schedules
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -607,6 +608,9 @@ def health(obj: Ctx) -> None:
     g = doc["global"]
     lines = [f"{'night' if g['night'] else 'day'}: {g['in_progress']}/{g['max_concurrent']} in progress"]
     lines += _namespace_lines(doc.get("namespace") or {})
+    evicts = MemoryState(policy=(doc.get("redis") or {}).get("maxmemory_policy")).warning()
+    if evicts:
+        lines.append(f"  WARNING {evicts}")
     for name, bd in doc["boards"].items():
         lines.append(f"  board {name:<16} queued {bd['queue_depth']:>4}  running {bd['in_progress']}  "
                      f"done/h {bd['completed_last_hour']:>3}  {bd.get('why_waiting', bd['state'])}")
@@ -645,6 +649,13 @@ def agents_check(obj: Ctx) -> None:
     emit(obj, doc, check_table(doc))
     if not doc["ok"]:
         sys.exit(1)
+
+
+def _warn_if_evicting(b: Broker, what: str) -> None:
+    """At a daemon's start: a loud warning when Redis may evict clawq's keys (any policy but noeviction)."""
+    evicts = b.memory().warning()
+    if evicts:
+        logging.getLogger(f"clawq.{what}").warning("WARNING %s", evicts)
 
 
 def _namespace_lines(ns: dict[str, Any]) -> list[str]:
@@ -690,6 +701,7 @@ def dispatch(obj: Ctx, once: bool, rq_redis_url: str | None, log_level: str) -> 
     found = obj.daemon_broker("dispatch", stop)
     if found is None:
         return
+    _warn_if_evicting(found, "dispatch")
     d = Dispatcher(found, rq_enqueuer(found, rq_connection(rq_redis_url or obj.redis_url)))
     logging.getLogger("clawq.dispatch").info("dispatching namespace %s", found.namespace)
     d.run(stop)
@@ -713,6 +725,7 @@ def worker(obj: Ctx, burst: bool, name: str | None, simple: bool, queue: str | N
     _setup_logging(log_level)
     b = obj.daemon_broker("worker")
     assert b is not None  # no stop event: it waits until Redis answers
+    _warn_if_evicting(b, "worker")
     queue_name = queue or b.config().agent.queue
     run_worker(obj.redis_url, queue_name, rq_url=rq_redis_url, burst=burst, name=name,
                simple=simple)

@@ -50,6 +50,7 @@ from .events import COOLING_TYPES, FAILURE_TYPES
 from .health import collect_health
 from .identity import MetaFields, NamespaceInfo, new_identity
 from .keys import Keys
+from .memory import MemoryState, read_memory
 from .models import Added, Claim, Completion, Deadlines, Outcome, Task, TaskStatus
 from .redact import redact_url
 from .scripts import Scripts, load_specs
@@ -1002,7 +1003,14 @@ class Broker:
         with redis_errors(self._where):
             doc = collect_health(self)
         doc["namespace"] = {"name": self.namespace, **self.namespace_info().doc()}
+        doc["redis"] = self.memory().doc()
         return doc
+
+    def memory(self) -> MemoryState:
+        """Redis's eviction policy, memory limit and use (:mod:`broker.memory`); ``warning()`` says whether
+        Redis may delete clawq's keys by itself."""
+        with redis_errors(self._where):
+            return read_memory(self.client)
 
     def doctor(self, repair: bool = False) -> dict[str, Any]:
         """Check every invariant (one atomic script); with ``repair`` rebuild the derived state.
@@ -1021,6 +1029,11 @@ class Broker:
         if repair and found.problems:
             remaining = run(False).problems
         report = doctor_report(found, remaining)
+        evicts = self.memory().warning()
+        if evicts:  # nothing the repair can change: Redis's own setting
+            report["problems"].append(evicts)
+            report["remaining"].append(evicts)
+            report["ok"] = False
         info = self.namespace_info()  # not a problem to repair, but what happened: a wipe, and when
         line = info.recreated_line(_iso(info.recreated_at)) if info.recreated_at is not None else None
         report["notes"] = [line] if line else []

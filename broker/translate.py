@@ -9,13 +9,18 @@ import redis
 from redis.exceptions import RedisClusterException
 from redis.sentinel import MasterNotFoundError
 
-from .errors import RedisUnavailable, ScriptError
+from .errors import RedisOutOfMemory, RedisUnavailable, ScriptError
 
 __all__ = ["redis_errors"]
 
 
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
+
+
+def _out_of_memory(err: redis.ResponseError) -> bool:
+    """An OOM refusal: redis-py's own class, or (a script's error on Redis 6.2) the server's OOM text."""
+    return isinstance(err, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(err)
 
 
 @contextmanager
@@ -31,6 +36,10 @@ def redis_errors(where: str) -> Iterator[None]:
     except (redis.ConnectionError, redis.TimeoutError, RedisClusterException) as err:
         raise RedisUnavailable(f"cannot reach Redis at {where}: {_one_line(err)}") from None
     except redis.ResponseError as err:
+        if _out_of_memory(err):
+            raise RedisOutOfMemory(
+                f"Redis is out of memory at {where}: it refused a write (maxmemory reached, policy noeviction) and "
+                "nothing was written; free memory or raise maxmemory, then try again") from None
         raise ScriptError(f"Redis refused a clawq command: {_one_line(err)}") from None
     except redis.RedisError as err:  # anything else redis-py says (e.g. a setting it cannot use)
         raise RedisUnavailable(f"Redis at {where}: {_one_line(err)}") from None

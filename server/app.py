@@ -558,6 +558,9 @@ def serve(
                                                                                  "for Redis to answer"))
         assert broker is not None  # no stop event: it waits until Redis answers
         broker.on_wipe = lambda err: say(f"clawq serve: NAMESPACE WIPED: {err}")
+        evicts = broker.memory().warning()
+        if evicts:
+            say(f"clawq serve: WARNING {evicts}")
         bound = sock.getsockname()
         say(f"clawq serve: listening on http://{_url_host(host)}:{bound[1]}/ (namespace {namespace}, "
             f"Redis {redact_url(redis_url)})")

@@ -381,7 +381,7 @@ def test_health_json_shape(run: Run) -> None:
     add(run, "b1")
     claim(run)
     doc = ok(run, "health")
-    assert set(doc) == {"global", "boards", "models", "providers", "usage", "recent_errors", "namespace"}
+    assert set(doc) == {"global", "boards", "models", "providers", "usage", "recent_errors", "namespace", "redis"}
     cap, night = Config().global_cap_at(time.time())
     assert doc["global"] == {"max_concurrent": cap, "in_progress": 1, "night": night, "scheduled": 0}
     board = doc["boards"]["b1"]

@@ -197,24 +197,30 @@ class Dispatcher:
             if len(claims) < CLAIM_BATCH:
                 self.last_skips = skips
             for i, claim in enumerate(claims):
-                if not self._enqueue(claim):
+                failed = self._enqueue(claim)
+                if failed is not None:
                     for rest in claims[i + 1:]:
                         self._release(rest, "enqueue skipped: an earlier one of its batch failed")
+                    if _out_of_memory(failed):  # the loop says it once and waits, instead of a claim per wake
+                        raise RedisOutOfMemory(f"Redis is out of memory: the agent job's enqueue was refused "
+                                               f"({_one_line(failed)}); its claim was given back")
                     return made
                 made += 1
             if len(claims) < CLAIM_BATCH:
                 return made
 
-    def _enqueue(self, claim: Claim) -> bool:
+    def _enqueue(self, claim: Claim) -> Exception | None:
+        """Enqueue one claim; on any failure give the claim back (no leaked counters) and return the error."""
         try:
             self.enqueue(claim)
-        except Exception as err:  # any enqueue failure gives the claim back: no leaked counters
-            log.error("cannot enqueue task %s: %s; claim released", claim.task_id, err)
-            self._release(claim, f"enqueue failed: {err}")
-            return False
+        except Exception as err:
+            if not _out_of_memory(err):
+                log.error("cannot enqueue task %s: %s; claim released", claim.task_id, _one_line(err))
+            self._release(claim, f"enqueue failed: {_one_line(err)}")
+            return err
         log.info("task %s (%s) -> %s/%s run %s", claim.task_id, claim.board, claim.model, claim.provider,
                  claim.run_id)
-        return True
+        return None
 
     def _release(self, claim: Claim, why: str) -> None:
         self.broker.release(claim.task_id, claim.run_id, "released", why)
@@ -353,6 +359,16 @@ class Dispatcher:
 
     def _latest_event_id(self) -> str:
         return self.broker.latest_event_id()
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """Redis refused a write for want of memory (clawq's error, redis-py's, or the server's text)."""
+    return isinstance(err, (RedisOutOfMemory, redis.exceptions.OutOfMemoryError)) or (
+        "OOM command not allowed" in str(err))
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def _config_or_none(found: object) -> Config | None:

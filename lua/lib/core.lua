@@ -324,6 +324,9 @@ local function state_of(P, b, now, st)
   if st[2] == "1" then return "paused", nil, nil end
   if st[1] then return "busy", nil, nil end
   local t = rcall("HMGET", task_key(P, head), "ck", "backoff_until")
+  -- a head whose hash is gone (evicted, deleted by hand) can never run: the board waits as if idle, and
+  -- doctor reports the queue entry (and --repair drops it), instead of every script failing on it
+  if not t[1] then return "idle", nil, nil end
   local until_ms = num(t[2], 0)
   if until_ms > now then return "backoff", nil, until_ms end
   return "ready", t[1], nil
