@@ -311,20 +311,34 @@ def cancel(obj: Ctx, task_id: int) -> None:
     emit(obj, {"task_id": task_id, "status": "cancelled", "was": was.value}, f"task {task_id} cancelled")
 
 
+CREATE = click.option("--create", is_flag=True, help="Accept a board that has no task yet (it is created).")
+
+
+def _known_board(b: Broker, board: str, create: bool) -> None:
+    """A typo must not create a board that never goes away: an unknown board needs --create."""
+    if not create and not b.board_exists(board):
+        raise InputError(f"unknown board {board!r}: no task was ever added to it; check the name, or give "
+                         "--create to make it")
+
+
 @cli.command()
 @click.argument("board")
+@CREATE
 @command_options
-def pause(obj: Ctx, board: str) -> None:
+def pause(obj: Ctx, board: str, create: bool) -> None:
     """Stop claiming tasks of BOARD (a running task may finish)."""
+    _known_board(obj.broker(), board, create)
     obj.broker().pause(board)
     emit(obj, {"board": board, "paused": True}, f"board {board} paused")
 
 
 @cli.command()
 @click.argument("board")
+@CREATE
 @command_options
-def resume(obj: Ctx, board: str) -> None:
+def resume(obj: Ctx, board: str, create: bool) -> None:
     """Claim tasks of BOARD again."""
+    _known_board(obj.broker(), board, create)
     obj.broker().resume(board)
     emit(obj, {"board": board, "paused": False}, f"board {board} resumed")
 
@@ -482,7 +496,7 @@ def _yaml(doc: Any) -> str:
 @cli.command()
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events.")
 @click.option("--count", "-n", type=click.IntRange(min=1, max=10000), default=50,
-              help="How many past events.")
+              help="How many past events (the last N that match --reason/--board).")
 @click.option("--reason", default=None, help="Only this type or root cause (timeout, rate_limit, failed, …).")
 @click.option("--board", default=None, help="Only this board.")
 @command_options
@@ -495,7 +509,7 @@ def events(obj: Ctx, follow: bool, count: int, reason: str | None, board: str | 
             board is None or row.get("board") == board)
 
     if not follow:
-        rows = [row for row in _last(b, count) if keep(row)]
+        rows = b.last_events(count, keep)
         if obj.as_json:
             click.echo(json.dumps(rows))
             return
@@ -586,10 +600,6 @@ def serve(obj: Ctx, host: str, port: int) -> None:
 
 def _latest_id(b: Broker) -> str:
     return b.latest_event_id()
-
-
-def _last(b: Broker, count: int) -> list[dict[str, Any]]:
-    return list(reversed(b.latest_events(count)))
 
 
 def _print_event(obj: Ctx, row: dict[str, Any]) -> None:

@@ -847,6 +847,32 @@ class Broker:
         newest = self.latest_events(1)
         return str(newest[0]["id"]) if newest else "0-0"
 
+    def last_events(self, count: int, keep: Callable[[dict[str, Any]], bool] | None = None,
+                    page: int = 1000) -> list[dict[str, Any]]:
+        """The last ``count`` events that ``keep`` accepts (every event when None), oldest first. Read newest
+        first, a page at a time, so a match older than any number of other events is still found."""
+        found: list[dict[str, Any]] = []
+        end = "+"
+        with redis_errors(self._where):
+            while len(found) < count:
+                rows: Any = self.client.xrevrange(self.keys.events, max=end, min="-", count=page)
+                for eid, fields in rows or []:
+                    row = event(eid, fields)
+                    if keep is None or keep(row):
+                        found.append(row)
+                        if len(found) == count:
+                            break
+                if not rows or len(rows) < page:
+                    break
+                end = "(" + to_str(rows[-1][0])
+        return found[::-1]
+
+    def board_exists(self, board: str) -> bool:
+        """Whether ``board`` is known: it had a task, or was paused or resumed on purpose."""
+        check_board(board)
+        with redis_errors(self._where):
+            return bool(self.client.sismember(self.keys.boards, board))
+
     def wait_events(self, after: str, block_ms: int) -> list[dict[str, Any]]:
         """Block up to ``block_ms`` for events after stream id ``after`` ("$" = only new ones)."""
         with redis_errors(self._where):

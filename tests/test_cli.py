@@ -576,7 +576,7 @@ def world(run: Run, tmp_path: Path) -> dict[str, str]:
     assert c3["task_id"] == 3
     ok(run, "complete", "3", c3["run_id"], "--summary", "done")
     ok(run, "cooldown", "set", "glm", "600")
-    ok(run, "pause", "b5")
+    ok(run, "pause", "b5", "--create")
     for name, text in CONFIG_FILES.items():
         write(tmp_path / name, text)
     return {"run": c["run_id"], "RUN": c["run_id"].upper(), "other": new_uuid(), "tmp": str(tmp_path)}
