@@ -7,7 +7,9 @@ N tasks over B boards, D dispatchers, W forking RQ workers, a command agent (tes
 own runs. Leases expire in seconds. Along the way it SIGKILLs random busy workers (with their work-horse and agent)
 and dispatchers (starting replacements), SIGKILLs Redis once and restarts it on the same port and AOF dir
 (``--appendonly yes --appendfsync everysec``: up to ~1 s of writes may be lost), and freezes Redis (SIGSTOP, then
-SIGCONT after ``--outage-s``). Then it checks, from the agent's log and from Redis:
+SIGCONT after ``--outage-s``). With ``--redis-wipes``, the last action restarts Redis with its data deleted: every
+task is lost with it, a dispatcher must notice and restore the config it knew (nobody loads it again), and a new
+batch of tasks added afterwards must end like any other. Then it checks, from the agent's log and from Redis:
 
 - lost: every task added is final;
 - duplicates: at most one accepted outcome (done / follow_up) per run, at most one ``done`` per task, accepted
@@ -65,6 +67,7 @@ class Options:
     worker_kills: int = 1
     dispatcher_kills: int = 1
     redis_restarts: int = 1
+    redis_wipes: int = 0  #: restarts that lose every key (the AOF is deleted): the last action of the plan
     outages: int = 1
     outage_s: float = 3.0
     seed: int = 1
@@ -220,7 +223,9 @@ def chaos_plan(opts: Options, rng: random.Random) -> list[tuple[float, str]]:
                + ["restart_redis"] * opts.redis_restarts + ["outage"] * opts.outages)
     rng.shuffle(actions)
     n = len(actions)
-    return [(0.1 + 0.7 * i / max(1, n - 1) if n > 1 else 0.3, a) for i, a in enumerate(actions)]
+    plan = [(0.1 + 0.7 * i / max(1, n - 1) if n > 1 else 0.3, a) for i, a in enumerate(actions)]
+    # a wipe ends the night of the tasks added so far: it comes last, and a new batch follows it
+    return plan + [(0.85, "wipe_redis")] * opts.redis_wipes
 
 
 def _binary(opts: Options) -> str:
@@ -287,6 +292,9 @@ def run(opts: Options) -> dict[str, Any]:
 
 @dataclass
 class Drive:
+    wiped: list[int] = field(default_factory=list)  #: ids that were in Redis when it lost everything
+    added_after_wipe: list[int] = field(default_factory=list)
+    recovered_s: float | None = None  #: from a wipe to the first task the restored namespace accepted
     finished_all: bool = False
     done: list[dict[str, Any]] = field(default_factory=list)
     plan_left: list[tuple[float, str]] = field(default_factory=list)
@@ -312,12 +320,17 @@ def _drive(admin: Broker, fleet: ChaosFleet, server: RedisServer, ids: list[int]
         except REDIS_ERRORS:
             time.sleep(0.3)
             continue
-        if final == len(ids) and len(tasks) == len(ids):
+        expected = len(ids) - len(d.wiped)
+        if final == expected and len(tasks) == expected and not (d.wiped and not d.added_after_wipe):
             d.finished_all = True
             break
-        if d.plan_left and final >= d.plan_left[0][0] * len(ids):
+        if d.plan_left and final >= d.plan_left[0][0] * (len(ids) - len(d.wiped)):
             action = d.plan_left[0][1]
+            if action == "wipe_redis":
+                d.wiped = [t.task_id for t in tasks]
             event = _act(action, fleet, server, rng, opts)
+            if action == "wipe_redis" and event is not None:
+                _after_wipe(admin, ids, d, opts, rng, event["at"])
             if event is not None:
                 d.plan_left.pop(0)
                 event["action"], event["final_before"] = action, final
@@ -341,6 +354,15 @@ def _act(action: str, fleet: ChaosFleet, server: RedisServer, rng: random.Random
         time.sleep(0.5)
         server.restart()
         return {"at": t0, "down_s": round(time.time() - t0, 3)}
+    if action == "wipe_redis":  # a restart that loses every key: no persistence survives it
+        t0 = time.time()
+        server.kill()
+        assert server.directory is not None
+        for item in server.directory.iterdir():
+            if item.name != "redis-server.log":
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        server.restart()
+        return {"at": t0, "down_s": round(time.time() - t0, 3)}
     if action == "outage":
         pid = server.pid
         assert pid is not None
@@ -354,13 +376,38 @@ def _act(action: str, fleet: ChaosFleet, server: RedisServer, rng: random.Random
     raise ValueError(action)
 
 
+def _after_wipe(admin: Broker, ids: list[int], d: Drive, opts: Options, rng: random.Random, at: float) -> None:
+    """A user adds a new batch after the wipe, as they would: it is accepted once a dispatcher has restored
+    the config it knew (nobody loads it again), and it must end like any other."""
+    batch = max(8, opts.tasks // 4)
+    first = max(ids) + 1
+    boards = [f"b{i + 1:02d}" for i in range(opts.boards)]
+    deadline = time.monotonic() + 60
+    for i in range(batch):
+        plan = {"dur": round(rng.uniform(0.2, 0.8), 2), "follow": 0}
+        while True:
+            try:
+                admin.add(boards[i % len(boards)], f"after the wipe {i + 1}", chain="coding",
+                          prompt=json.dumps(plan), task_id=first + i)
+                break
+            except REDIS_ERRORS:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        if d.recovered_s is None:
+            d.recovered_s = round(time.time() - at, 3)
+        d.added_after_wipe.append(first + i)
+        ids.append(first + i)
+    print(f"chaos: {batch} tasks added after the wipe ({d.recovered_s}s after it)", flush=True)
+
+
 def _verdict(admin: Broker, ids: list[int], agent_log: Path, started: float, finished: float, drive: Drive,
              fleet: ChaosFleet, opts: Options) -> dict[str, Any]:
     finished_all, done, snapshots = drive.finished_all, drive.done, drive.snapshots
     snapshot_violations, plan_left = drive.snapshot_violations, drive.plan_left
     present = {t.task_id for t in admin.list_tasks()}
     tasks = [admin.get_task(tid) for tid in ids if tid in present]
-    missing = [tid for tid in ids if tid not in present]
+    missing = [tid for tid in ids if tid not in present and tid not in drive.wiped]
     not_final = [t.task_id for t in tasks if not t.status.final]
     agent_runs = read_agent_log(agent_log)
     checks = check_all(timeline(admin, tasks, started, finished))
@@ -396,6 +443,8 @@ def _verdict(admin: Broker, ids: list[int], agent_log: Path, started: float, fin
         "worker_kills": kinds["kill_worker"], "dispatcher_kills": kinds["kill_dispatcher"],
         "kills": kinds["kill_worker"] + kinds["kill_dispatcher"],
         "redis_restarts": kinds["restart_redis"], "outages": kinds["outage"],
+        "redis_wipes": kinds["wipe_redis"], "wiped_tasks": len(drive.wiped),
+        "added_after_wipe": len(drive.added_after_wipe), "recovered_after_wipe_s": drive.recovered_s,
         "chaos_not_done": [a for _, a in plan_left],
         "requeues": outcomes["timeout"], "timeout_events": events["timeout"],
         "runs": sum(outcomes.values()), "agent_runs": len(agent_runs), "outcomes": dict(outcomes),
@@ -425,6 +474,8 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument("--dispatcher-kills", type=int, default=None, help="default: 1, or 1 per 300 tasks")
     p.add_argument("--redis-restarts", type=int, default=1)
     p.add_argument("--outages", type=int, default=1)
+    p.add_argument("--redis-wipes", type=int, default=0,
+                   help="restarts that lose every key (the last action; a new batch of tasks follows)")
     p.add_argument("--outage-s", type=float, default=3.0, help="how long Redis is frozen (SIGSTOP)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--binary", default=None, help="redis-server binary (default: the system one)")
@@ -434,7 +485,8 @@ def parse(argv: list[str] | None = None) -> Options:
     return Options(tasks=a.tasks, boards=a.boards, dispatchers=a.dispatchers, workers=a.workers, seconds=a.seconds,
                    worker_kills=a.worker_kills if a.worker_kills is not None else max(1, a.tasks // 100),
                    dispatcher_kills=a.dispatcher_kills if a.dispatcher_kills is not None else max(1, a.tasks // 300),
-                   redis_restarts=a.redis_restarts, outages=a.outages, outage_s=a.outage_s, seed=a.seed,
+                   redis_restarts=a.redis_restarts, redis_wipes=a.redis_wipes, outages=a.outages,
+                   outage_s=a.outage_s, seed=a.seed,
                    binary=a.binary, keep_logs=a.keep_logs, json_path=a.json)
 
 
@@ -448,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{f['workers']} workers in {f['wall_s']} s")
     print(f"  kills: {f['worker_kills']} workers, {f['dispatcher_kills']} dispatchers; redis restarts "
           f"{f['redis_restarts']}; outages {f['outages']}; unexpected exits {f['unexpected_exits']}")
+    if f["redis_wipes"]:
+        print(f"  redis wipes {f['redis_wipes']}: {f['wiped_tasks']} tasks lost with it, {f['added_after_wipe']} "
+              f"added after it (accepted {f['recovered_after_wipe_s']} s after the wipe)")
     print(f"  requeues (timeouts) {f['requeues']}; runs {f['runs']} (agent {f['agent_runs']}, not accepted "
           f"{f['agent_runs_not_accepted']}, unknown to broker {f['agent_runs_unknown_to_broker']})")
     print(f"  lost {f['lost']}; duplicates {f['duplicates']}; counter mismatches {f['counter_mismatches']} "
