@@ -255,13 +255,16 @@ class Broker:
             pipe.hget(self.keys.meta, MetaFields.ID)
             raw, version, ident = pipe.execute()
         if raw is None:  # nothing stored yet: the seed applies (written on the first change)
-            self._config, self._config_version = DEFAULT_CONFIG, ""
+            # a version without its JSON is a damaged namespace (evicted or deleted key; doctor says so): take
+            # that version, so reads checked against it go on instead of reloading forever
+            self._config, self._config_version = DEFAULT_CONFIG, "" if version is None else str(text(version))
         else:
             try:
                 self._config = parse_config(json.loads(text(raw)))
             except (ValueError, ConfigError) as err:
                 raise ScriptError(f"the config stored in Redis is unreadable: {err}") from None
-            self._config_version = str(text(version))
+            # "" when the settings hash is gone (evicted) while the JSON remains: as the scripts see it
+            self._config_version = "" if version is None else str(text(version))
             self._stored_config = self._config
         self._observe_identity(ident, strict=True)
 
@@ -1055,15 +1058,24 @@ class Broker:
         if repair and found.problems:
             remaining = run(False).problems
         report = doctor_report(found, remaining)
-        evicts = self.memory().warning()
-        if evicts:  # nothing the repair can change: Redis's own setting
-            report["problems"].append(evicts)
-            report["remaining"].append(evicts)
+        for problem in filter(None, [self.memory().warning(), self._config_damage()]):
+            report["problems"].append(problem)  # nothing the repair can change
+            report["remaining"].append(problem)
             report["ok"] = False
         info = self.namespace_info()  # not a problem to repair, but what happened: a wipe, and when
         line = info.recreated_line(_iso(info.recreated_at)) if info.recreated_at is not None else None
         report["notes"] = [line] if line else []
         return report
+
+    def _config_damage(self) -> str | None:
+        """A config JSON and its settings hash go together (load_config writes both): one without the other
+        means a key was evicted or deleted."""
+        with redis_errors(self._where):
+            has_json, has_settings = self.client.exists(self.keys.config), self.client.exists(self.keys.cfg_settings)
+        if bool(has_json) == bool(has_settings):
+            return None
+        gone = "the config" if not has_json else "the config's settings (cfg:settings)"
+        return f"{gone} is missing from Redis (evicted or deleted): load the config again with `clawq config load`"
 
     def _task_hash_ids(self) -> list[int]:
         """The id of every task hash, found with SCAN (no index lists every task; SCAN never blocks Redis)."""
