@@ -170,7 +170,7 @@ CASES: list[Case] = [
     Case("agent", "out-follow-up-blank-prompt", '{"status": "done", "needs_follow_up": true, "next_prompt": " "}'),
     Case("agent", "out-summary-int", '{"status": "done", "summary": 5}'),
     Case("agent", "out-summary-huge", json.dumps({"status": "done", "summary": BIG})),
-    Case("agent", "out-summary-nul", '{"status": "done", "summary": "a\\u0000b"}'),
+    # A NUL an agent prints is cleaned, not refused (issue 13; tests/test_proc_faults.py).
     Case("agent", "out-retry-negative", '{"status": "rate_limited", "retry_after_seconds": -1}'),
     Case("agent", "out-retry-nan", '{"status": "rate_limited", "retry_after_seconds": NaN}'),
     Case("agent", "out-retry-inf", '{"status": "rate_limited", "retry_after_seconds": 1e999}'),
@@ -178,13 +178,14 @@ CASES: list[Case] = [
     Case("agent", "out-retry-huge-int", '{"status": "rate_limited", "retry_after_seconds": ' + "9" * 400 + "}"),
     Case("agent", "out-message-int", '{"status": "rate_limited", "message": 5}'),
     Case("agent", "out-version-2", '{"version": "2", "task_id": 1, "run_id": "{RUN}"}'),
-    Case("agent", "out-v1-task-id-string", '{"version": "1", "task_id": "{TID}", "run_id": "{RUN}"}'),
+    # ClawTrol's clients send "42" for 42, 1 for "1" and "yes" for true (Rails casting): those are accepted.
+    Case("agent", "out-v1-task-id-word", '{"version": "1", "task_id": "forty-two", "run_id": "{RUN}"}'),
     Case("agent", "out-v1-task-id-bool", '{"version": "1", "task_id": true, "run_id": "{RUN}"}'),
     Case("agent", "out-v1-other-run", '{"version": "1", "task_id": {TID}, "run_id": "' + str(uuid.UUID(int=1)) + '"}'),
     Case("agent", "out-v1-bad-action", '{"version": "1", "task_id": {TID}, "run_id": "{RUN}", '
                                        '"recommended_action": "rm -rf"}'),
-    Case("agent", "out-v1-disagree", '{"version": "1", "task_id": {TID}, "run_id": "{RUN}", '
-                                     '"recommended_action": "in_review", "needs_follow_up": true}'),
+    Case("agent", "out-v1-follow-up-word", '{"version": "1", "task_id": {TID}, "run_id": "{RUN}", '
+                                           '"needs_follow_up": "maybe"}'),
     Case("agent", "out-deep-nesting", '{"a":' * 100_000 + "1" + "}" * 100_000),
     Case("agent", "out-escape-line", "\x1b[2J\x1b[Hdone"),
     # -- HTTP payloads (4xx, {"error": one line}) ------------------------------------------------------
@@ -250,11 +251,11 @@ CASES: list[Case] = [
                                               {"run_id": str(uuid.UUID(int=2))}), status=409),
     Case("http", "http-outcome-version-2", ("POST", "/api/v1/hooks/task_outcome",
                                             {"version": "2", "task_id": TID, "run_id": RUN})),
-    Case("http", "http-outcome-version-int", ("POST", "/api/v1/hooks/task_outcome",
-                                              {"version": 1, "task_id": TID, "run_id": RUN})),
-    Case("http", "http-outcome-follow-up-string", ("POST", "/api/v1/hooks/task_outcome",
-                                                   {"version": "1", "task_id": TID, "run_id": RUN,
-                                                    "needs_follow_up": "yes"})),
+    Case("http", "http-outcome-version-int-2", ("POST", "/api/v1/hooks/task_outcome",
+                                                {"version": 2, "task_id": TID, "run_id": RUN})),
+    Case("http", "http-outcome-follow-up-word", ("POST", "/api/v1/hooks/task_outcome",
+                                                 {"version": "1", "task_id": TID, "run_id": RUN,
+                                                  "needs_follow_up": "maybe"})),
     Case("http", "http-outcome-requeue-no-prompt", ("POST", "/api/v1/hooks/task_outcome",
                                                     {"version": "1", "task_id": TID, "run_id": RUN,
                                                      "recommended_action": "requeue_same_task"})),
