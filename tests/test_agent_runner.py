@@ -75,3 +75,18 @@ def test_an_entry_that_cannot_run_is_agent_config(tmp_path: Path, monkeypatch: p
     result = run_model(cfg(tmp_path, agents={"opus": entry}), RunContext(task=task(), timeout_s=30))
     assert isinstance(result, Failed) and result.cause == "agent_config", result
     assert not (tmp_path / "fake" / "calls.jsonl").exists()
+
+
+def test_a_session_the_cli_lost_starts_afresh_with_the_whole_context(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _claude_on_path(tmp_path, monkeypatch)
+    doc = task(run_count=2, context=[{"run_id": "r1", "run_count": 1, "model": "opus", "summary": "half done",
+                                      "next_prompt": "fake:done finish it"}],
+               last_session={"run_id": "r1", "model": "opus", "session_id": "gone-0000"})
+    ctx = RunContext(task=doc, timeout_s=30)
+    result = run_model(cfg(tmp_path, agents={"opus": {"preset": "claude-code"}}), ctx)
+    assert isinstance(result, Done), result
+    first, second = (json.loads(ln) for ln in calls.read_text().splitlines())
+    assert first["session"] == "gone-0000" and first["prompt"].startswith("fake:done finish it")
+    assert second["session"] is None and second["prompt"].startswith("Fix it") and "half done" in second["prompt"]
+    assert ctx.meta["session_id"] not in (None, "gone-0000") and ctx.meta["usage"]["output_tokens"] == 6

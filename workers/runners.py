@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from clawq.broker import Outcome
 from clawq.broker.config import AgentConfig, AgentEntry, Config
 
 from .agent_output import AgentResult, Done, Failed, classify_text, parse_agent_output, result_from_doc
-from .agents import PRESETS, Adapter, Invocation, interpret, render_prompt, render_resume
+from .agents import PRESETS, Adapter, Invocation, Usage, interpret, render_prompt, render_resume
 from .procs import AgentTree, die_with_parent
 
 __all__ = ["SECRET_ENV_PREFIXES", "STOP_GRACE_S", "RunContext", "Stalled", "agent_env", "preload_agent", "run_agent",
@@ -364,9 +365,16 @@ def _local_zone() -> Any:
     return datetime.now().astimezone().tzinfo
 
 
+#: What the CLIs say when a session id they are asked to resume is gone (expired, made on another machine):
+#: Claude, Codex, Gemini, opencode.
+_SESSION_GONE = re.compile(r"no conversation found|no rollout found|invalid session identifier|session not found",
+                           re.I)
+
+
 def run_preset(entry: AgentEntry, model: str, ctx: RunContext) -> AgentResult | None:
     """Run a CLI preset for ``ctx.task``: render the prompt (only the next prompt when the previous run's
-    session is resumed), start the CLI in the board's workdir, parse its own output."""
+    session is resumed), start the CLI in the board's workdir, parse its own output. A session the CLI no
+    longer knows is not the task's fault: the run starts afresh with the task's whole context."""
     adapter: Adapter = PRESETS[entry.preset]
     try:
         ctx.env.update(_entry_env(entry))
@@ -377,7 +385,19 @@ def run_preset(entry: AgentEntry, model: str, ctx: RunContext) -> AgentResult | 
     except OSError as err:
         return Failed(error=f"agents.{model}.prompt_template: cannot read it: {err}", cause="agent_config")
     session, next_prompt = _last_session(ctx.task, model) if adapter.resumes else (None, "")
-    prompt = render_resume(next_prompt) if session else render_prompt(ctx.task, template)
+    if session:
+        began = time.monotonic()
+        result = _invoke(entry, adapter, model, ctx, render_resume(next_prompt), session)
+        if not (isinstance(result, Failed) and result.cause == "failed" and _SESSION_GONE.search(result.error)):
+            return result
+        ctx.log.append(f"clawq: session {session} cannot be resumed; starting afresh with the task's context")
+        ctx.timeout_s = max(1.0, ctx.timeout_s - (time.monotonic() - began))
+    return _invoke(entry, adapter, model, ctx, render_prompt(ctx.task, template), None)
+
+
+def _invoke(entry: AgentEntry, adapter: Adapter, model: str, ctx: RunContext, prompt: str, session: str | None
+            ) -> AgentResult | None:
+    """One start of the CLI; its session id and usage (added to an earlier start's) go to ``ctx.meta``."""
     with tempfile.TemporaryDirectory(prefix="clawq-run-") as scratch:
         inv = Invocation(bin=entry.bin or adapter.default_bin, model=entry.model or model, prompt=prompt,
                          session_id=session, cwd=ctx.cwd or os.getcwd(), args=tuple(entry.args),
@@ -390,7 +410,9 @@ def run_preset(entry: AgentEntry, model: str, ctx: RunContext) -> AgentResult | 
     stdout, stderr = pipes.out.decode("utf-8", "replace"), pipes.err.decode("utf-8", "replace")
     ctx.log.extend(_tail_lines(stderr.splitlines() + stdout.splitlines()))
     native = adapter.parse(stdout, stderr, proc.returncode)
-    ctx.meta.update(session_id=native.session_id, usage=native.usage.doc())
+    earlier = ctx.meta.get("usage")
+    usage = native.usage if earlier is None else Usage(**earlier).plus(native.usage)
+    ctx.meta.update(session_id=native.session_id or ctx.meta.get("session_id"), usage=usage.doc())
     if ended == "stopped":
         return None
     if ended == "timeout":
