@@ -91,7 +91,7 @@ def config(tmp: Path, queue: str, boards: dict[str, dict[str, Any]] | None = Non
         "queue": {"global_max_concurrent": 8},
         "models": {m: p for m, (_, _, p) in MODELS.items()},
         "limits": {"model_max_inflight": {}, "provider_max_inflight": {}},
-        "chains": {"down": ["codex", "opus"], "claude_first": ["opus", "gemini3"], "gem_first": ["gemini3", "oc"]},
+        "chains": {"down": ["codex", "glm"], "claude_first": ["opus", "gemini3"], "gem_first": ["gemini3", "oc"]},
         "watchdog": {"stale_in_progress_minutes": 0.2, "heartbeat_grace_minutes": 0.1, "failure_cooldown_minutes": 0.01,
                      "rate_limit_cooldown_minutes": 0.05},
         "agent": {"runner": "command", "command": ["false"], "timeout_minutes": 1, "queue": queue},
@@ -208,7 +208,7 @@ def test_a_usage_limit_cools_the_model_until_its_reset_and_the_task_moves_down(f
     assert cooling["codex"]["reason"] == "quota_reached"
     t_claude = next(c["t"] for c in calls if c["cli"] == "claude" and c["scenario"] == "usage")
     assert cooling["opus"]["until"] == int(t_claude + 3600), cooling  # rate_limit_event.resetsAt, to the second
-    for tid, limited, then in ((codex_task, "codex", "opus"), (claude_task, "opus", "gemini3")):
+    for tid, limited, then in ((codex_task, "codex", "glm"), (claude_task, "opus", "gemini3")):
         task = admin.get_task(tid)
         assert task.status is TaskStatus.IN_REVIEW and task.attempts == 0
         assert [(r["model"], r["outcome"]) for r in task.runs] == [(limited, "quota_reached"), (then, "done")]
