@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,10 +19,22 @@ from test_job import claimed, counted, jobs  # noqa: F401  (jobs is a fixture)
 
 from clawq.broker import Broker, RedisUnavailable, RunFenced, TaskStatus
 from clawq.broker.config import Config
-from clawq.workers.job import run_task
+from clawq.workers.job import AgentRunFailed
+from clawq.workers.job import run_task as rq_job
 from clawq.workers.procs import alive
 
-PROBE = str(Path(__file__).parent / "agents" / "probe_agent.py")
+ROOT = Path(__file__).resolve().parent.parent
+PROBE = str(ROOT / "tests" / "agents" / "probe_agent.py")
+
+
+def run_task(namespace: str, task_id: int, run_id: str) -> dict[str, Any]:
+    """The RQ job, called in-process; a failed run's result rides on the AgentRunFailed that files it as a failed
+    RQ job."""
+    try:
+        return rq_job(namespace, task_id, run_id)
+    except AgentRunFailed as err:
+        assert err.result["task_id"] == task_id and str(err)
+        return err.result
 
 
 def command_config(*argv: str, timeout_minutes: float = 1.0) -> Config:
@@ -249,3 +262,53 @@ def test_a_report_is_given_up_once_the_lease_has_expired(
     completed = events_of(broker, out["task_id"]).count("completed")
     assert (task.status, task.run_count, completed) in ((TaskStatus.IN_PROGRESS, 0, 0),  # the reaper's to requeue
                                                         (TaskStatus.IN_REVIEW, 1, 1)), (task, completed)
+
+
+# -- item 8: honest answers in rq-dashboard -------------------------------------------------------------------
+@pytest.mark.timeout(90)
+def test_a_failed_agent_run_is_a_failed_rq_job_with_its_root_cause(broker: Broker, redis_url: str,
+                                                                   tmp_path: Path) -> None:
+    """A real ``clawq worker``: the failed run lands in RQ's failed registry with the root cause as its text, is
+    not retried by RQ (clawq retries the task), and the worker logs one line, not a traceback; a done run is a
+    finished job."""
+    from rq import Queue
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry, FinishedJobRegistry
+
+    from clawq.broker.connection import rq_connection
+    from clawq.workers.rq_glue import rq_enqueuer
+
+    fail = tmp_path / "fail.sh"
+    fail.write_text('#!/bin/sh\nif [ "$CLAWQ_BOARD" = ok ]; then echo \'{"status": "done", "summary": "ok"}\'; '
+                    'exit 0; fi\necho "fatal: not a git repository" >&2\nexit 128\n')
+    fail.chmod(0o755)
+    broker.load_config(Config.model_validate({"night_mode": None, "notify": {"log": False},
+                                              "agent": {"runner": "command", "command": [str(fail)]}}))
+    conn = rq_connection(redis_url)
+    log = tmp_path / "worker.log"
+    try:
+        enqueue = rq_enqueuer(broker, conn)
+        bad, good = broker.add("bad", "t", chain="coding"), broker.add("ok", "t", chain="coding")
+        claims = {c.task_id: c for c in (broker.claim(), broker.claim())}
+        for c in claims.values():
+            enqueue(c)
+        with log.open("wb") as out:
+            subprocess.run([sys.executable, "-m", "clawq.cli", "worker", "--burst", "--redis-url", redis_url,
+                            "--namespace", broker.namespace, "--log-level", "INFO"], cwd=ROOT, check=True,
+                           timeout=60, stdout=out, stderr=subprocess.STDOUT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+        queue = Queue(broker.config().agent.queue, connection=conn)
+        failed_job = Job.fetch(claims[bad].run_id, connection=conn)
+        assert claims[bad].run_id in FailedJobRegistry(queue=queue).get_job_ids()
+        assert claims[good].run_id in FinishedJobRegistry(queue=queue).get_job_ids()
+        text = failed_job.latest_result().exc_string if failed_job.latest_result() else failed_job.exc_info
+        assert "AgentRunFailed: failed: exit code 128: fatal: not a git repository" in str(text), text
+        assert not failed_job.retries_left
+    finally:
+        conn.close()
+    task = broker.get_task(bad)
+    assert task.attempts == 1 and task.status is TaskStatus.UP_NEXT and task.run_count == 0
+    assert events_of(broker, bad).count("failed") == 1
+    assert broker.get_task(good).status is TaskStatus.IN_REVIEW
+    output = log.read_text(errors="replace")
+    assert "Traceback" not in output and "agent run failed: failed: exit code 128" in output, output[-3000:]

@@ -30,7 +30,7 @@ from .agent_output import AgentResult, Done, Failed, RateLimited, clean_result, 
 from .report import report
 from .runners import RunContext, Stalled, preload_agent, run_model
 
-__all__ = ["Heartbeat", "job_broker", "prepare", "run_task"]
+__all__ = ["AgentRunFailed", "Heartbeat", "job_broker", "prepare", "run_task"]
 
 log = logging.getLogger("clawq.job")
 
@@ -186,9 +186,25 @@ def _wait_until_fenced(broker: Broker, task_id: int, run_id: str, limit_s: float
         time.sleep(0.2)
 
 
+class AgentRunFailed(Exception):
+    """A run failed, and clawq recorded it (the task's retry is clawq's: the job has no RQ retries). Raised by
+    the RQ job after the report, so RQ files the job in its failed registry with the root cause as the text;
+    ``result`` is what the job would have returned."""
+
+    def __init__(self, text: str, result: dict[str, Any]):
+        super().__init__(text)
+        self.result = result
+
+
 def run_task(namespace: str, task_id: int, run_id: str) -> dict[str, Any]:
-    """Run one claimed task; returns what happened (RQ keeps it as the job result)."""
-    return _run(job_broker(namespace), task_id, run_id)
+    """Run one claimed task; returns what happened (RQ keeps it as the job result). A run that failed, or whose
+    outcome could not be reported, raises :class:`AgentRunFailed` once that is recorded."""
+    out = _run(job_broker(namespace), task_id, run_id)
+    if out.get("reported") and "error" in out:
+        raise AgentRunFailed(f"{out['result']}: {out['error']}", out)
+    if out.get("why") == "redis_unavailable":
+        raise AgentRunFailed(f"outcome {out['outcome']} not reported: {out['error']}", out)
+    return out
 
 
 def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:

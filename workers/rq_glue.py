@@ -16,7 +16,7 @@ from clawq.broker import Broker, Claim, ClawqError
 from clawq.broker.connection import rq_connection
 from clawq.broker.errors import NamespaceWiped
 
-from .job import prepare, run_task
+from .job import AgentRunFailed, prepare, run_task
 
 __all__ = ["ClawqSimpleWorker", "ClawqWorker", "job_meta", "rq_enqueuer", "run_worker"]
 
@@ -170,6 +170,18 @@ class _Reporting:
     def unsubscribe(self) -> None:
         _ask_pubsub_thread_to_stop(self)
         super().unsubscribe()  # type: ignore[misc]
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        """A failed agent run is an event, not a bug: one log line instead of RQ's traceback (RQ still files
+        the job as failed, with the text, and runs its exception handlers)."""
+        if isinstance(exc_info[1], AgentRunFailed):
+            log.info("job %s: agent run failed: %s", job.id, exc_info[1])
+            for handler in self._exc_handlers:  # type: ignore[attr-defined]
+                go_on = handler(job, *exc_info)
+                if go_on is not None and not go_on:  # RQ's rule: an explicit falsy value ends the chain
+                    break
+            return
+        super().handle_exception(job, *exc_info)  # type: ignore[misc]
 
 
 class ClawqWorker(_Reporting, Worker):
