@@ -144,6 +144,7 @@ class NamespaceWiped(ClawqError):
         self.previous = previous
         self.current = current
         self.last_config = last_config
+        self.logged = False  #: a process that says it once marks it here
 
 
 class SchemaMismatch(ClawqError):

@@ -100,3 +100,43 @@ def test_a_restore_keeps_a_config_loaded_since_the_wipe(broker: Broker, r: redis
     assert "kept" in broker.recreate(info.value.previous, info.value.last_config, "t")
     broker.forget_config()
     assert broker.config() == newer
+
+
+def test_a_dispatcher_whose_restore_fails_half_way_tries_it_again(
+        broker: Broker, r: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import threading
+    import time
+
+    from clawq.broker.errors import RedisUnavailable
+    from clawq.workers.dispatcher import Dispatcher
+    from clawq.workers.notify import Notifiers
+
+    broker.load_config(_cfg())
+    broker.add("web", "t", chain="coding")
+    d = Dispatcher(broker, lambda claim: None, notifiers=Notifiers([]))
+    real, calls = broker.recreate, []
+
+    def flaky(*args: object) -> str:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RedisUnavailable("cannot reach Redis: gone again during the restore")
+        return real(*args)  # type: ignore[arg-type]
+
+    broker.recreate = flaky  # type: ignore[method-assign]
+    d.step()
+    r.flushall()
+    stop = threading.Event()
+    thread = threading.Thread(target=d.run, args=(stop,), daemon=True)
+    with caplog.at_level(logging.ERROR, logger="clawq.dispatch"):
+        thread.start()
+        end = time.monotonic() + 10
+        while len(calls) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        stop.set()
+        thread.join(5)
+    assert len(calls) == 2
+    broker.forget_config()
+    assert broker.config() == _cfg() and broker.namespace_info().recreated_at
+    assert [m for m in caplog.messages if m.startswith("NAMESPACE WIPED")].__len__() == 1

@@ -306,14 +306,18 @@ class Dispatcher:
         so dispatching resumes within a second or two of Redis answering again)."""
         outage = False
         self._cursor = ""
+        wiped: NamespaceWiped | None = None  #: noticed, not yet restored (Redis may go again meanwhile)
         while not stop.is_set():
             try:
+                if wiped is not None:
+                    self.recover(wiped)
+                    wiped = None
                 self._cycle(stop)
                 if outage:
                     log.warning("Redis is reachable again: dispatching resumes")
                 outage = False
             except NamespaceWiped as err:
-                self.recover(err)
+                wiped = err if wiped is None else wiped  # a restore that failed half-way is tried again
             except (RedisUnavailable, RedisOutOfMemory, redis.ConnectionError, redis.TimeoutError) as err:
                 if not outage:
                     log.error("%s; retrying every %.1fs", err, _RETRY_S)
@@ -323,9 +327,12 @@ class Dispatcher:
     def recover(self, wiped: NamespaceWiped) -> None:
         """The namespace was wiped under this dispatcher: say so loudly (log, and one alert across dispatchers),
         set it up again with the last config this dispatcher knew (never the defaults), and start afresh.
-        Runs whose tasks vanished stop at their next heartbeat and report nothing."""
-        log.error("NAMESPACE WIPED: %s. Runs of vanished tasks stop at their next heartbeat and report nothing.",
-                  wiped)
+        Runs whose tasks vanished stop at their next heartbeat and report nothing. Raises what Redis raises
+        (down again, out of memory): the loop tries the whole restore again."""
+        if not wiped.logged:
+            log.error("NAMESPACE WIPED: %s. Runs of vanished tasks stop at their next heartbeat and report nothing.",
+                      wiped)
+            wiped.logged = True
         done = self.broker.recreate(wiped.previous, _config_or_none(wiped.last_config), process_name("dispatch"))
         log.error("namespace %s re-created: %s", self.broker.namespace, done)
         if self.broker.first_to_alert_wipe(wiped.previous, _ALERT_TTL_S):
