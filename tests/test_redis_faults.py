@@ -294,3 +294,19 @@ def _wiped_night(procs: Procs, server: RedisServer, namespace: str, tmp_path: Pa
     assert again and again["previous_id"] and abs(again["at"] - time.time()) < 60
     doctor = procs.cli("doctor")
     assert doctor.returncode == 0 and "note: namespace re-created at" in doctor.stdout, doctor.stdout
+
+
+# -- item 6: clawq top rides out a blip -------------------------------------------------------------------------
+def test_top_shows_a_line_while_redis_is_gone_and_goes_on(server: RedisServer, namespace: str) -> None:
+    from rich.console import Group
+    from rich.text import Text
+
+    from clawq import cli
+
+    obj = cli.Ctx(redis_url=server.url, namespace=namespace)
+    assert isinstance(cli._top_frame(obj), Group)
+    server.kill()
+    gone = cli._top_frame(obj)  # today: RedisUnavailable ends `clawq top`
+    assert isinstance(gone, Text) and "cannot reach Redis" in gone.plain and "retrying" in gone.plain
+    server.restart()
+    assert isinstance(cli._top_frame(obj), Group)
