@@ -35,6 +35,7 @@ from .doctor import doctor_report, parse_reply
 from .errors import (
     ClawqError,
     ConfigError,
+    ConfigInUse,
     InputError,
     NamespaceWiped,
     NothingToClaim,
@@ -193,7 +194,11 @@ class Broker:
             return f"restored the last config it knew (now version {version})"
         current = parse_config(json.loads(text(raw)))
         if current == DEFAULT_CONFIG and config != DEFAULT_CONFIG:
-            version = self._store_config(config, only_if_absent=False)
+            try:
+                version = self._store_config(config, only_if_absent=False)
+            except ConfigInUse as err:  # tasks added since the wipe use a chain the old config lacks
+                return (f"could NOT restore the last config it knew ({err}); the defaults a command seeded stay: "
+                        "load the config again with `clawq config load`")
             return f"restored the last config it knew over the defaults a command seeded (now version {version})"
         return "kept the config stored since the wipe" if current != config else "the config was restored already"
 

@@ -140,3 +140,17 @@ def test_a_dispatcher_whose_restore_fails_half_way_tries_it_again(
     broker.forget_config()
     assert broker.config() == _cfg() and broker.namespace_info().recreated_at
     assert [m for m in caplog.messages if m.startswith("NAMESPACE WIPED")].__len__() == 1
+
+
+def test_a_restore_refused_by_tasks_added_since_says_so_and_keeps_running(
+        broker: Broker, r: redis.Redis, redis_url: str, namespace: str) -> None:
+    narrow = Config.model_validate({"night_mode": None, "chains": {"only": ["codex"]},
+                                    "agent": {"runner": "command", "command": ["my-agent"]}})
+    broker.load_config(narrow)
+    r.flushall()
+    with pytest.raises(NamespaceWiped) as info:
+        broker.deadlines()
+    _fresh(redis_url, namespace).add("web", "uses a default chain", chain="coding")  # seeds the defaults
+    done = broker.recreate(info.value.previous, info.value.last_config, "t")
+    assert done.startswith("could NOT restore") and "clawq config load" in done
+    assert broker.namespace_info().recreated_at
