@@ -143,12 +143,12 @@ class Keys:
 
     @property
     def inflight_model(self) -> str:
-        """HASH: model -> runs in progress."""
+        """HASH: model -> runs in progress (a field at 0 stays; 0 and absent mean the same)."""
         return self._k("inflight", "model")
 
     @property
     def inflight_provider(self) -> str:
-        """HASH: provider -> runs in progress."""
+        """HASH: provider -> runs in progress (a field at 0 stays; 0 and absent mean the same)."""
         return self._k("inflight", "provider")
 
     @property
@@ -266,8 +266,8 @@ class Keys:
 
     # -- per-board keys ------------------------------------------------------------------------------
     def board(self, board: str) -> str:
-        """HASH: running (task id), paused, ck (ready line it sits in), state (index it sits in), scheduled (its
-        tasks in ``scheduled``)."""
+        """HASH: running (task id), paused, ck (ready line it sits in; left stale, and ignored, while state is not
+        ready), state (index it sits in), scheduled (its tasks in ``scheduled``)."""
         return self._k("board", board)
 
     def queue(self, board: str) -> str:

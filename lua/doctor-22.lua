@@ -13,7 +13,8 @@
       queue / running / status:in_review / status:failed / status:cancelled); a missing place is restored,
       an extra place is dropped; a place listing a task with no hash is cleaned
     - seq:task is at least every task id; `boards` lists every task's board
-    - inflight:model / inflight:provider = in-progress tasks by their model / provider
+    - inflight:model / inflight:provider = in-progress tasks by their model / provider (a field at 0
+      counts as absent: scripts leave a counter at 0 rather than spend a call deleting it)
     - a half-open breaker's probe (breaker:<provider> probe) is the active run of its task,
       else the probe slot is freed (a probe lost without a report would hold its provider)
     - blocked = what the caps, the (repaired) counters, the cooldown keys and the breakers imply
@@ -246,10 +247,13 @@ if top and tonumber(top) > seq then
 end
 
 -- 2. Counters: inflight, refs -----------------------------------------------------------------
-local function sync_counts(key, label, expected)
+-- zero_is_absent: a field at 0 counts as absent (the inflight counters stay at 0 when their runs end).
+local function sync_counts(key, label, expected, zero_is_absent)
   local actual = {}
   local raw = rcall("HGETALL", key)
-  for i = 1, #raw, 2 do actual[raw[i]] = raw[i + 1] end
+  for i = 1, #raw, 2 do
+    if not (zero_is_absent and raw[i + 1] == "0") then actual[raw[i]] = raw[i + 1] end
+  end
   local fields = {}
   for f in pairs(actual) do fields[f] = true end
   for f in pairs(expected) do fields[f] = true end
@@ -264,8 +268,8 @@ local function sync_counts(key, label, expected)
     end
   end
 end
-sync_counts(K.inflight_model, "inflight:model", counts.model)
-sync_counts(K.inflight_provider, "inflight:provider", counts.provider)
+sync_counts(K.inflight_model, "inflight:model", counts.model, true)
+sync_counts(K.inflight_provider, "inflight:provider", counts.provider, true)
 sync_counts(K.refs, "refs", counts.refs)
 -- A breaker's probe must be a run in progress: one that ended without telling the breaker (a lost
 -- report, a repair) would hold its provider half-open with a probe out for ever.

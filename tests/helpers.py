@@ -34,3 +34,8 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     out, err = capsys.readouterr()
     assert isinstance(exc.value.code, int)
     return exc.value.code, out, err
+
+
+def counts(client: Any, key: str) -> dict[str, str]:
+    """A counter hash's non-zero fields (the scripts leave the inflight counters at 0: 0 = absent)."""
+    return {f: n for f, n in client.hgetall(key).items() if n != "0"}

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import FakeClock as Clock
-from helpers import rc
+from helpers import counts, rc
 
 from clawq.broker import (
     Broker,
@@ -54,7 +54,7 @@ def snapshot(r: redis.Redis) -> dict[bytes, Any]:
 
 def counters(broker: Broker) -> tuple[int, dict[str, str], dict[str, str]]:
     c, k = rc(broker), broker.keys
-    return c.zcard(k.running), c.hgetall(k.inflight_model), c.hgetall(k.inflight_provider)
+    return c.zcard(k.running), counts(c, k.inflight_model), counts(c, k.inflight_provider)
 
 
 def one_running(broker: Broker, chain: str = "coding") -> Claim:

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 import redis
+from helpers import counts
 
 from clawq.broker import Broker, Claim, Config, NothingToClaim, Outcome, RunFenced, TaskStatus
 from clawq.broker.config import DEFAULT_CONFIG
@@ -152,8 +153,8 @@ def check_against_log(rep: Replay, claims: list[tuple[int, str, str, str, str]],
 def check_idle(broker: Broker) -> None:
     c, k = rc(broker), broker.keys
     assert c.zcard(k.running) == 0
-    assert c.hgetall(k.inflight_model) == {}
-    assert c.hgetall(k.inflight_provider) == {}
+    assert counts(c, k.inflight_model) == {}
+    assert counts(c, k.inflight_provider) == {}
     assert c.hgetall(k.refs) == {}
 
 
@@ -193,8 +194,8 @@ def test_concurrent_claims_never_exceed_caps(
     assert all(c.task_id == heads[c.board] for c in claims), "a claim skipped its board's head"
     c, k = rc(broker), broker.keys
     assert c.zcard(k.running) == expected
-    assert Counter({m: int(n) for m, n in c.hgetall(k.inflight_model).items()}) == Counter(x.model for x in claims)
-    assert Counter({p: int(n) for p, n in c.hgetall(k.inflight_provider).items()}) == Counter(
+    assert Counter({m: int(n) for m, n in counts(c, k.inflight_model).items()}) == Counter(x.model for x in claims)
+    assert Counter({p: int(n) for p, n in counts(c, k.inflight_provider).items()}) == Counter(
         x.provider for x in claims
     )
     check_against_log(replay(broker, global_cap), [row(x) for x in claims], [])
@@ -430,4 +431,4 @@ def test_reap_racing_completions_each_run_ends_exactly_once(
         expected = (TaskStatus.IN_REVIEW, 0) if c.task_id in done else (TaskStatus.UP_NEXT, 1)
         assert (task.status, task.attempts) == expected
     assert rc(broker).zcard(broker.keys.running) == 0
-    assert rc(broker).hgetall(broker.keys.inflight_model) == {}
+    assert counts(rc(broker), broker.keys.inflight_model) == {}

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import FakeClock as Clock
-from helpers import ms, rc, task_hash_ids
+from helpers import counts, ms, rc, task_hash_ids
 
 from clawq.broker import (
     Broker,
@@ -105,8 +105,8 @@ def check_running(broker: Broker) -> dict[str, str]:
         by_board[t["board"]] = tid
         models[t["model"]] += 1
         providers[t["provider"]] += 1
-    assert {m: int(n) for m, n in c.hgetall(k.inflight_model).items()} == dict(models)
-    assert {p: int(n) for p, n in c.hgetall(k.inflight_provider).items()} == dict(providers)
+    assert {m: int(n) for m, n in counts(c, k.inflight_model).items()} == dict(models)
+    assert {p: int(n) for p, n in counts(c, k.inflight_provider).items()} == dict(providers)
     for board in c.smembers(k.boards):
         assert c.hget(k.board(board), "running") == by_board.get(board), f"board {board} running slot"
     return by_board
@@ -117,12 +117,12 @@ def check_blocks(broker: Broker) -> None:
     c, k = rc(broker), broker.keys
     now_ms = int(broker.now() * 1000)
     expected: dict[str, str] = {}
-    for kind, caps, counts, reason in (
+    for kind, caps, counter, reason in (
         ("m", k.cfg_model_cap, k.inflight_model, "model_quota_reached"),
         ("p", k.cfg_provider_cap, k.inflight_provider, "provider_quota_reached"),
     ):
         for name, cap in c.hgetall(caps).items():
-            if int(c.hget(counts, name) or 0) >= int(cap):
+            if int(c.hget(counter, name) or 0) >= int(cap):
                 expected[f"{kind}:{name}"] = reason
     for model in c.hkeys(k.cfg_model_provider):
         value = c.get(k.cooldown(model))
@@ -554,7 +554,7 @@ def test_model_and_provider_caps(broker: Broker) -> None:
     broker.complete(claims[0].task_id, claims[0].run_id, DONE)
     assert claimed(broker.claim()) == (3, "o3", "opus")
     assert nothing(broker) == {"provider_quota_reached": 1}  # sonnet 1/2 but anthropic 3/3
-    assert rc(broker).hgetall(broker.keys.inflight_provider) == {"anthropic": "3", "openai": "1"}
+    assert counts(rc(broker), broker.keys.inflight_provider) == {"anthropic": "3", "openai": "1"}
     check(broker)
 
 
@@ -610,7 +610,7 @@ def test_config_load_changes_caps_live(broker: Broker) -> None:
     assert nothing(broker) == {"provider_quota_reached": 1}  # opus 3/4, anthropic 3/3
     broker.load_config(config(limits={"model_max_inflight": {"opus": 1}, "provider_max_inflight": {}}))
     assert nothing(broker) == {"model_quota_reached": 1}
-    assert rc(broker).hgetall(broker.keys.inflight_model) == {"opus": "3"}  # nothing preempted
+    assert counts(rc(broker), broker.keys.inflight_model) == {"opus": "3"}  # nothing preempted
     check(broker)
 
 
@@ -751,7 +751,7 @@ def test_cancelled_running_run_is_fenced_and_its_counters_released(broker: Broke
     assert claim is not None
     broker.cancel(1)
     c, k = rc(broker), broker.keys
-    assert (c.zcard(k.running), c.hgetall(k.inflight_model), c.hgetall(k.inflight_provider)) == (0, {}, {})
+    assert (c.zcard(k.running), counts(c, k.inflight_model), counts(c, k.inflight_provider)) == (0, {}, {})
     assert c.exists(k.lease(1)) == 0
     with pytest.raises(RunFenced, match="the run already ended"):
         broker.heartbeat(1, claim.run_id)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import FakeClock as Clock
-from helpers import ms, rc
+from helpers import counts, ms, rc
 
 from clawq.broker import (
     Broker,
@@ -217,8 +217,8 @@ def test_claim_task_ok(broker: Broker, clock: Clock) -> None:
     assert c.zrange(k.running, 0, -1, withscores=True) == [("1", ms(clock()) + LEASE_MS)]
     assert c.get(k.lease(1)) == claim.run_id
     assert HEARTBEAT_MS < c.pttl(k.lease(1)) <= LEASE_MS
-    assert c.hgetall(k.inflight_model) == {"codex": "1"}
-    assert c.hgetall(k.inflight_provider) == {"openai": "1"}
+    assert counts(c, k.inflight_model) == {"codex": "1"}
+    assert counts(c, k.inflight_provider) == {"openai": "1"}
     assert c.hget(k.board("web"), "running") == "1"
     assert c.zcard(k.queue("web")) == 0
     task = broker.get_task(1)
@@ -416,7 +416,7 @@ def test_complete_run_ok_done(broker: Broker, clock: Clock) -> None:
     c, k = rc(broker), broker.keys
     assert c.zrange(k.in_review, 0, -1, withscores=True) == [("1", ms(clock()))]
     assert c.zcard(k.running) == 0
-    assert c.hgetall(k.inflight_model) == {}
+    assert counts(c, k.inflight_model) == {}
     assert c.hgetall(k.refs) == {}
     assert c.hgetall(k.stats_completed) == {"web": "1"}
     assert c.zrange(k.done("web"), 0, -1) == [claim.run_id]
@@ -596,7 +596,7 @@ def test_release_run_ok(broker: Broker, clock: Clock) -> None:
     task = broker.get_task(1)
     assert (task.attempts, task.last_error_reason, task.last_error) == (0, "pairing", "not paired")
     assert rc(broker).hgetall(broker.keys.stats_failures) == {"codex|pairing": "1"}
-    assert rc(broker).hgetall(broker.keys.inflight_model) == {}
+    assert counts(rc(broker), broker.keys.inflight_model) == {}
 
 
 def test_release_run_not_found(broker: Broker, clock: Clock) -> None:

@@ -249,8 +249,8 @@ def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> d
         "running": {int(m): d for m, d in _zmap(next(it)).items()},
         "in_review": {int(x) for x in next(it)}, "failed": {int(x) for x in next(it)},
         "cancelled": {int(x) for x in next(it)},
-        "inflight_model": {m: int(n) for m, n in next(it).items()},
-        "inflight_provider": {m: int(n) for m, n in next(it).items()},
+        "inflight_model": {m: int(n) for m, n in next(it).items() if n != "0"},  # 0 = absent
+        "inflight_provider": {m: int(n) for m, n in next(it).items() if n != "0"},
         "refs": {m: int(n) for m, n in next(it).items()},
         "blocked": _blocks(next(it), now),
         "ready_fronts": _zmap(next(it)), "idx_busy": set(next(it)), "idx_paused": set(next(it)),
@@ -266,7 +266,9 @@ def read_redis(client: redis.Redis, k: Keys, task_ids: list[int], now: int) -> d
         h, q = next(it), next(it)
         if h or q:
             snap["board"][b] = {"running": _int_or_none(h.get("running")), "paused": h.get("paused") == "1",
-                                "state": h.get("state"), "ck": h.get("ck"), "scheduled": int(h.get("scheduled", 0))}
+                                "state": h.get("state"),
+                                "ck": h.get("ck") if h.get("state") == "ready" else None,  # else stale, ignored
+                                "scheduled": int(h.get("scheduled", 0))}
             snap["queue"][b] = [int(x) for x in q]
     snap["task"] = {tid: _task_view(next(it)) for tid in task_ids}
     return snap

@@ -388,8 +388,7 @@ local function board_claimed(K, P, b, ck, id, now)
     state = "busy"
     rcall("SADD", K.idx_busy, b)
   end
-  rcall("HSET", bk, "running", id, "served_at", int(now), "state", state)
-  rcall("HDEL", bk, "ck")
+  rcall("HSET", bk, "running", id, "served_at", int(now), "state", state)  -- ck means nothing unless ready
 end
 
 local function task_fields(P, id)
@@ -413,17 +412,19 @@ local function last_report(P, id, run_id)
   return cur, string.sub(cur.last_digest, #prefix + 1)
 end
 
-local function counter_down(hash, field)
+-- keep_zero: a counter at 0 stays (a reader takes 0 and absent alike), saving a call per drop to 0;
+-- for counters of bounded names (the configured models and providers).
+local function counter_down(hash, field, keep_zero)
   if not field then return nil end
   local n = rcall("HINCRBY", hash, field, -1)
-  if n <= 0 then rcall("HDEL", hash, field) end
+  if n <= 0 and not keep_zero then rcall("HDEL", hash, field) end
   return n
 end
 
--- A run of `model` on `provider` ended: both counters go down, and their blocks follow.
+-- A run of `model` on `provider` ended: both counters go down (to 0, not absent), and their blocks follow.
 local function inflight_down(K, model, provider)
-  if model then note_inflight(K, "m", model, counter_down(K.inflight_model, model), false) end
-  if provider then note_inflight(K, "p", provider, counter_down(K.inflight_provider, provider), false) end
+  if model then note_inflight(K, "m", model, counter_down(K.inflight_model, model, true), false) end
+  if provider then note_inflight(K, "p", provider, counter_down(K.inflight_provider, provider, true), false) end
 end
 
 -- End the active run of in-progress task `id`: its lease, counters and board slot are
