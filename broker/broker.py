@@ -48,7 +48,7 @@ from .errors import (
     error_for,
 )
 from .events import COOLING_TYPES, FAILURE_TYPES
-from .health import collect_health
+from .health import Health, collect_health
 from .identity import MetaFields, NamespaceInfo, new_identity
 from .keys import Keys
 from .memory import MemoryState, read_memory
@@ -1034,11 +1034,16 @@ class Broker:
         )
 
     def health(self) -> dict[str, Any]:
+        """The health document as JSON-ready data (the dump of :meth:`health_report`)."""
+        return self.health_report().doc()
+
+    def health_report(self) -> Health:
+        """Queue depth, in progress, throughput and why_waiting per board; inflight, cap, cooldown per model;
+        providers and their breakers; recent errors (:class:`~clawq.broker.health.Health`)."""
         with redis_errors(self._where):
-            doc = collect_health(self)
-        doc["namespace"] = {"name": self.namespace, **self.namespace_info().doc()}
-        doc["redis"] = self.memory().doc()
-        return doc
+            report = collect_health(self)
+        namespace = {"name": self.namespace, **self.namespace_info().doc()}
+        return report.model_copy(update={"namespace": namespace, "redis": self.memory().doc()})
 
     def memory(self) -> MemoryState:
         """Redis's eviction policy, memory limit and use (:mod:`broker.memory`); ``warning()`` says whether

@@ -6,17 +6,117 @@ import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from .breaker import BreakerState
 from .config import Config
 from .connection import Client
 from .keys import Keys
 from .usage import read_usage_stats
 
-__all__ = ["HealthSource", "collect_health"]
+__all__ = [
+    "BoardHealth", "BreakerHealth", "GlobalHealth", "Health", "HealthSource", "ModelHealth", "ProviderHealth",
+    "RecentError", "collect_health",
+]
 
 _HOUR_MS = 3_600_000
 _RECENT_ERRORS = 20
 _HEAD = 3  #: queued tasks shown per board
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class GlobalHealth(_Doc):
+    max_concurrent: int  #: the global cap in force now (the night cap inside the night window)
+    in_progress: int
+    night: bool  #: the night window is on
+    scheduled: int  #: tasks waiting in ``scheduled`` (not-before time, night-only)
+
+
+class HeadTask(_Doc):
+    task_id: int
+    title: str
+
+
+class RunningTask(_Doc):
+    task_id: int
+    title: str
+    model: str | None
+    provider: str | None
+    elapsed_s: float | None  #: since the claim
+
+
+class BoardHealth(_Doc):
+    queue_depth: int  #: tasks up next
+    scheduled: int  #: its tasks waiting in ``scheduled``
+    in_progress: int  #: 0 or 1
+    running_task: int | None
+    completed_last_hour: int
+    oldest_waiting_s: float  #: how long its head has waited
+    paused: bool
+    state: str  #: the index it sits in: ready, busy, paused, backoff, idle
+    head: list[HeadTask]  #: the first queued tasks
+    running: RunningTask | None
+    why_waiting: str  #: why its head is not running now (the claim's own rules, under the current config)
+
+
+class ModelHealth(_Doc):
+    provider: str
+    inflight: int
+    cap: int | None
+    cooldown_remaining_s: float
+    failures: int
+
+
+class Usage(_Doc):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class BreakerHealth(_Doc):
+    state: str  #: closed, open, half_open
+    remaining_s: float
+    until: float | None
+    cause: str | None
+    probe_task: int | None
+
+
+class ProviderHealth(_Doc):
+    inflight: int
+    cap: int | None
+    breaker: BreakerHealth
+
+
+class RecentError(_Doc):
+    """One of the latest actionable errors (``errors`` list, written by ``lib/core.lua`` ``record_error``)."""
+
+    reason: str  #: the root cause (an event type of the failure or cooling families)
+    task_id: int
+    board: str
+    model: str
+    message: str
+    at: float  #: epoch seconds
+
+
+class Health(_Doc):
+    """The health document (``clawq health``, ``GET /api/v1/health``): this model is its one statement; the JSON
+    document is its dump (:meth:`Broker.health`)."""
+
+    global_: GlobalHealth = Field(alias="global")
+    boards: dict[str, BoardHealth]
+    models: dict[str, ModelHealth]
+    usage: dict[str, Usage]  #: what the agent CLIs reported, per model
+    providers: dict[str, ProviderHealth]
+    recent_errors: list[RecentError]  #: newest first
+    namespace: dict[str, Any] | None = None  #: the namespace's name and identity (set by the broker)
+    redis: dict[str, Any] | None = None  #: Redis's eviction policy and memory (set by the broker)
+
+    def doc(self) -> dict[str, Any]:
+        """The JSON document."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=False)
 
 
 class HealthSource(Protocol):
@@ -49,7 +149,7 @@ def _int(value: Any) -> int:
     return int(_t(value)) if value is not None else 0
 
 
-def collect_health(broker: HealthSource) -> dict[str, Any]:
+def collect_health(broker: HealthSource) -> Health:
     """Queue depth, in-progress and throughput per board; inflight, cap, cooldown per model."""
     keys, client = broker.keys, broker.client
     now = broker.now()
@@ -75,7 +175,7 @@ def collect_health(broker: HealthSource) -> dict[str, Any]:
     board_docs = _boards(broker, boards, replies[5:], now)
     for name, why in zip(boards, broker.explain_boards(boards), strict=True):
         board_docs[name]["why_waiting"] = why
-    return {
+    return Health.model_validate({
         "global": {"max_concurrent": cap, "in_progress": int(in_progress), "night": night,
                    "scheduled": sum(b["scheduled"] for b in board_docs.values())},
         "boards": board_docs,
@@ -87,7 +187,7 @@ def collect_health(broker: HealthSource) -> dict[str, Any]:
             for p in cfg.providers()
         },
         "recent_errors": [json.loads(_t(e)) for e in errors],
-    }
+    })
 
 
 def _breaker(st: BreakerState | None) -> dict[str, Any]:
