@@ -700,7 +700,8 @@ def dispatch(obj: Ctx, once: bool, rq_redis_url: str | None, log_level: str) -> 
     _setup_logging(log_level)
     if once:
         b = obj.broker()
-        d = Dispatcher(b, rq_enqueuer(b, rq_connection(rq_redis_url or obj.redis_url)))
+        jobs = rq_enqueuer(b, rq_connection(rq_redis_url or obj.redis_url))
+        d = Dispatcher(b, jobs, jobs=jobs)
         requeued_and_claimed = d.step()
         emit(obj, {"claimed": requeued_and_claimed, "skip_reasons": d.last_skips},
              f"claimed {requeued_and_claimed} task(s)")
@@ -712,7 +713,8 @@ def dispatch(obj: Ctx, once: bool, rq_redis_url: str | None, log_level: str) -> 
     if found is None:
         return
     _warn_if_evicting(found, "dispatch")
-    d = Dispatcher(found, rq_enqueuer(found, rq_connection(rq_redis_url or obj.redis_url)))
+    jobs = rq_enqueuer(found, rq_connection(rq_redis_url or obj.redis_url))
+    d = Dispatcher(found, jobs, jobs=jobs)  # it also gives back a run whose job was deleted before it ran
     logging.getLogger("clawq.dispatch").info("dispatching namespace %s", found.namespace)
     d.run(stop)
 

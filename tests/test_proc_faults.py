@@ -312,3 +312,52 @@ def test_a_failed_agent_run_is_a_failed_rq_job_with_its_root_cause(broker: Broke
     assert broker.get_task(good).status is TaskStatus.IN_REVIEW
     output = log.read_text(errors="replace")
     assert "Traceback" not in output and "agent run failed: failed: exit code 128" in output, output[-3000:]
+
+
+@pytest.mark.parametrize("how", ["delete", "cancel"])
+def test_a_run_whose_rq_job_was_deleted_before_it_ran_is_given_back(
+        broker: Broker, jobs: Any, redis_url: str, how: str, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Deleting (or cancelling) a queued agent job in rq-dashboard: the dispatcher notices at its next look and
+    gives the run back without using an attempt, instead of leaving the task in progress until its lease ends.
+    A job that ran is forgotten, never released."""
+    import logging
+
+    from rq.job import Job
+
+    from clawq.broker.connection import rq_connection
+    from clawq.workers import dispatcher as dispatcher_mod
+    from clawq.workers.dispatcher import Dispatcher
+    from clawq.workers.notify import Notifiers
+    from clawq.workers.rq_glue import ClawqSimpleWorker, rq_enqueuer
+
+    monkeypatch.setattr(dispatcher_mod, "_JOB_CHECK_S", 0.0)
+    broker.load_config(Config.model_validate({"night_mode": None, "notify": {"log": False},
+                                              "agent": {"runner": "python", "callable": "agents.py_agent:done"}}))
+    conn = rq_connection(redis_url)
+    try:
+        sent = rq_enqueuer(broker, conn)
+        d = Dispatcher(broker, sent, notifiers=Notifiers([]), jobs=sent)
+        tid = broker.add("web", "t", chain="coding")
+        assert d.step() == 1 and sent.watching == 1
+        first = broker.get_task(tid).run_id
+        assert first is not None
+        job = Job.fetch(first, connection=conn)
+        job.delete() if how == "delete" else job.cancel()  # what rq-dashboard's buttons do
+        with caplog.at_level(logging.WARNING, logger="clawq.dispatch"):
+            assert d.step() == 1  # gives the run back, then claims the task again: it is its board's head
+        task = broker.get_task(tid)
+        assert task.status is TaskStatus.IN_PROGRESS and task.run_id != first and task.attempts == 0
+        assert [r["outcome"] for r in task.runs[:1]] == ["released"], task.runs
+        assert f"its RQ job {first} was deleted before it ran" in caplog.text
+        assert Job.fetch(task.run_id, connection=conn).get_status() == "queued"
+        # the new job runs: it is forgotten, not released
+        queue_name = broker.config().agent.queue
+        from rq import Queue
+        ClawqSimpleWorker([Queue(queue_name, connection=conn)], connection=conn).work(burst=True)
+        assert broker.get_task(tid).status is TaskStatus.IN_REVIEW
+        d.step()
+        assert sent.watching == 0
+        assert [r["outcome"] for r in broker.get_task(tid).runs] == ["released", "done"]
+    finally:
+        conn.close()

@@ -15,11 +15,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
-from clawq.broker import Broker, Claim, Deadlines, NothingToClaim, RedisUnavailable
+from clawq.broker import Broker, Claim, Deadlines, NothingToClaim, RedisUnavailable, RunFenced, TaskNotFound
 from clawq.broker.config import Config, next_local_time
 from clawq.broker.errors import NamespaceWiped, RedisOutOfMemory
 from clawq.broker.events import EventType
@@ -33,9 +33,20 @@ __all__ = ["AgentGate", "Dispatcher", "http_ready", "summary_line"]
 log = logging.getLogger("clawq.dispatch")
 
 Enqueue = Callable[[Claim], None]
+
+
+class JobWatch(Protocol):
+    """What the dispatcher asks of its queue (:class:`workers.rq_glue.RqEnqueuer`): jobs it handed over that
+    will never run (deleted or cancelled before they ran)."""
+
+    @property
+    def watching(self) -> int: ...
+
+    def lost(self) -> list[tuple[int, str]]: ...
 _MAX_BLOCK_S = 1.0  #: the longest single wait, so SIGTERM is seen within a second
 _IDLE_WAKE_S = 60.0  #: with no deadline at all, look again after this long (a safety net, not a tick)
 _GATE_CHECK_S = 3.0  #: the agent health URL is asked at most this often
+_JOB_CHECK_S = 5.0  #: while enqueued jobs have not run, look this often for one deleted or cancelled in RQ
 _ALERT_TTL_S = 86400
 #: How often a dispatcher that lost Redis tries again. A call already waits through redis-py's own retries
 #: (under a second apart), so a longer backoff here would only make the dispatcher resume late.
@@ -122,6 +133,7 @@ class Dispatcher:
     broker: Broker
     enqueue: Enqueue
     notifiers: Notifiers | None = None
+    jobs: JobWatch | None = None  #: releases a run whose job was deleted before it ran (no attempt used)
     probe: Callable[[str], bool] = http_ready
     claims: int = 0
     last_skips: dict[str, int] = field(default_factory=dict)
@@ -131,6 +143,7 @@ class Dispatcher:
     _active: bool = False
     _gate_closed: bool = False
     _due: Deadlines | None = None  #: read at the end of the last pass
+    _jobs_checked: float = 0.0  #: monotonic time of the last look for lost jobs
 
     def __post_init__(self) -> None:
         self._own_notifiers = self.notifiers is None
@@ -151,6 +164,7 @@ class Dispatcher:
                 log.info("lease of task %s expired: requeued at its board head", task_id)
         if self._schedules_due():
             self._fire_schedules()
+        self._release_lost_jobs()
         assert self._gate is not None
         self._gate_closed = not self._gate.ready()
         made = 0
@@ -164,6 +178,20 @@ class Dispatcher:
         if not self._gate_closed:
             self._maybe_summary(self._due)
         return made
+
+    def _release_lost_jobs(self) -> None:
+        """Every :data:`_JOB_CHECK_S`: a run whose job was deleted or cancelled before it ran would hold its task
+        until its lease expired; give it back instead, without using an attempt."""
+        if self.jobs is None or not self.jobs.watching or time.monotonic() - self._jobs_checked < _JOB_CHECK_S:
+            return
+        self._jobs_checked = time.monotonic()
+        for task_id, run_id in self.jobs.lost():
+            try:
+                self.broker.release(task_id, run_id, "released", f"its RQ job {run_id} was deleted before it ran")
+            except (RunFenced, TaskNotFound):  # it ended meanwhile (or its task is gone): nothing to give back
+                continue
+            log.warning("task %s: its RQ job %s was deleted before it ran; the run is given back (no attempt used)",
+                        task_id, run_id)
 
     def _reap_due(self) -> bool:
         """Whether a lease may have expired: the earliest one read after the last pass is due (a lease made
@@ -291,6 +319,8 @@ class Dispatcher:
     def _wait_s(self) -> float:
         """Until the nearest deadline, or the next summary while the queue is active (from the last pass)."""
         waits = [_GATE_CHECK_S if self._gate_closed else _IDLE_WAKE_S]
+        if self.jobs is not None and self.jobs.watching:  # look for deleted jobs while some have not run
+            waits.append(_JOB_CHECK_S)
         due = self._due
         if due is not None:
             if self._gate_closed:  # no claim runs: a backoff end or a due task (claim work) would wake it at once

@@ -18,7 +18,7 @@ from clawq.broker.errors import NamespaceWiped
 
 from .job import AgentRunFailed, prepare, run_task
 
-__all__ = ["ClawqSimpleWorker", "ClawqWorker", "job_meta", "rq_enqueuer", "run_worker"]
+__all__ = ["ClawqSimpleWorker", "ClawqWorker", "RqEnqueuer", "job_meta", "rq_enqueuer", "run_worker"]
 
 log = logging.getLogger("clawq.worker")
 
@@ -38,14 +38,24 @@ def job_meta(namespace: str, claim: Claim, config_version: str = "", namespace_i
     }
 
 
-def rq_enqueuer(broker: Broker, connection: redis.Redis) -> Any:
-    """A function that enqueues a claim as an RQ job (job id = run id) on agent.queue, in one MULTI (RQ alone
-    sends two round trips: the queue's registration, then the job and its push)."""
+#: RQ job statuses after which the job will not run (again): its run has reported, or its lease will expire.
+_RAN = frozenset({"finished", "failed", "stopped"})
 
-    def enqueue(claim: Claim) -> None:
-        cfg = broker.config().agent
-        queue = Queue(cfg.queue, connection=connection)
-        with connection.pipeline() as pipe:
+
+class RqEnqueuer:
+    """Enqueues a claim as an RQ job (job id = run id) on agent.queue, in one MULTI (RQ alone sends two round
+    trips: the queue's registration, then the job and its push), and remembers it until it has run, so that
+    :meth:`lost` can tell which runs lost their job before it ran (deleted or cancelled in rq-dashboard)."""
+
+    def __init__(self, broker: Broker, connection: redis.Redis):
+        self.broker, self.connection = broker, connection
+        self._sent: dict[str, int] = {}  #: run id -> task id, for the jobs this dispatcher enqueued
+
+    def __call__(self, claim: Claim) -> None:
+        cfg = self.broker.config().agent
+        queue = Queue(cfg.queue, connection=self.connection)
+        broker = self.broker
+        with self.connection.pipeline() as pipe:
             queue.enqueue(
                 run_task, broker.namespace, claim.task_id, claim.run_id,
                 job_id=claim.run_id,
@@ -56,8 +66,36 @@ def rq_enqueuer(broker: Broker, connection: redis.Redis) -> Any:
                 result_ttl=86400, failure_ttl=7 * 86400, pipeline=pipe,
             )
             pipe.execute()
+        self._sent[claim.run_id] = claim.task_id
 
-    return enqueue
+    @property
+    def watching(self) -> int:
+        """How many enqueued jobs have not run yet."""
+        return len(self._sent)
+
+    def lost(self) -> list[tuple[int, str]]:
+        """(task id, run id) of each remembered job that is gone or cancelled: it will never run. Jobs that ran
+        are forgotten. One pipelined read of the jobs' status."""
+        if not self._sent:
+            return []
+        runs = list(self._sent.items())
+        with self.connection.pipeline(transaction=False) as pipe:
+            for run_id, _ in runs:
+                pipe.hget(Job.key_for(run_id), "status")
+            statuses = pipe.execute()
+        gone = []
+        for (run_id, task_id), raw in zip(runs, statuses, strict=True):
+            status = raw.decode() if isinstance(raw, bytes) else raw
+            if status is None or status == "canceled":
+                gone.append((task_id, run_id))
+            if status is None or status == "canceled" or status in _RAN:
+                del self._sent[run_id]
+        return gone
+
+
+def rq_enqueuer(broker: Broker, connection: redis.Redis) -> RqEnqueuer:
+    """The dispatcher's enqueue function for RQ (see :class:`RqEnqueuer`)."""
+    return RqEnqueuer(broker, connection)
 
 
 def _prepare(job: Job) -> None:
