@@ -3,7 +3,7 @@ becomes a run result (done, rate limited, failed) with the ``clawq-outcome`` blo
 
 An adapter is a small object with four parts (see :class:`Adapter`): the argv it builds, how the prompt goes
 in (stdin or an argument; never the task JSON), how it reads the CLI's own output, and the signals that stop
-the CLI cleanly. Classification of failure texts is :mod:`broker.signals`'; this module only decides which
+the CLI cleanly. Failure texts are classified by :mod:`broker.signals`; this module only decides which
 text to classify and in what order (a limit is looked for before the exit code is trusted).
 """
 
@@ -168,6 +168,11 @@ def first_object(*texts: str) -> dict[str, Any] | None:
 
 def text_of(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+def obj(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty one (native output is never trusted to be well formed)."""
+    return value if isinstance(value, dict) else {}
 
 
 # -- the outcome block ---------------------------------------------------------------------------------

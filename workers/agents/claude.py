@@ -15,7 +15,7 @@ import re
 import signal
 from typing import Any
 
-from .base import Invocation, Launch, Native, Usage, count, dollars, json_lines, text_of
+from .base import Invocation, Launch, Native, Usage, count, dollars, json_lines, obj, text_of
 
 __all__ = ["ClaudeCode"]
 
@@ -60,8 +60,7 @@ def _read(native: Native, doc: dict[str, Any]) -> None:
 
 def _result(native: Native, doc: dict[str, Any]) -> None:
     native.text = text_of(doc.get("result"))
-    usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
-    assert isinstance(usage, dict)
+    usage = obj(doc.get("usage"))
     parts = [count(usage.get(k)) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")]
     known = [p for p in parts if p is not None]
     native.usage = Usage(sum(known) if known else None, count(usage.get("output_tokens")),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from .base import Invocation, Launch, Native, Usage, count, json_lines, text_of
+from .base import Invocation, Launch, Native, Usage, count, json_lines, obj, text_of
 
 __all__ = ["Codex"]
 
@@ -49,8 +49,7 @@ def _read(native: Native, doc: dict[str, Any]) -> None:
         if isinstance(item, dict) and item.get("type") == "agent_message":
             native.text = text_of(item.get("text"))
     elif kind == "turn.completed":
-        usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
-        assert isinstance(usage, dict)
+        usage = obj(doc.get("usage"))
         native.usage = native.usage.plus(Usage(count(usage.get("input_tokens")), count(usage.get("output_tokens"))))
     elif kind == "turn.failed":
         error = doc.get("error")

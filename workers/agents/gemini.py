@@ -15,7 +15,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from .base import Invocation, Launch, Native, Usage, count, json_lines, text_of
+from .base import Invocation, Launch, Native, Usage, count, json_lines, obj, text_of
 
 __all__ = ["GeminiCli"]
 
@@ -69,8 +69,7 @@ def _read(native: Native, doc: dict[str, Any], deltas: list[str]) -> None:
     elif kind == "error" and text_of(doc.get("message")) and doc.get("severity") != "warning":
         native.error = doc["message"]
     elif kind == "result":
-        stats = doc.get("stats") if isinstance(doc.get("stats"), dict) else {}
-        assert isinstance(stats, dict)
+        stats = obj(doc.get("stats"))
         native.usage = Usage(count(stats.get("input_tokens")), count(stats.get("output_tokens")))
         if doc.get("status") == "error":
             error = doc.get("error")

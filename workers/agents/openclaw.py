@@ -15,7 +15,7 @@ import re
 import signal
 from typing import Any
 
-from .base import Invocation, Launch, Native, Usage, count, dollars, first_object, text_of
+from .base import Invocation, Launch, Native, Usage, count, dollars, first_object, obj, text_of
 
 __all__ = ["OpenClaw"]
 
@@ -37,12 +37,9 @@ class OpenClaw:
 
     def parse(self, stdout: str, stderr: str, exit_code: int) -> Native:
         doc = first_object(stdout, stderr) or {}
-        result = doc.get("result") if isinstance(doc.get("result"), dict) else doc
-        assert isinstance(result, dict)
-        meta = result.get("meta") if isinstance(result.get("meta"), dict) else {}
-        assert isinstance(meta, dict)
-        agent_meta = meta.get("agentMeta") if isinstance(meta.get("agentMeta"), dict) else {}
-        assert isinstance(agent_meta, dict)
+        result = obj(doc.get("result")) or doc
+        meta = obj(result.get("meta"))
+        agent_meta = obj(meta.get("agentMeta"))
         native = Native(text=text_of(doc.get("final")) or _payload_text(result.get("payloads")))
         native.session_id = text_of(doc.get("sessionId")) or text_of(agent_meta.get("sessionId")) or None
         native.usage = _usage(doc.get("usage") or agent_meta.get("usage"), dollars(doc.get("costUsd")))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from .base import Invocation, Launch, Native, Usage, count, dollars, json_lines, text_of
+from .base import Invocation, Launch, Native, Usage, count, dollars, json_lines, obj, text_of
 
 __all__ = ["OpenCode"]
 
@@ -43,15 +43,13 @@ def _read(native: Native, doc: dict[str, Any], texts: list[str]) -> None:
     kind = doc.get("type")
     if text_of(doc.get("sessionID")):
         native.session_id = doc["sessionID"]
-    part = doc.get("part") if isinstance(doc.get("part"), dict) else {}
-    assert isinstance(part, dict)
+    part = obj(doc.get("part"))
     if kind == "step_start":
         texts.clear()
     elif kind == "text":
         texts.append(text_of(part.get("text")))
     elif kind == "step_finish":
-        tokens = part.get("tokens") if isinstance(part.get("tokens"), dict) else {}
-        assert isinstance(tokens, dict)
+        tokens = obj(part.get("tokens"))
         native.usage = native.usage.plus(Usage(count(tokens.get("input")), count(tokens.get("output")),
                                                dollars(part.get("cost"))))
     elif kind == "error":
@@ -61,8 +59,7 @@ def _read(native: Native, doc: dict[str, Any], texts: list[str]) -> None:
 def _error_text(error: Any) -> str:
     if not isinstance(error, dict):
         return text_of(error) or "session error"
-    data = error.get("data") if isinstance(error.get("data"), dict) else {}
-    assert isinstance(data, dict)
+    data = obj(error.get("data"))
     name, message, status = text_of(error.get("name")), text_of(data.get("message")), data.get("statusCode")
     status_text = f" (status {status})" if isinstance(status, int) else ""
     return f"{name or 'Error'}: {message}{status_text}".strip()
