@@ -283,7 +283,8 @@ class Keys:
         """HASH: the task's fields. add_task writes board, title, ck, status, ``at`` (when it was added, ms: the
         task's created_at) and prompt when not empty, and when given not_before, night ("1": night-only), due_at
         (while scheduled) and schedule (the schedule that fired it); the runs add run_id, model, provider,
-        claimed_at, lease_deadline, run_count, attempts, … . A field left out has its default: id is the key's,
+        claimed_at, lease_deadline, probe ("1" while the run is its provider's half-open probe, else "0"; gone
+        with the run), run_count, attempts, … . A field left out has its default: id is the key's,
         chain / pinned model are in ck (``c:<chain>`` / ``m:<model>``), prompt is "", run_count, attempts and
         backoff_until are 0, updated_at and queued_at are ``at``. There is no index of every task: each one is
         in exactly one place (``scheduled``, a board queue, ``running`` or a status ZSET), and ids run from 1 to

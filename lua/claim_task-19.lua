@@ -143,8 +143,10 @@ local function choose(fronts, view)
     if not model then
       refused[#refused + 1] = {ck, reason}
     else
-      local board = rcall("ZRANGE", ready_key(P, ck), 0, 0)[1]
-      if board then return {ck = ck, board = board, model = model, provider = provider} end
+      local front = rcall("ZRANGE", ready_key(P, ck), 0, 1, "WITHSCORES")  -- the front and the board behind
+      if front[1] then
+        return {ck = ck, board = front[1], next_place = front[4], model = model, provider = provider}
+      end
       rcall("ZREM", K.ready_fronts, ck)  -- an empty line listed (doctor reports how): skip it
     end
   end
@@ -165,14 +167,15 @@ local function take(best, run_id, out, view)
   rcall("ZADD", K.running, deadline, id)
   local blocked_m = note_inflight(K, "m", model, rcall("HINCRBY", K.inflight_model, model, 1), true)
   local blocked_p = note_inflight(K, "p", provider, rcall("HINCRBY", K.inflight_provider, provider, 1), true)
+  local probe = view.blocked["o:" .. provider] ~= nil
   rcall("HSET", tk, "status", "in_progress", "run_id", run_id, "model", model, "provider", provider,
-        "claimed_at", int(now), "lease_deadline", int(deadline), "backoff_until", "0", "updated_at", int(now))
+        "claimed_at", int(now), "lease_deadline", int(deadline), "backoff_until", "0", "updated_at", int(now),
+        "probe", probe and "1" or "0")
   rcall("RPUSH", runs_key(P, id), cjson.encode({run_id = run_id, board = b, model = model, provider = provider,
         run_count = run_count, attempt = attempt, claimed_at = now / 1000, night = ARGV[5] == "1"}))
   rcall("SET", lease_key(P, id), run_id, "PX", lease_ms)
   rcall("INCR", K.stats_claims)
-  board_claimed(K, P, b, best.ck, id, now)
-  local probe = view.blocked["o:" .. provider] ~= nil
+  board_claimed(K, P, b, best.ck, id, now, best.next_place)
   if probe then breaker_probe(K, P, provider, now, run_id, id) end
   emit(K, now, "claimed", {"task_id", id, "board", b, "model", model, "provider", provider,
                            "run_id", run_id, "run_count", run_count, "attempt", attempt})

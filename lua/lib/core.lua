@@ -188,6 +188,9 @@ end
 local function breaker_after(K, P, t, now, verdict, cause)
   local p = t.provider
   if not p or p == "" then return end
+  -- The claim wrote t.probe ("1" / "0"): a run that was no probe and did not fail tells the breaker
+  -- nothing, known without reading it (a run claimed before the field existed reads it).
+  if verdict ~= "fault" and t.probe == "0" then return end
   local bk = breaker_key(P, p)
   local b = rcall("HMGET", bk, "until", "probe", "cooldown_ms")
   if b[2] and b[2] == t.run_id then
@@ -380,9 +383,15 @@ end
 -- A claim took the head of ready board `b` (from line `ck`; so not paused, nothing running) and
 -- gave it task `id`: reindex_board's rules for the one transition whose facts the claim knows,
 -- without reading them back. The board is busy while more is queued, else idle.
-local function board_claimed(K, P, b, ck, id, now)
+-- b was the front of line ck; next_place is the place of the board behind it (nil: none).
+local function board_claimed(K, P, b, ck, id, now, next_place)
   local bk = board_key(P, b)
-  leave_line(K, P, b, ck)
+  rcall("ZREM", ready_key(P, ck), b)  -- leave_line, knowing the next front already
+  if next_place then
+    rcall("ZADD", K.ready_fronts, next_place, ck)
+  else
+    rcall("ZREM", K.ready_fronts, ck)
+  end
   local state = "idle"
   if rcall("EXISTS", queue_key(P, b)) == 1 then
     state = "busy"
@@ -393,11 +402,11 @@ end
 
 local function task_fields(P, id)
   local v = rcall("HMGET", task_key(P, id), "board", "status", "run_id", "model", "provider",
-                  "run_count", "attempts", "ck", "last_run_id", "last_digest")
+                  "run_count", "attempts", "ck", "last_run_id", "last_digest", "probe")
   if not v[1] then return nil end
   return {board = v[1], status = v[2], run_id = v[3], model = v[4], provider = v[5],
           run_count = num(v[6], 0), attempts = num(v[7], 0), ck = v[8],
-          last_run_id = v[9], last_digest = v[10]}
+          last_run_id = v[9], last_digest = v[10], probe = v[11]}
 end
 
 -- The report last applied to a task, when it was one of run_id's: the task keeps `last_digest` =
@@ -445,7 +454,7 @@ local function end_run(K, P, id, t, now, outcome, detail, fields)
     if detail and detail ~= "" then tail = tail .. ',"error":' .. cjson.encode(detail) end
     rcall("LSET", rk, -1, string.sub(raw, 1, -2) .. tail .. "}")
   end
-  rcall("HDEL", task_key(P, id), "run_id", "lease_deadline")
+  rcall("HDEL", task_key(P, id), "run_id", "lease_deadline", "probe")
   rcall("HSET", task_key(P, id), "last_run_id", t.run_id, "updated_at", int(now), unpack(fields or {}))
 end
 
