@@ -79,22 +79,44 @@ def process_table() -> dict[int, ProcInfo]:
     return table
 
 
+def _kernel_children(pid: int) -> list[int] | None:
+    """``pid``'s children as the kernel lists them per thread (/proc/<pid>/task/<tid>/children): no walk of all
+    of /proc. None where the kernel does not keep that list (CONFIG_PROC_CHILDREN unset)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    kids: list[int] = []
+    for tid in tids:
+        try:
+            kids.extend(int(k) for k in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+        except FileNotFoundError:
+            if not Path(f"/proc/{pid}/task/{tid}").exists():
+                continue  # that thread ended meanwhile
+            return None
+        except (OSError, ValueError):
+            continue
+    return kids
+
+
 def children(pid: int, table: dict[int, ProcInfo] | None = None) -> list[int]:
-    """Direct children of ``pid`` (e.g. the RQ work-horse of a busy worker)."""
+    """Direct children of ``pid`` (e.g. the RQ work-horse of a busy worker): from the kernel's list when there is
+    one and no ``table`` is given, else from ``table`` (default: one read of all of /proc)."""
+    if table is None and (kids := _kernel_children(pid)) is not None:
+        return kids
     table = process_table() if table is None else table
     return [kid for kid, info in table.items() if info.ppid == pid]
 
 
 def descendants(pid: int, table: dict[int, ProcInfo] | None = None) -> list[int]:
-    """Every process below ``pid`` (children, theirs, …), from one read of /proc."""
-    table = process_table() if table is None else table
-    below: dict[int, list[int]] = {}
-    for kid, info in table.items():
-        below.setdefault(info.ppid, []).append(kid)
+    """Every process below ``pid`` (children, theirs, …): from the kernel's lists (cost: the size of the tree),
+    or from ``table`` / one read of all of /proc where there are none."""
+    if table is None and _kernel_children(pid) is None:
+        table = process_table()
     found: list[int] = []
     todo = [pid]
     while todo:
-        kids = below.get(todo.pop(), [])
+        kids = children(todo.pop(), table)
         found.extend(kids)
         todo.extend(kids)
     return found
@@ -155,28 +177,28 @@ class AgentTree:
         if info is not None:
             self.members[pid] = info.start
 
-    def scan(self) -> dict[int, ProcInfo]:
+    def scan(self) -> None:
         """Note every live member now: the leader's descendants, the members' descendants, and the orphans this
-        process adopted (its children since the start that carry the marker)."""
-        table = process_table()
+        process adopted (its children since the start that carry the marker). Its cost is the size of the
+        agent's tree, not the number of processes on the machine (where the kernel lists children)."""
         roots = [self.leader] if self.leader is not None else []
-        roots += [pid for pid in self.members if self._same(pid, table)]
-        adopted = [kid for kid in children(self._me, table) if kid not in self._before and kid != self.leader
+        roots += [pid for pid in self.members if self._same(pid)]
+        adopted = [kid for kid in children(self._me) if kid not in self._before and kid != self.leader
                    and kid not in self.members and _has_marker(kid, self.marker.encode())]
-        for pid in {*roots, *adopted, *(d for root in roots for d in descendants(root, table))}:
-            info = table.get(pid)
+        for pid in {*roots, *adopted, *(d for root in roots for d in descendants(root))}:
+            info = proc_info(pid)
             if info is not None and not info.dead:
                 self.members.setdefault(pid, info.start)
-        return table
 
-    def _same(self, pid: int, table: dict[int, ProcInfo]) -> bool:
-        info = table.get(pid)
+    def _same(self, pid: int) -> bool:
+        """``pid`` still runs and is the process noted (not a reuse of its number)."""
+        info = proc_info(pid)
         return info is not None and not info.dead and info.start == self.members.get(pid)
 
     def alive(self) -> list[int]:
         """Members still running (a zombie is dead), after a fresh scan."""
-        table = self.scan()
-        return [pid for pid in self.members if self._same(pid, table)]
+        self.scan()
+        return [pid for pid in self.members if self._same(pid)]
 
     def stop(self, first: signal.Signals | None = None, grace_s: float = 0.0) -> None:
         """End the run's processes: ``first`` to the leader's group (and the leader), up to ``grace_s`` for the
