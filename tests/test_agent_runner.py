@@ -90,3 +90,14 @@ def test_a_session_the_cli_lost_starts_afresh_with_the_whole_context(tmp_path: P
     assert first["session"] == "gone-0000" and first["prompt"].startswith("fake:done finish it")
     assert second["session"] is None and second["prompt"].startswith("Fix it") and "half done" in second["prompt"]
     assert ctx.meta["session_id"] not in (None, "gone-0000") and ctx.meta["usage"]["output_tokens"] == 6
+
+
+def test_a_command_agent_may_report_its_session_and_usage(tmp_path: Path) -> None:
+    probe = ("import json, sys; t = json.loads(sys.stdin.read()); print(json.dumps({'status': 'done', 'summary': "
+             "str(t['last_session']), 'session_id': 'cmd-1', 'usage': {'input_tokens': 5, 'output_tokens': 2, "
+             "'cost_usd': 0.25}}))")
+    c = cfg(tmp_path, agent={"runner": "command", "command": [sys.executable, "-c", probe]})
+    ctx = RunContext(task=task(last_session=None), timeout_s=30)
+    result = run_model(c, ctx)
+    assert isinstance(result, Done) and result.outcome.summary == "None"
+    assert ctx.meta == {"session_id": "cmd-1", "usage": {"input_tokens": 5, "output_tokens": 2, "cost_usd": 0.25}}

@@ -34,8 +34,8 @@ from clawq.broker.signals import MAX_RESET_SECONDS, SignalClass, parse_signal
 
 from .clawtrol import OutcomeV1
 
-__all__ = ["AgentResult", "Done", "Failed", "RateLimited", "clean_result", "clean_text", "parse_agent_output",
-           "result_from_doc"]
+__all__ = ["AgentResult", "Done", "Failed", "RateLimited", "clean_result", "clean_text", "outcome_meta",
+           "parse_agent_output", "result_from_doc"]
 
 #: The outcome line is looked for in the last this-many bytes of stdout.
 MAX_OUTCOME_BYTES = 1024 * 1024
@@ -126,6 +126,18 @@ def _last_line(stdout: str) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+def outcome_meta(stdout: str) -> dict[str, Any]:
+    """What a command agent said about its run beside its outcome (optional fields of the outcome line):
+    ``session_id`` (a string) and ``usage`` ``{input_tokens, output_tokens, cost_usd}``; {} when neither."""
+    doc = _as_doc(_last_line(stdout)) or {}
+    meta: dict[str, Any] = {}
+    if isinstance(doc.get("session_id"), str) and doc["session_id"]:
+        meta["session_id"] = doc["session_id"][:200]
+    if isinstance(doc.get("usage"), dict):
+        meta["usage"] = doc["usage"]
+    return meta
 
 
 def _as_doc(line: str) -> dict[str, Any] | None:

@@ -32,7 +32,7 @@ from typing import Any
 from clawq.broker import Outcome
 from clawq.broker.config import AgentConfig, AgentEntry, Config
 
-from .agent_output import AgentResult, Done, Failed, classify_text, parse_agent_output, result_from_doc
+from .agent_output import AgentResult, Done, Failed, classify_text, outcome_meta, parse_agent_output, result_from_doc
 from .agents import PRESETS, Adapter, Invocation, Usage, interpret, render_prompt, render_resume
 from .procs import AgentTree, die_with_parent
 
@@ -247,6 +247,7 @@ def run_command(argv: list[str], ctx: RunContext) -> AgentResult | None:
         return Failed(error=f"cannot start agent {argv[0]!r}: {err}", cause="agent_unreachable")
     stdout, stderr = pipes.out.decode("utf-8", "replace"), pipes.err.decode("utf-8", "replace")
     ctx.log.extend(_tail_lines(stdout.splitlines()[:-1] + stderr.splitlines()))
+    ctx.meta.update(outcome_meta(stdout))
     if ended == "stopped":
         return None
     if ended == "timeout":
