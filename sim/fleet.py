@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clawq.workers.procs import alive, children, descendants, proc_info
+from clawq.workers.procs import alive, children, descendants, die_with_parent, proc_info
 from clawq.workers.runners import SECRET_ENV_PREFIXES
 
 __all__ = ["Fleet", "alive", "child_env", "children", "descendants", "kill_family"]
@@ -78,6 +78,9 @@ class Fleet:
     extra_env: dict[str, str] = field(default_factory=dict)  #: added to every child's environment
     log_level: str = "WARNING"
     cwd: Path | None = None
+    #: each process gets SIGKILL when the thread that started it ends (Linux PDEATHSIG): a parent killed with
+    #: SIGKILL leaves no fleet behind. Only for a fleet started and stopped by one long-lived thread.
+    tied: bool = False
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     kills: list[dict[str, Any]] = field(default_factory=list)
     _seq: Counter[str] = field(default_factory=Counter)
@@ -95,7 +98,8 @@ class Fleet:
             raise ValueError(f"a process named {name!r} already exists in this fleet")
         with self.log_path(name).open("ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env, cwd=self.cwd, start_new_session=True)
+                                    env=self.env, cwd=self.cwd, start_new_session=True,
+                                    preexec_fn=die_with_parent if self.tied else None)
         self.procs[name] = proc
         return proc
 

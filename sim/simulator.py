@@ -259,7 +259,8 @@ def run_simulation(opts: SimOptions, view_factory: Callable[[], Any] | None = No
         logdir = Path(tempfile.mkdtemp(prefix="clawq-sim-logs-"))
         cleanup.callback(shutil.rmtree, logdir, ignore_errors=True)
         namespace = "sim" if opts.redis_url is None else f"sim-{uuid.uuid4().hex[:8]}"
-        fleet = Fleet(redis_box.url, namespace, logdir)  # the URL reaches the processes by environment, not argv
+        # the URL reaches the processes by environment, not argv; they die with this process, even on SIGKILL
+        fleet = Fleet(redis_box.url, namespace, logdir, tied=True)
         cleanup.callback(fleet.stop)
         broker = cleanup.enter_context(contextlib.closing(Broker.from_url(redis_box.url, namespace)))
         return _run(opts, broker, fleet, sink, redis_box.label, view_factory)

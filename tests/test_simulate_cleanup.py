@@ -111,3 +111,20 @@ def test_a_failed_simulation_leaves_nothing_and_keeps_the_log_tails_in_its_repor
     doc = json.loads(report.read_text())
     assert doc["ok"] is False and not doc["criteria"]["completed_without_jamming"]["ok"]
     assert {"dispatcher1", "worker1"} <= set(doc["logs"]), doc["logs"]
+
+
+@pytest.mark.timeout(60)
+def test_a_simulation_killed_with_sigkill_leaves_no_process(scratch: Path, tmp_path: Path) -> None:
+    """SIGKILL allows no clean-up of folders, but its processes die with it (PDEATHSIG): none keeps running."""
+    out = tmp_path / "simulate.out"
+    proc = start(scratch, out, "--speed", "2")
+    try:
+        assert wait_until(lambda: len(leftovers(scratch)) >= 6, 30), out.read_text()[-3000:]
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert wait_until(lambda: not leftovers(scratch), 10), (leftovers(scratch), out.read_text()[-3000:])
