@@ -229,8 +229,9 @@ def _drive(broker: Broker, fleet: Fleet, opts: SimOptions, view: Callable[[Broke
 
 @contextlib.contextmanager
 def _uninterrupted() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while the simulation cleans up (in the main thread), so a second Ctrl-C cannot cut
-    the clean-up short; one that came meanwhile is raised afterwards."""
+    """Hold SIGINT and SIGTERM (in the main thread) while the simulation makes or cleans up what must not leak, so
+    a Ctrl-C cannot land between a thing's making and its registration, nor cut the clean-up short; one that
+    came meanwhile is raised afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -254,15 +255,16 @@ def run_simulation(opts: SimOptions, view_factory: Callable[[], Any] | None = No
     """
     cleanup = contextlib.ExitStack()
     try:
-        redis_box = cleanup.enter_context(contextlib.closing(_Redis(opts.redis_url)))
-        sink = cleanup.enter_context(contextlib.closing(Sink()))
-        logdir = Path(tempfile.mkdtemp(prefix="clawq-sim-logs-"))
-        cleanup.callback(shutil.rmtree, logdir, ignore_errors=True)
-        namespace = "sim" if opts.redis_url is None else f"sim-{uuid.uuid4().hex[:8]}"
-        # the URL reaches the processes by environment, not argv; they die with this process, even on SIGKILL
-        fleet = Fleet(redis_box.url, namespace, logdir, tied=True)
-        cleanup.callback(fleet.stop)
-        broker = cleanup.enter_context(contextlib.closing(Broker.from_url(redis_box.url, namespace)))
+        with _uninterrupted():  # a Ctrl-C now waits until what is being made is registered for clean-up
+            redis_box = cleanup.enter_context(contextlib.closing(_Redis(opts.redis_url)))
+            sink = cleanup.enter_context(contextlib.closing(Sink()))
+            logdir = Path(tempfile.mkdtemp(prefix="clawq-sim-logs-"))
+            cleanup.callback(shutil.rmtree, logdir, ignore_errors=True)
+            namespace = "sim" if opts.redis_url is None else f"sim-{uuid.uuid4().hex[:8]}"
+            # the URL reaches the processes by environment, not argv; they die with this process, even on SIGKILL
+            fleet = Fleet(redis_box.url, namespace, logdir, tied=True)
+            cleanup.callback(fleet.stop)
+            broker = cleanup.enter_context(contextlib.closing(Broker.from_url(redis_box.url, namespace)))
         return _run(opts, broker, fleet, sink, redis_box.label, view_factory)
     finally:
         with _uninterrupted():
