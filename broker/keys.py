@@ -275,7 +275,8 @@ class Keys:
         return self._k("board", board, "queue")
 
     def done(self, board: str) -> str:
-        """ZSET: run id -> time (ms) of each outcome in the last 24 h (throughput)."""
+        """ZSET: run id -> time (ms) of each outcome in the last 24 h (throughput), and at most 63 older ones: a
+        complete trims it every 64th outcome of the board. Read by time range (ZCOUNT), never by ZCARD."""
         return self._k("board", board, "done")
 
     # -- per-task keys -------------------------------------------------------------------------------

@@ -41,9 +41,8 @@ end
 
 local follow_up = ARGV[5] == "1"
 local run_count = t.run_count + 1
-local max_runs = setting(rcall("HGET", K.cfg_settings, "max_runs"), "max_runs")
 local note = ""
-if follow_up and run_count >= max_runs then
+if follow_up and run_count >= setting(rcall("HGET", K.cfg_settings, "max_runs"), "max_runs") then
   note = "follow-up limit reached (" .. run_count .. " runs): sent to in_review"
 end
 
@@ -63,9 +62,11 @@ entry.summary = ARGV[7]
 entry.at = now / 1000
 if follow_up then entry.next_prompt = ARGV[6] end
 rcall("RPUSH", context_key(P, id), cjson.encode(entry))
-rcall("HINCRBY", K.stats_completed, t.board, 1)
+local completed = rcall("HINCRBY", K.stats_completed, t.board, 1)
 rcall("ZADD", done_key(P, t.board), now, run_id)
-rcall("ZREMRANGEBYSCORE", done_key(P, t.board), "-inf", now - 86400000)
+-- Outcomes older than 24 h leave board:<b>:done every 64th outcome of the board, not on each one: it holds
+-- the last 24 h and at most 63 older entries, and its reader counts by time (ZCOUNT of the last hour).
+if completed % 64 == 0 then rcall("ZREMRANGEBYSCORE", done_key(P, t.board), "-inf", now - 86400000) end
 
 local status
 if requeued then

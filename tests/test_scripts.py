@@ -807,3 +807,19 @@ def test_noscript_reload_after_script_flush(broker: Broker, r: redis.Redis) -> N
     assert broker.complete(1, claim.run_id, DONE).status is TaskStatus.IN_REVIEW
     r.script_flush()
     assert raw(broker, "set_board_paused", ms(broker.now()), "web", 1) == [Status.OK, "paused"]
+
+
+def test_done_set_is_trimmed_to_24_hours_every_64th_outcome(broker: Broker, clock: Clock) -> None:
+    c, k = rc(broker), broker.keys
+    old_ms = ms(clock() - 2 * 86400)
+    c.zadd(k.done("web"), {f"old{i}": old_ms for i in range(5)})
+    c.hset(k.stats_completed, "web", 62)
+    for _ in range(2):
+        broker.add("web", "t", chain="coding")
+    first = broker.claim()
+    broker.complete(first.task_id, first.run_id, Outcome(summary="ok"))  # the 63rd: no trim
+    assert c.zcard(k.done("web")) == 6
+    second = broker.claim()
+    broker.complete(second.task_id, second.run_id, Outcome(summary="ok"))  # the 64th trims what is older than 24 h
+    assert c.zrange(k.done("web"), 0, -1) == sorted([first.run_id, second.run_id])
+    assert broker.health()["boards"]["web"]["completed_last_hour"] == 2
