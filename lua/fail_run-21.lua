@@ -19,7 +19,8 @@
           (broker/signals.py decides which causes do); any other failure tells the provider answered
 
   A repeat of the failure that ended this run (its first call timed out after it was applied) changes
-  nothing and answers 8 (the task keeps `last_digest` = "<run id>|fail:<cause>").
+  nothing and answers 8 (the task keeps `last_end` = "<run id>|fail:<cause>:<sha1 of the reason>"; the
+  outcome's `last_digest` is another field, so a later run's failure never hides its repeat).
 
   Returns {0, status, attempts} | {8, status, attempts} repeated | {1, detail} no such task
           | {2, detail} fenced
@@ -32,10 +33,12 @@ local P, now, id = ARGV[1], clock_ms(ARGV[2]), ARGV[3]
 local t, code, detail = active_run(P, id, ARGV[4])
 if not t then
   local cur, what = last_report(P, id, ARGV[4])
-  if code == 2 and what == "fail:" .. ARGV[5] then return {8, cur.status, cur.attempts} end
+  if code == 2 and what == "fail:" .. ARGV[5] .. ":" .. redis.sha1hex(ARGV[6]) then
+    return {8, cur.status, cur.attempts}
+  end
   return {code, detail}
 end
 local status, attempts = fail_run(K, P, id, t, now, ARGV[5], ARGV[6], ARGV[7] == "1", true,
                                  ARGV[8] == "1" and "fault" or "ok")
-rcall("HSET", task_key(P, id), "last_digest", ARGV[4] .. "|fail:" .. ARGV[5])
+rcall("HSET", task_key(P, id), "last_end", ARGV[4] .. "|fail:" .. ARGV[5] .. ":" .. redis.sha1hex(ARGV[6]))
 return {0, status, attempts}

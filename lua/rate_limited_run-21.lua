@@ -21,7 +21,7 @@
   ARGV[8] provider fault (1/0; absent = 0): no reset was parsed, so the limit counts toward the breaker
 
   A repeat of the limit that ended this run (its first call timed out after it was applied) changes
-  nothing and answers 8 (the task keeps `last_digest` = "<run id>|limit:<class>|<model>|<cooldown end>").
+  nothing and answers 8 (the task keeps `last_end` = "<run id>|limit:<class>|<model>|<cooldown end>").
 
   Returns {0, model, cooldown_end_ms} | {8, model, cooldown_end_ms} repeated | {1, detail} no such task
           | {2, detail} fenced
@@ -52,6 +52,6 @@ requeue(K, P, id, t, now, 0)
 emit(K, now, reason, {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                       "run_id", t.run_id, "until", int(until_ms), "message", message})
 breaker_after(K, P, t, now, ARGV[8] == "1" and "fault" or "ok", reason)
-rcall("HSET", task_key(P, id), "last_digest",
+rcall("HSET", task_key(P, id), "last_end",
       ARGV[4] .. "|limit:" .. reason .. "|" .. t.model .. "|" .. int(until_ms))
 return {0, t.model, until_ms}

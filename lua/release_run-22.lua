@@ -20,7 +20,7 @@
   ARGV[7] hold claims for this many ms (0: no hold)
 
   A repeat of the release that ended this run (its first call timed out after it was applied) changes
-  nothing and answers 8 (the task keeps `last_digest` = "<run id>|release:<reason>").
+  nothing and answers 8 (the task keeps `last_end` = "<run id>|release:<reason>").
 
   Returns {0, "up_next"} | {8, status} repeated | {1, detail} no such task | {2, detail} fenced
 ]]
@@ -46,5 +46,5 @@ if hold_ms > 0 then rcall("SET", KEYS[2], string.sub(reason .. ": " .. message, 
 emit(K, now, "released", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                           "run_id", t.run_id, "reason", reason, "message", message})
 breaker_after(K, P, t, now, "void")
-rcall("HSET", task_key(P, id), "last_digest", ARGV[4] .. "|release:" .. reason)
+rcall("HSET", task_key(P, id), "last_end", ARGV[4] .. "|release:" .. reason)
 return {0, "up_next"}

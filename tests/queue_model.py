@@ -76,6 +76,9 @@ class MTask:
     last_run_id: str | None = None  #: the run that ended last
     last_end: str | None = None  #: how it ended: complete, fail, timeout, rate_limited, release, cancel
     last_outcome: tuple[str, str] | None = None  #: (run id, digest) of the last recorded outcome
+    #: (run id, what) of the last run end reported by fail, rate_limited or release (the scripts' `last_end`):
+    #: a retry of that very report, whose first try was applied, is answered "repeated"
+    last_report: tuple[str, object] | None = None
     night: bool = False  #: night-only
     due_at: int | None = None  #: while scheduled
 
@@ -402,14 +405,23 @@ class QueueModel:
             self._finish(t, now, IN_REVIEW)
         return "ok", t.status, run_count, limit
 
+    def _repeat_of(self, task_id: int, run_id: str, code: str, what: object) -> MTask | None:
+        """The task, when this late report is a retry of the run end that run reported last."""
+        cur = self.tasks.get(task_id)
+        if code == "fenced" and cur is not None and cur.last_report == (run_id, what):
+            return cur
+        return None
+
     def fail(self, task_id: int, run_id: str, retry: bool, now: int, cause: str = "failed",
-             fault: bool = False) -> tuple[object, ...]:
-        """("ok", status, attempts) | (code,). ``fault``: the failure counts toward the provider's breaker."""
+             fault: bool = False, message: str = "boom") -> tuple[object, ...]:
+        """("ok" | "repeated", status, attempts) | (code,). ``fault``: it counts toward the provider's breaker."""
         t, code = self.active(task_id, run_id)
         if t is None:
-            return (code,)
+            cur = self._repeat_of(task_id, run_id, code, ("fail", cause, message))
+            return ("repeated", cur.status, cur.attempts) if cur else (code,)
         status = self._fail_run(t, now, "fail", retry, backoff=True, verdict="fault" if fault else "ok",
                                 cause=cause)
+        t.last_report = (run_id, ("fail", cause, message))
         return "ok", status, t.attempts
 
     def cool(self, model: str, now: int, until: int, grow_only: bool) -> int:
@@ -425,25 +437,34 @@ class QueueModel:
 
     def rate_limited(self, task_id: int, run_id: str, until: int, now: int,
                      fault: bool = False) -> tuple[object, ...]:
-        """("ok", model, cooldown_end) | (code,). ``fault``: no reset was parsed, so it counts toward the breaker."""
+        """("ok" | "repeated", model, cooldown_end) | (code,). ``fault``: no reset was parsed, so it counts toward
+        the breaker. A retry of the limit that ended the run answers what the first try did."""
         t, code = self.active(task_id, run_id)
         if t is None:
+            cur = self.tasks.get(task_id)
+            last = cur.last_report if cur is not None and code == "fenced" else None
+            if last is not None and last[0] == run_id and isinstance(last[1], tuple) and last[1][0] == "limit":
+                return "repeated", last[1][1], last[1][2]
             return (code,)
         assert t.model is not None
         end = self.cool(t.model, now, until, grow_only=True)
         self._end_run(t, "rate_limited")
         self._breaker_after(t.provider, run_id, now, "fault" if fault else "ok", "rate_limit")
         self._requeue(t, now, 0)
+        t.last_report = (run_id, ("limit", t.model, end))
         return "ok", t.model, end
 
-    def release(self, task_id: int, run_id: str, now: int) -> tuple[object, ...]:
-        """release_run: the run is given back, no attempt used, no backoff. ("ok", "up_next") | (code,)."""
+    def release(self, task_id: int, run_id: str, now: int, reason: str = "released") -> tuple[object, ...]:
+        """release_run: the run is given back, no attempt used, no backoff. ("ok", "up_next") |
+        ("repeated", status) | (code,)."""
         t, code = self.active(task_id, run_id)
         if t is None:
-            return (code,)
+            cur = self._repeat_of(task_id, run_id, code, ("release", reason))
+            return ("repeated", cur.status) if cur else (code,)
         self._end_run(t, "release")
         self._breaker_after(t.provider, run_id, now, "void", "")
         self._requeue(t, now, 0)
+        t.last_report = (run_id, ("release", reason))
         return "ok", t.status
 
     def reap(self, now: int) -> list[int]:

@@ -528,7 +528,7 @@ class QueueMachine(RuleBasedStateMachine):
     def release(self, i: int, reason: str) -> None:
         t = self._running(i)
         self.broker.release(t.id, t.run_id, reason, "gave it back")
-        assert self.model.release(t.id, t.run_id, self.now) == ("ok", UP_NEXT)
+        assert self.model.release(t.id, t.run_id, self.now, reason) == ("ok", UP_NEXT)
 
     @rule()
     def reap(self) -> None:
@@ -556,15 +556,33 @@ class QueueMachine(RuleBasedStateMachine):
             recorded = self.outcomes.get(run_id) if same else None
             self._late_complete(tid, run_id, recorded or _outcome(follow_up, summary))
             return
-        with pytest.raises(RunFenced):
-            if kind == "fail":
-                self.broker.fail(tid, run_id, "boom", retry=True)
-            elif kind == "heartbeat":
+        if kind == "heartbeat":
+            with pytest.raises(RunFenced):
                 self.broker.heartbeat(tid, run_id)
-            elif kind == "release":
-                self.broker.release(tid, run_id)
-            else:
-                self.broker.rate_limited(tid, run_id, retry_after=30)
+            return
+        self._late_end(tid, run_id, kind)
+
+    def _late_end(self, tid: int, run_id: str, kind: str) -> None:
+        """A late fail / release / rate limit: fenced, except a retry of the very report that ended the run."""
+        if kind == "fail":
+            expected = self.model.fail(tid, run_id, True, self.now)
+            call: Any = lambda: self.broker.fail(tid, run_id, "boom", retry=True)  # noqa: E731
+        elif kind == "release":
+            expected = self.model.release(tid, run_id, self.now)
+            call = lambda: self.broker.release(tid, run_id)  # noqa: E731
+        else:
+            until = self.now + 30_000
+            expected = self.model.rate_limited(tid, run_id, until, self.now)
+            call = lambda: self.broker.rate_limited(tid, run_id, retry_after=30)  # noqa: E731
+        if expected[0] != "repeated":
+            with pytest.raises(RunFenced):
+                call()
+            return
+        got = call()
+        if kind == "fail":
+            assert ("repeated", *got) == expected
+        elif kind == "rate_limited":
+            assert ("repeated", got[0], round(got[1] * 1000)) == expected
 
     def _late_complete(self, tid: int, run_id: str, outcome: Outcome) -> None:
         expected = self.model.complete(tid, run_id, outcome.needs_follow_up, outcome.digest(), self.now)

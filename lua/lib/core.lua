@@ -402,23 +402,23 @@ end
 
 local function task_fields(P, id)
   local v = rcall("HMGET", task_key(P, id), "board", "status", "run_id", "model", "provider",
-                  "run_count", "attempts", "ck", "last_run_id", "last_digest", "probe")
+                  "run_count", "attempts", "ck", "last_run_id", "last_digest", "probe", "last_end")
   if not v[1] then return nil end
   return {board = v[1], status = v[2], run_id = v[3], model = v[4], provider = v[5],
           run_count = num(v[6], 0), attempts = num(v[7], 0), ck = v[8],
-          last_run_id = v[9], last_digest = v[10], probe = v[11]}
+          last_run_id = v[9], last_digest = v[10], probe = v[11], last_end = v[12]}
 end
 
--- The report last applied to a task, when it was one of run_id's: the task keeps `last_digest` =
--- "<run id>|<what>" of it. A caller whose first try timed out although it was applied tries again,
+-- The run end last reported by fail_run, rate_limited_run or release_run, when it was one of run_id's: the
+-- task keeps `last_end` = "<run id>|<what>" of it (complete_run keeps its own `last_digest`). A caller whose first try timed out although it was applied tries again,
 -- finds its run ended, and is told it repeated itself (8) instead of fenced: nothing applies twice.
 -- Returns the task's fields and <what>, or nil.
 local function last_report(P, id, run_id)
   local cur = task_fields(P, id)
-  if not cur or not cur.last_digest then return nil end
+  if not cur or not cur.last_end then return nil end
   local prefix = run_id .. "|"
-  if string.sub(cur.last_digest, 1, #prefix) ~= prefix then return nil end
-  return cur, string.sub(cur.last_digest, #prefix + 1)
+  if string.sub(cur.last_end, 1, #prefix) ~= prefix then return nil end
+  return cur, string.sub(cur.last_end, #prefix + 1)
 end
 
 -- keep_zero: a counter at 0 stays (a reader takes 0 and absent alike), saving a call per drop to 0;
