@@ -265,4 +265,5 @@ def test_cli_simulate_writes_the_report_and_ignores_clawq_redis_url() -> None:
     assert all(isinstance(v, int) for v in report["skip_reasons"].values())
     assert "every criterion holds" in proc.stdout, detail
     assert report["logs"] is None  # a run that holds every criterion leaves no process logs behind
+    assert [p.name for p in scratch.iterdir()] == ["report.json"]  # nor any folder (its TMPDIR is scratch)
     shutil.rmtree(scratch)  # kept (with the process logs) when an assertion above failed
