@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -176,7 +177,7 @@ class _OutageFilter(logging.Filter):
         return True
 
 
-def _ask_pubsub_thread_to_stop(worker: Any) -> None:
+def _ask_pubsub_thread_to_stop(thread: PubSubWorkerThread) -> None:
     """Before RQ unsubscribes: tell the worker's pubsub thread to stop, without waiting for it.
 
     RQ's ``unsubscribe`` sends UNSUBSCRIBE, then calls the thread's ``stop()``, which in redis-py 8 waits for the
@@ -184,12 +185,10 @@ def _ask_pubsub_thread_to_stop(worker: Any) -> None:
     it loops once more, finds no subscription, and waits for one for RQ's ``sleep_time`` (60 s): the worker
     then takes a minute to exit. With the flag cleared first, that reply ends the thread's loop at once.
     """
-    thread: PubSubWorkerThread | None = getattr(worker, "pubsub_thread", None)
-    if thread is not None:
-        try:
-            thread.stop(timeout=0)  # redis-py 8: clear the flag, do not wait
-        except TypeError:  # redis-py 7: stop() takes no timeout and never waits
-            thread.stop()
+    try:
+        thread.stop(timeout=0)  # redis-py 8: clear the flag, do not wait
+    except TypeError:  # redis-py 7: stop() takes no timeout and never waits
+        thread.stop()
 
 
 class _Reporting:
@@ -206,8 +205,22 @@ class _Reporting:
         super().execute_job(job, queue)  # type: ignore[misc]
 
     def unsubscribe(self) -> None:
-        _ask_pubsub_thread_to_stop(self)
-        super().unsubscribe()  # type: ignore[misc]
+        """RQ's unsubscribe with every wait bounded. RQ's calls the thread's ``stop()``, which in redis-py 8 waits
+        for the thread without a limit; a thread caught waiting for a subscription then holds the worker's exit
+        for RQ's ``sleep_time`` (60 s), or longer on a loaded machine. The thread is a daemon: one that is still
+        waiting after a second ends with the process."""
+        thread: PubSubWorkerThread | None = getattr(self, "pubsub_thread", None)
+        if thread is None:
+            return
+        self.pubsub_thread = None
+        _ask_pubsub_thread_to_stop(thread)
+        pubsub: Any = getattr(self, "pubsub", None)
+        with contextlib.suppress(redis.RedisError, OSError):
+            if pubsub is not None:
+                pubsub.unsubscribe()
+        thread.join(timeout=1)
+        if not thread.is_alive() and pubsub is not None:
+            pubsub.close()
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         """A failed agent run is an event, not a bug: one log line instead of RQ's traceback (RQ still files
