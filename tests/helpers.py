@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 from typing import Any
 
 import pytest
@@ -39,3 +43,16 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 def counts(client: Any, key: str) -> dict[str, str]:
     """A counter hash's non-zero fields (the scripts leave the inflight counters at 0: 0 = absent)."""
     return {f: n for f, n in client.hgetall(key).items() if n != "0"}
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process started in its own session, and its whole group: SIGTERM, then SIGKILL after 15 s."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

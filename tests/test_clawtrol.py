@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from redis_servers import HOST, RedisServer, free_port
 
 pytest.importorskip("fastapi", reason="fastapi is not installed (the server extra)")
 pytest.importorskip("uvicorn", reason="uvicorn is not installed (the server extra)")
+
+from helpers import stop_group
 
 from clawq.broker import Broker, TaskStatus, parse_config
 
@@ -50,18 +51,6 @@ class Served:
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=10)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 def _wait_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -99,7 +88,7 @@ def served(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
         _wait_up(url, proc, log)
         yield Served(url, broker, client, log)
     finally:
-        _stop(proc)
+        stop_group(proc)
         keys = list(client.scan_iter(match=f"clawq:{{{ns}}}:*", count=1000))
         if keys:
             client.delete(*keys)

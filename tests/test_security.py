@@ -7,11 +7,9 @@ Private servers only (never 127.0.0.1:6379): TLS and ACL servers are started by 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ import pytest
 import redis
 from conftest import REDIS_BINARIES
 from helpers import run_cli as _cli
+from helpers import stop_group
 from redis_servers import HOST, free_port
 from test_cli import assert_one_line_error
 
@@ -406,18 +405,6 @@ _ENV_AGENT = textwrap.dedent("""
 """)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
 @pytest.mark.timeout(120)
 def test_run_never_leaks_password(acl_server: _Server, acl_client: redis.Redis, tmp_path: Path) -> None:
     url, ns = _acl_url(acl_server), _ns()
@@ -451,7 +438,7 @@ def test_run_never_leaks_password(acl_server: _Server, acl_client: redis.Redis, 
         assert [t.status for t in tasks] == [TaskStatus.IN_REVIEW] * 2, [logs[n].read_text()[-2000:] for n in logs]
     finally:
         for p in procs:
-            _stop(p)
+            stop_group(p)
         b.close()
     # the logs
     for name, path in logs.items():
