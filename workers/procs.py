@@ -225,8 +225,11 @@ class AgentTree:
         assert self.leader is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.leader, sig)
+        # A leader that moved to another group is not reached by its old group's signal; one still in it must
+        # not get the signal twice (a CLI that counts its interrupts would take a second one as "force quit").
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(self.leader, sig)
+            if os.getpgid(self.leader) != self.leader:
+                os.kill(self.leader, sig)
 
     def reap(self) -> None:
         """Collect the exit status of the orphans this process adopted (the leader is its Popen's to wait for)."""
