@@ -36,6 +36,7 @@ from .errors import (
     ClawqError,
     ConfigError,
     ConfigInUse,
+    ConfigMissing,
     InputError,
     NamespaceWiped,
     NothingToClaim,
@@ -167,6 +168,12 @@ class Broker:
             self.on_wipe(err)
         if strict:
             raise err
+
+    def check_identity(self) -> None:
+        """Raise NamespaceWiped when the namespace's id is not the one this broker knows (one HGET)."""
+        with redis_errors(self._where):
+            found = self.client.hget(self.keys.meta, MetaFields.ID)
+        self._observe_identity(found, strict=True)
 
     def namespace_info(self) -> NamespaceInfo:
         """What the ``meta`` hash says: id, creation time, and whether (and when) the namespace was re-created."""
@@ -411,6 +418,11 @@ class Broker:
             status = Status(reply[0])
             if status is Status.CONFIG_STALE:
                 self._config = None
+                self.config()  # reloads; raises NamespaceWiped when the namespace's identity changed
+                if not self._config_version:
+                    raise ConfigMissing(f"namespace {self.namespace!r} has no config settings (wiped, flushed or "
+                                        "evicted): a dispatcher restores the last config it knew; else load one "
+                                        "with `clawq config load`")
                 continue
             if status is Status.NOTHING:
                 raise NothingToClaim(skips(reply[1:]))

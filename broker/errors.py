@@ -155,6 +155,10 @@ class ScriptError(ClawqError):
     """A script answered something this version does not understand."""
 
 
+class ConfigMissing(ScriptError):
+    """A script found no config setting it needs: the namespace lost its config (wiped, flushed or evicted)."""
+
+
 def error_for(status: Status, task_id: int, run_id: str, detail: str) -> ClawqError:
     """Map a non-OK script status concerning one task (and maybe one run) to its exception."""
     if status is Status.NOT_FOUND:

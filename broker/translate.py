@@ -9,9 +9,12 @@ import redis
 from redis.exceptions import RedisClusterException
 from redis.sentinel import MasterNotFoundError
 
-from .errors import RedisOutOfMemory, RedisUnavailable, ScriptError
+from .errors import ConfigMissing, RedisOutOfMemory, RedisUnavailable, ScriptError
 
 __all__ = ["redis_errors"]
+
+#: What lib/core.lua's setting() raises when the config a script needs is gone.
+_CONFIG_MISSING = "clawq: config setting "
 
 
 def _one_line(err: Exception) -> str:
@@ -40,6 +43,8 @@ def redis_errors(where: str) -> Iterator[None]:
             raise RedisOutOfMemory(
                 f"Redis is out of memory at {where}: it refused a write (maxmemory reached, policy noeviction) and "
                 "nothing was written; free memory or raise maxmemory, then try again") from None
+        if _CONFIG_MISSING in str(err):
+            raise ConfigMissing(f"the namespace has no config: {_one_line(err)}") from None
         raise ScriptError(f"Redis refused a clawq command: {_one_line(err)}") from None
     except redis.RedisError as err:  # anything else redis-py says (e.g. a setting it cannot use)
         raise RedisUnavailable(f"Redis at {where}: {_one_line(err)}") from None

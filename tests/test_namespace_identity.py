@@ -154,3 +154,39 @@ def test_a_restore_refused_by_tasks_added_since_says_so_and_keeps_running(
     done = broker.recreate(info.value.previous, info.value.last_config, "t")
     assert done.startswith("could NOT restore") and "clawq config load" in done
     assert broker.namespace_info().recreated_at
+
+
+def test_a_dispatcher_whose_script_finds_the_config_gone_checks_for_a_wipe_and_keeps_running(
+        broker: Broker, r: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """A wipe that lands between the dispatcher's read and its claim: the claim script finds no setting
+    (ConfigMissing). The dispatcher must not exit: it checks the namespace's identity, and restores the
+    config once it sees the wipe."""
+    import logging
+    import threading
+    import time
+
+    from clawq.workers.dispatcher import Dispatcher
+    from clawq.workers.notify import Notifiers
+
+    broker.load_config(_cfg())
+    d = Dispatcher(broker, lambda claim: None, notifiers=Notifiers([]))
+    d.step()
+    broker.add("web", "t", chain="coding")
+    r.delete(broker.keys.config, *r.scan_iter(match=broker.keys.prefix + "cfg:*"))  # the config is gone, the
+    # identity not yet: a script sees it first (as when a wipe lands between the dispatcher's read and its claim)
+    stop = threading.Event()
+    thread = threading.Thread(target=d.run, args=(stop,), daemon=True)
+    with caplog.at_level(logging.ERROR, logger="clawq.dispatch"):
+        thread.start()
+        end = time.monotonic() + 10
+        while not any("no config" in m for m in caplog.messages) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert thread.is_alive(), "the dispatcher exited on a missing config"
+        r.hset(broker.keys.meta, "id", "another-namespace-id")  # now the wipe shows
+        while not r.exists(broker.keys.cfg_settings) and time.monotonic() < end:
+            time.sleep(0.05)
+        alive = thread.is_alive()
+        stop.set()
+        thread.join(5)
+    assert alive and r.exists(broker.keys.cfg_settings), caplog.messages
+    assert any(m.startswith("NAMESPACE WIPED") for m in caplog.messages)

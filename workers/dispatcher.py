@@ -21,7 +21,7 @@ import redis
 
 from clawq.broker import Broker, Claim, Deadlines, NothingToClaim, RedisUnavailable, RunFenced, TaskNotFound
 from clawq.broker.config import Config, next_local_time
-from clawq.broker.errors import NamespaceWiped, RedisOutOfMemory
+from clawq.broker.errors import ConfigMissing, NamespaceWiped, RedisOutOfMemory
 from clawq.broker.events import EventType
 from clawq.broker.identity import process_name
 from clawq.broker.schedules import Schedules
@@ -334,7 +334,7 @@ class Dispatcher:
     def run(self, stop: threading.Event) -> None:
         """Loop until ``stop`` is set; survives Redis outages (logged once, retried every :data:`_RETRY_S`,
         so dispatching resumes within a second or two of Redis answering again)."""
-        outage = False
+        outage = no_config = False
         self._cursor = ""
         wiped: NamespaceWiped | None = None  #: noticed, not yet restored (Redis may go again meanwhile)
         while not stop.is_set():
@@ -342,12 +342,21 @@ class Dispatcher:
                 if wiped is not None:
                     self.recover(wiped)
                     wiped = None
+                if no_config:  # a script found the config gone: most likely a wipe its last read did not see
+                    self.broker.check_identity()
                 self._cycle(stop)
                 if outage:
                     log.warning("Redis is reachable again: dispatching resumes")
-                outage = False
+                outage = no_config = False
             except NamespaceWiped as err:
                 wiped = err if wiped is None else wiped  # a restore that failed half-way is tried again
+            except ConfigMissing as err:
+                if not no_config:
+                    log.error("%s; checking whether the namespace was wiped, then retrying every %.1fs",
+                              err, _RETRY_S)
+                    no_config = True
+                    continue
+                stop.wait(_RETRY_S)
             except (RedisUnavailable, RedisOutOfMemory, redis.ConnectionError, redis.TimeoutError) as err:
                 if not outage:
                     log.error("%s; retrying every %.1fs", err, _RETRY_S)
