@@ -5,9 +5,10 @@ It mirrors lua/lib/core.lua and the scripts in lua/ step by step, in integer mil
 * a board's queue is its up_next tasks by task id; only the head may run (strict head of line), one task in
   progress per board, none while the board is paused or its head is in failure backoff;
 * a board sits in exactly one index (idle, paused, busy, backoff, ready); it is re-indexed only where the
-  scripts re-index it (the board an operation touched; boards whose backoff ended, at the start of a claim),
-  and it gets a new place in line (a global increasing counter, ``ready_seq``) each time it becomes ready or
-  its head's chain key changes -- among ready boards with a usable model the lowest place wins;
+  scripts re-index it (the board an operation touched, by an add only for a new head; boards whose backoff
+  ended, at the start of a claim), and it gets a new place in line (a global increasing counter, ``ready_seq``)
+  each time it becomes ready or its head's chain key changes -- among ready boards with a usable model the
+  lowest place wins;
 * a chain key is ``c:<chain>`` (fallback order) or ``m:<model>`` (a pinned model); a model is usable when it
   is not cooling down and its model cap and its provider's cap are not reached; the global cap comes first;
 * failures and timeouts count attempts (failed at max_attempts), outcomes reset them; a follow-up returns the
@@ -216,7 +217,10 @@ class QueueModel:
             return task_id
         if night:
             self.night_queued.add(task_id)
-        self.reindex(board, now)
+        # add_task re-indexes only for a new head: behind a lower id the board keeps its index, even a backoff
+        # that has ended (the next claim moves it first, like every board whose backoff ended).
+        if self.queue(board)[0] == task_id:
+            self.reindex(board, now)
         return task_id
 
     def _night_sweep(self, now: int, night_next: int | None) -> None:
