@@ -505,17 +505,22 @@ local function new_task(K, P, now, spec)
     end
   end
   rcall("HSET", task_key(P, sid), unpack(fields))
-  rcall("SADD", K.boards, board)
   rcall("HINCRBY", K.refs, ck, 1)
   local due, status = tonumber(spec.due), "up_next"
   if due and due > now then
     status = "scheduled"
     schedule_task(K, P, sid, board, due)
+    rcall("SADD", K.boards, board)
   else
     rcall("ZADD", queue_key(P, board), id, sid)
     if spec.night == "1" then rcall("ZADD", K.night_queued, id, sid) end
     -- Behind a lower id the board's head, so its index, is unchanged: only a new head re-indexes it.
-    if rcall("ZRANK", queue_key(P, board), sid) == 0 then reindex_board(K, P, board, now) end
+    -- A lower id in the queue also means the board is already in `boards` (every task that reaches a
+    -- queue was added here first, and `boards` only grows), so only a new head joins it.
+    if rcall("ZRANK", queue_key(P, board), sid) == 0 then
+      rcall("SADD", K.boards, board)
+      reindex_board(K, P, board, now)
+    end
   end
   emit(K, now, "added", {"task_id", sid, "board", board, "chain", spec.chain, "model", spec.pinned,
                          "status", status, "due", due and due > now and int(due) or nil, "schedule", spec.schedule})
