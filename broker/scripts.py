@@ -38,6 +38,7 @@ _NAME_RE = re.compile(r"[A-Za-z_]\w*")
 _TASK_KEYS = frozenset({"task", "runs", "context", "lease"})
 _MODEL_KEYS = frozenset({"cooldown"})
 _PROVIDER_KEYS = frozenset({"breaker", "breaker_failures"})
+_PER_CALL_KEYS = _TASK_KEYS | _MODEL_KEYS | _PROVIDER_KEYS
 
 
 @dataclass(frozen=True)
@@ -169,12 +170,21 @@ class Scripts:
         self._scripts: dict[str, Script] = {
             name: client.register_script(spec.source) for name, spec in self._specs.items()
         }
+        # The namespace's own keys never change: each script's are built once, here (a complete names 21).
+        # None marks a key built per call (a task's, a model's, a provider's).
+        self._fixed: dict[str, list[str | None]] = {
+            name: [None if n in _PER_CALL_KEYS else _key(keys, n, None, None) for n in spec.key_names]
+            for name, spec in self._specs.items()
+        }
 
     def keys_for(
         self, name: str, *, task_id: int | None = None, model: str | None = None, provider: str | None = None
     ) -> list[str]:
-        spec = self._specs[name]
-        return [_key(self._keys, n, task_id, model, provider) for n in spec.key_names]
+        names = self._specs[name].key_names
+        return [
+            k if k is not None else _key(self._keys, n, task_id, model, provider)
+            for k, n in zip(self._fixed[name], names, strict=True)
+        ]
 
     def call(
         self,

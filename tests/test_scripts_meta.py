@@ -9,9 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import redis
 
 from clawq.broker.keys import Keys
-from clawq.broker.scripts import _lua_dir, load_specs
+from clawq.broker.scripts import Scripts, _lua_dir, load_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = sorted((ROOT / "lua").glob("*.lua"))
@@ -46,6 +47,30 @@ def test_key_names_in_headers_exist_in_keys_module() -> None:
     for spec in load_specs().values():
         for name in spec.key_names:
             assert hasattr(keys, name), (spec.name, name)
+
+
+def test_keys_built_once_per_namespace_match_keys_module(redis_url: str) -> None:
+    """Scripts builds each namespace's fixed keys once: two namespaces never share them, and the per-call
+    keys (a task's, a model's, a provider's) are built from the call's ids."""
+    client = redis.Redis.from_url(redis_url)
+    for ns in ("alpha", "beta"):
+        keys, scripts = Keys(ns), Scripts(client, Keys(ns))
+        for spec in load_specs().values():
+            for task_id in (7, 8):
+                built = scripts.keys_for(spec.name, task_id=task_id, model="opus", provider="anthropic")
+                want = [_expected(keys, n, task_id) for n in spec.key_names]
+                assert built == want, spec.name
+
+
+def _expected(keys: Keys, name: str, task_id: int) -> str:
+    attr = getattr(keys, name)
+    if name in ("task", "runs", "context", "lease"):
+        return str(attr(task_id))
+    if name == "cooldown":
+        return str(attr("opus"))
+    if name in ("breaker", "breaker_failures"):
+        return str(attr("anthropic"))
+    return str(attr)
 
 
 def test_lua_key_builders_agree_with_keys_module() -> None:
