@@ -30,7 +30,7 @@ from .checks import (
 )
 from .config import DEFAULT_CONFIG, Config, parse_config
 from .connection import Client, client_from_url, client_url
-from .decode import event, skips, task_from, text, texts, to_str, xread_rows
+from .decode import event, skips, task_from, text, texts, to_str, with_open_run, xread_rows
 from .doctor import doctor_report, parse_reply
 from .errors import (
     ClawqError,
@@ -802,7 +802,9 @@ class Broker:
     def _task_from_reads(task_id: int, fields: Any, context: Any, runs: Any, logs: Any, meta: Any) -> Task:
         if not fields:
             raise TaskNotFound(task_id)
-        task = task_from(task_id, texts(fields), context, runs)
+        f = texts(fields)
+        task = task_from(task_id, f, context, runs)
+        task.runs = with_open_run(f, task.runs)
         logs_t, meta_t = texts(logs), texts(meta)
         for run in task.runs:
             log = logs_t.get(str(run.get("run_id")))

@@ -7,7 +7,7 @@ from typing import Any
 
 from .models import Task, TaskStatus
 
-__all__ = ["event", "ms_to_s", "skips", "task_from", "text", "texts", "to_str", "xread_rows"]
+__all__ = ["event", "ms_to_s", "skips", "task_from", "text", "texts", "to_str", "with_open_run", "xread_rows"]
 
 
 def text(value: Any) -> Any:
@@ -69,6 +69,23 @@ def task_from(task_id: int, f: dict[str, str], context: list[Any], runs: list[An
         context=[json.loads(text(x)) for x in context],
         runs=[json.loads(text(x)) for x in runs],
     )
+
+
+def with_open_run(f: dict[str, str], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``runs`` (a task's history, read whole) with the active run as its last entry.
+
+    A run's entry is written once, at its end; while it runs, the claim's facts are in the task hash
+    (``night_run`` present). A run claimed before that field existed has its open entry in the list already.
+    """
+    run_id = f.get("run_id")
+    if f.get("status") != "in_progress" or not run_id or "night_run" not in f:
+        return runs
+    if runs and runs[-1].get("run_id") == run_id:
+        return runs
+    runs.append({"run_id": run_id, "board": f["board"], "model": f.get("model"), "provider": f.get("provider"),
+                 "run_count": int(f.get("run_count", 0)) + 1, "attempt": int(f.get("attempts", 0)) + 1,
+                 "claimed_at": int(f.get("claimed_at") or 0) / 1000, "night": f["night_run"] == "1"})
+    return runs
 
 
 def event(eid: Any, fields: dict[Any, Any]) -> dict[str, Any]:

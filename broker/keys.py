@@ -266,8 +266,9 @@ class Keys:
 
     # -- per-board keys ------------------------------------------------------------------------------
     def board(self, board: str) -> str:
-        """HASH: running (task id), paused, ck (ready line it sits in; left stale, and ignored, while state is not
-        ready), state (index it sits in), scheduled (its tasks in ``scheduled``)."""
+        """HASH: running (task id), run (``<run id>|<model>|<provider>`` of that task's run: what the reaper
+        releases if the task hash is gone), paused, ck (ready line it sits in; left stale, and ignored, while
+        state is not ready), state (index it sits in), scheduled (its tasks in ``scheduled``)."""
         return self._k("board", board)
 
     def queue(self, board: str) -> str:
@@ -285,15 +286,18 @@ class Keys:
         task's created_at) and prompt when not empty, and when given not_before, night ("1": night-only), due_at
         (while scheduled) and schedule (the schedule that fired it); the runs add run_id, model, provider,
         claimed_at, lease_deadline, probe ("1" while the run is its provider's half-open probe, else "0"; gone
-        with the run), run_count, attempts, … . A field left out has its default: id is the key's,
-        chain / pinned model are in ck (``c:<chain>`` / ``m:<model>``), prompt is "", run_count, attempts and
-        backoff_until are 0, updated_at and queued_at are ``at``. There is no index of every task: each one is
-        in exactly one place (``scheduled``, a board queue, ``running`` or a status ZSET), and ids run from 1 to
-        ``seq:task``."""
+        with the run), night_run ("1" when claimed inside the night window, else "0"; gone with the run: the
+        run's history entry is written from these fields at its end), run_count, attempts, … . A field left
+        out has its default: id is the key's, chain / pinned model are in ck (``c:<chain>`` / ``m:<model>``),
+        prompt is "", run_count, attempts and backoff_until are 0, updated_at and queued_at are ``at``. There is
+        no index of every task: each one is in exactly one place (``scheduled``, a board queue, ``running`` or a
+        status ZSET), and ids run from 1 to ``seq:task``."""
         return self._k("task", task_id)
 
     def runs(self, task_id: int) -> str:
-        """LIST: run history, JSON entries, oldest first; the active run is the last."""
+        """LIST: run history, JSON entries, oldest first, each written once when its run ends (a run claimed
+        by an older version pushed an open entry at its claim, closed at its end). ``get_task`` adds the active
+        run as the last entry, from the task hash."""
         return self._k("task", task_id, "runs")
 
     def context(self, task_id: int) -> str:

@@ -36,8 +36,8 @@
   KEYS[17] stats_claims        STRING
   KEYS[18] scheduled           ZSET   task id -> due time (ms)
   KEYS[19] night_queued        ZSET   night-only tasks that went to a board queue
-  Built from ARGV[1]: ready:<ck>, board:<b>, board:<b>:queue, task:<id>, task:<id>:runs,
-  task:<id>:lease, breaker:<provider> (the probe of a half-open breaker)
+  Built from ARGV[1]: ready:<ck>, board:<b>, board:<b>:queue, task:<id>, task:<id>:lease,
+  breaker:<provider> (the probe of a half-open breaker)
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] run id (new UUID)  ARGV[4] global cap
   ARGV[5] night (1/0)  ARGV[6] config version the caller computed ARGV[4] and ARGV[7] from
@@ -170,12 +170,10 @@ local function take(best, run_id, out, view)
   local probe = view.blocked["o:" .. provider] ~= nil
   rcall("HSET", tk, "status", "in_progress", "run_id", run_id, "model", model, "provider", provider,
         "claimed_at", int(now), "lease_deadline", int(deadline), "backoff_until", "0", "updated_at", int(now),
-        "probe", probe and "1" or "0")
-  rcall("RPUSH", runs_key(P, id), cjson.encode({run_id = run_id, board = b, model = model, provider = provider,
-        run_count = run_count, attempt = attempt, claimed_at = now / 1000, night = ARGV[5] == "1"}))
+        "probe", probe and "1" or "0", "night_run", ARGV[5] == "1" and "1" or "0")
   rcall("SET", lease_key(P, id), run_id, "PX", lease_ms)
   rcall("INCR", K.stats_claims)
-  board_claimed(K, P, b, best.ck, id, now, best.next_place)
+  board_claimed(K, P, b, best.ck, id, now, best.next_place, run_id .. "|" .. model .. "|" .. provider)
   if probe then breaker_probe(K, P, provider, now, run_id, id) end
   emit(K, now, "claimed", {"task_id", id, "board", b, "model", model, "provider", provider,
                            "run_id", run_id, "run_count", run_count, "attempt", attempt})

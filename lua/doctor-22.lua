@@ -18,7 +18,8 @@
     - a half-open breaker's probe (breaker:<provider> probe) is the active run of its task,
       else the probe slot is freed (a probe lost without a report would hold its provider)
     - blocked = what the caps, the (repaired) counters, the cooldown keys and the breakers imply
-    - board:<b>.running = the board's in-progress task
+    - board:<b>.running = the board's in-progress task, and board:<b>.run = its run id, model and
+      provider (a run claimed before boards kept `run` has none)
     - refs = unfinished (scheduled, up_next, in_progress) tasks per chain key
     - board:<b>.scheduled = the board's scheduled tasks; every queued night-only task is in
       night_queued (which may also hold night-only tasks in progress or finished: a claim outside the
@@ -113,13 +114,14 @@ end
 local function load(id, walking)
   if tasks[id] ~= nil then return true end
   local v = rcall("HMGET", task_key(P, id), "board", "status", "ck", "model", "provider",
-                  "lease_deadline", "finished_at", "due_at", "night")
+                  "lease_deadline", "finished_at", "due_at", "night", "run_id", "night_run")
   if not v[1] and not v[2] and rcall("EXISTS", task_key(P, id)) == 0 then
     if not walking then tasks[id] = false end
     return false
   end
   tasks[id] = {board = v[1], status = v[2], ck = v[3], model = v[4], provider = v[5],
-               lease_deadline = v[6], finished_at = v[7], due_at = v[8], night = v[9] == "1"}
+               lease_deadline = v[6], finished_at = v[7], due_at = v[8], night = v[9] == "1",
+               run_id = v[10], night_run = v[11]}
   if v[1] then boards[v[1]] = true end
   return true
 end
@@ -326,6 +328,19 @@ for _, b in ipairs(board_list) do
         if want then rcall("HSET", board_key(P, b), "running", want)
         else rcall("HDEL", board_key(P, b), "running") end
         fix("set board " .. b .. " running slot to " .. (want or "empty"))
+      end
+    end
+    -- the run's facts for the reaper (a run claimed before boards kept them has none)
+    local t = want and tasks[want]
+    local want_run = t and t.night_run and t.run_id and
+                     (t.run_id .. "|" .. (t.model or "") .. "|" .. (t.provider or "")) or false
+    local run = rcall("HGET", board_key(P, b), "run")
+    if run ~= want_run then
+      problem("board " .. b .. " run is " .. (run or "empty") .. ", expected " .. (want_run or "empty"))
+      if repair then
+        if want_run then rcall("HSET", board_key(P, b), "run", want_run)
+        else rcall("HDEL", board_key(P, b), "run") end
+        fix("set board " .. b .. " run to " .. (want_run or "empty"))
       end
     end
   end

@@ -384,7 +384,9 @@ end
 -- gave it task `id`: reindex_board's rules for the one transition whose facts the claim knows,
 -- without reading them back. The board is busy while more is queued, else idle.
 -- b was the front of line ck; next_place is the place of the board behind it (nil: none).
-local function board_claimed(K, P, b, ck, id, now, next_place)
+-- run: "<run id>|<model>|<provider>", the board's `run` while it runs: what the reaper releases when the
+-- task hash is gone (reap_leases' lost path; the run's history entry is written only at its end).
+local function board_claimed(K, P, b, ck, id, now, next_place, run)
   local bk = board_key(P, b)
   rcall("ZREM", ready_key(P, ck), b)  -- leave_line, knowing the next front already
   if next_place then
@@ -397,16 +399,18 @@ local function board_claimed(K, P, b, ck, id, now, next_place)
     state = "busy"
     rcall("SADD", K.idx_busy, b)
   end
-  rcall("HSET", bk, "running", id, "served_at", int(now), "state", state)  -- ck means nothing unless ready
+  rcall("HSET", bk, "running", id, "run", run, "served_at", int(now), "state", state)  -- ck: nothing unless ready
 end
 
 local function task_fields(P, id)
   local v = rcall("HMGET", task_key(P, id), "board", "status", "run_id", "model", "provider",
-                  "run_count", "attempts", "ck", "last_run_id", "last_digest", "probe", "last_end")
+                  "run_count", "attempts", "ck", "last_run_id", "last_digest", "probe", "last_end",
+                  "claimed_at", "night_run")
   if not v[1] then return nil end
   return {board = v[1], status = v[2], run_id = v[3], model = v[4], provider = v[5],
           run_count = num(v[6], 0), attempts = num(v[7], 0), ck = v[8],
-          last_run_id = v[9], last_digest = v[10], probe = v[11], last_end = v[12]}
+          last_run_id = v[9], last_digest = v[10], probe = v[11], last_end = v[12],
+          claimed_at = v[13], night_run = v[14]}
 end
 
 -- The run end last reported by fail_run, rate_limited_run or release_run, when it was one of run_id's: the
@@ -437,24 +441,34 @@ local function inflight_down(K, model, provider)
 end
 
 -- End the active run of in-progress task `id`: its lease, counters and board slot are
--- released and its history entry closed with `outcome`. The task is left nowhere: the
+-- released and its history entry written with `outcome`. The task is left nowhere: the
 -- caller puts it in its next place in the same script. fields (optional): more task hash
 -- fields, name, value, ..., written with the run's own in one HSET.
 local function end_run(K, P, id, t, now, outcome, detail, fields)
   rcall("ZREM", K.running, id)
   inflight_down(K, t.model, t.provider)
-  rcall("HDEL", board_key(P, t.board), "running")
+  rcall("HDEL", board_key(P, t.board), "running", "run")
   rcall("DEL", lease_key(P, id))
   local rk = runs_key(P, id)
-  -- Close the run's history entry (a JSON object from the claim) by appending members to it, rather
-  -- than decoding and re-encoding it.
-  local raw = rcall("LINDEX", rk, -1)
-  if raw and string.find(raw, '"run_id":' .. cjson.encode(t.run_id), 1, true) then
-    local tail = ',"ended_at":' .. cjson.encode(now / 1000) .. ',"outcome":' .. cjson.encode(outcome)
-    if detail and detail ~= "" then tail = tail .. ',"error":' .. cjson.encode(detail) end
-    rcall("LSET", rk, -1, string.sub(raw, 1, -2) .. tail .. "}")
+  if t.night_run then
+    -- The run's history entry, written once: the claim kept its facts in the task hash (run_count and
+    -- attempts are still the claim's, the caller writes the new ones with `fields`).
+    local entry = {run_id = t.run_id, board = t.board, model = t.model, provider = t.provider,
+                   run_count = t.run_count + 1, attempt = t.attempts + 1, claimed_at = num(t.claimed_at, 0) / 1000,
+                   night = t.night_run == "1", ended_at = now / 1000, outcome = outcome}
+    if detail and detail ~= "" then entry.error = detail end
+    rcall("RPUSH", rk, cjson.encode(entry))
+  else
+    -- A run claimed before `night_run` existed has an open entry (the claim pushed it): close it by
+    -- appending members to it, rather than decoding and re-encoding it.
+    local raw = rcall("LINDEX", rk, -1)
+    if raw and string.find(raw, '"run_id":' .. cjson.encode(t.run_id), 1, true) then
+      local tail = ',"ended_at":' .. cjson.encode(now / 1000) .. ',"outcome":' .. cjson.encode(outcome)
+      if detail and detail ~= "" then tail = tail .. ',"error":' .. cjson.encode(detail) end
+      rcall("LSET", rk, -1, string.sub(raw, 1, -2) .. tail .. "}")
+    end
   end
-  rcall("HDEL", task_key(P, id), "run_id", "lease_deadline", "probe")
+  rcall("HDEL", task_key(P, id), "run_id", "lease_deadline", "probe", "night_run")
   rcall("HSET", task_key(P, id), "last_run_id", t.run_id, "updated_at", int(now), unpack(fields or {}))
 end
 
