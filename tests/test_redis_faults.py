@@ -162,7 +162,11 @@ def test_daemons_started_before_redis_wait_then_work_and_resume_quickly_after_an
     procs.start("dispatcher", "dispatch", "--log-level", "INFO")
     procs.start("worker", "worker", "--name", f"{namespace}-w1", "--log-level", "INFO")
     procs.start("serve", "serve", "--port", str(http_port))
-    time.sleep(2.5)  # several of redis-py's and our retries
+    # each says so once it tried (its start-up takes seconds on a busy machine), then keeps quiet through
+    # several more of redis-py's and our retries
+    for name in ("dispatcher", "worker", "serve"):
+        wait_for(lambda name=name: "waiting for Redis" in procs.log(name), 30.0, f"{name} says it waits", procs)
+    time.sleep(2.5)
     assert all(p.poll() is None for p in procs.procs.values()), procs.tails()
     for name in ("dispatcher", "worker", "serve"):
         assert procs.log(name).count("waiting for Redis") == 1, procs.tails()
