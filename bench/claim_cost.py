@@ -44,8 +44,8 @@ return redis.call("HGET", KEYS[3], "f")
 EMPTY = "return 1"
 #: Truncation points: (label of the section that ends there, the line it ends before); cumulative, in order.
 CLAIM_ANCHORS = (
-    ("+ core library (inlined lib/core.lua)", "local K = {cfg_settings"),
-    ("+ its own prelude", 'local settings = rcall("HMGET", K.cfg_settings, "version", "lease_ms")'),
+    ("+ core library (inlined lib/core.lua)", "local K = {cfg_claim"),
+    ("+ its own prelude", "K.conf = read_claim_config(K.cfg_claim)"),
     ("+ version check, backoff sweep", "-- Nothing claimable: every waiting board counts once"),
 )
 COMPLETE_ANCHORS = (

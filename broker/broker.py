@@ -124,13 +124,20 @@ class Broker:
     # -- setup -----------------------------------------------------------------------------------
     def connect(self) -> None:
         """Check the namespace's schema version and learn its identity (a new namespace is written on its
-        first change; a namespace written before identities gets one now)."""
+        first change; a namespace written before identities gets one now, and one whose config was loaded
+        before ``cfg:claim`` existed gets that now)."""
         with redis_errors(self._where):
-            found, ident = self.client.hmget(self.keys.meta, [MetaFields.SCHEMA, MetaFields.ID])
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hmget(self.keys.meta, [MetaFields.SCHEMA, MetaFields.ID])
+            pipe.exists(self.keys.config, self.keys.cfg_settings)
+            pipe.exists(self.keys.cfg_claim)
+            (found, ident), has_config, has_compiled = pipe.execute()
         if found is not None:
             self._check_schema(found)
             if ident is None:
                 ident = self._write_identity()
+            if has_config == 2 and not has_compiled:
+                self._store_config(DEFAULT_CONFIG, only_if_absent=True)  # a config is loaded: writes cfg:claim
         self._identity = None if ident is None else to_str(ident)
 
     @property
@@ -414,7 +421,12 @@ class Broker:
             run_ids = [str(uuid.uuid4()) for _ in range(limit)]
             args: list[str | int | float] = [self._now_arg(), run_ids[0], cap, int(night), self._config_version,
                                              "" if night_next is None else _ms(night_next), *run_ids[1:]]
-            reply = self._call("claim_task", args)
+            try:
+                reply = self._call("claim_task", args)
+            except ConfigMissing:
+                self._config = None
+                self.config()  # a wipe (NamespaceWiped) before a lost config, as for a stale version below
+                raise
             status = Status(reply[0])
             if status is Status.CONFIG_STALE:
                 self._config = None

@@ -1,8 +1,9 @@
-"""``clawq doctor``: turn the reply of ``lua/doctor-20.lua`` into a report.
+"""``clawq doctor``: turn the reply of ``lua/doctor-24.lua`` into a report.
 
 The script checks every invariant of a namespace (see its header) and, in repair mode, rebuilds the
 derived state -- counters, the model blocks, board running slots, indexes, refs, ``ready:fronts``,
-``seq:task`` -- from the source of truth (task hashes, board queues, ``running``), atomically.
+``seq:task``, ``cfg:claim`` -- from the source of truth (task hashes, board queues, ``running``, the
+``cfg:*`` hashes), atomically.
 """
 
 from __future__ import annotations

@@ -80,6 +80,13 @@ class Keys:
         return self._k("cfg", "chains")
 
     @property
+    def cfg_claim(self) -> str:
+        """STRING: what a claim reads of the cfg:* hashes, as one JSON document (``version``, ``lease_ms``,
+        ``provider``, ``chains``, ``model_cap``, ``provider_cap``), derived by load_config and doctor --repair:
+        a claim reads it with one GET instead of an HMGET, two HGETALLs and two HGETs."""
+        return self._k("cfg", "claim")
+
+    @property
     def task_seq(self) -> str:
         """STRING counter: the highest task id handed out or given."""
         return self._k("seq", "task")

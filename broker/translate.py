@@ -13,8 +13,8 @@ from .errors import ConfigMissing, RedisOutOfMemory, RedisUnavailable, ScriptErr
 
 __all__ = ["redis_errors"]
 
-#: What lib/core.lua's setting() raises when the config a script needs is gone.
-_CONFIG_MISSING = "clawq: config setting "
+#: What lib/core.lua's setting() and read_claim_config() raise when the config a script needs is gone.
+_CONFIG_MISSING = "clawq: config "
 
 
 def _one_line(err: Exception) -> str:

@@ -28,7 +28,7 @@ local K = {cfg_chains = KEYS[1], cfg_model_provider = KEYS[2], blocked = KEYS[3]
 if (rcall("HGET", KEYS[8], "version") or "") ~= ARGV[4] then return {7} end
 local P, now = ARGV[1], clock_ms(ARGV[2])
 local full = rcall("ZCARD", KEYS[4]) >= tonumber(ARGV[3])
-local view = model_view(K)
+local view = model_view(K, {provider = hash_table(K.cfg_model_provider), chains = hash_table(K.cfg_chains)})
 
 local function explain(b)
   local state, ck = state_of(P, b, now)

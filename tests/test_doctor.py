@@ -15,7 +15,7 @@ import redis
 from test_rules import Clock, check, config, follow, rc
 
 from clawq import cli
-from clawq.broker import Broker, NothingToClaim, Outcome, TaskStatus
+from clawq.broker import Broker, ConfigMissing, NothingToClaim, Outcome, TaskStatus
 
 DONE = Outcome(summary="finished")
 
@@ -215,6 +215,43 @@ def test_missing_cap_and_cooldown_blocks_are_restored(broker: Broker, clock: Clo
     doc = repaired(broker, "blocked c:sonnet is absent", "blocked m:codex is absent")
     assert f"set blocked c:sonnet to {until}" in doc["repaired"]
     assert broker.claim().model == "gemini3", "codex is at its cap and sonnet cools: the chain's third model"
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    ("delete", "cfg:claim is missing"),
+    ("garble", "cfg:claim is unreadable"),
+    ("stale", "cfg:claim disagrees with the cfg:* hashes (it says version"),
+])
+def test_the_compiled_config_is_checked_and_rewritten_from_the_hashes(
+        broker: Broker, clock: Clock, tamper: str, problem: str) -> None:
+    workload(broker, clock)
+    c, k = rc(broker), broker.keys
+    version = c.hget(k.cfg_settings, "version")
+    if tamper == "delete":
+        c.delete(k.cfg_claim)
+    elif tamper == "garble":
+        c.set(k.cfg_claim, "{garbled")
+    else:  # a stale document: another cap, another chain (what the scripts would decide with)
+        doc = json.loads(c.get(k.cfg_claim))
+        doc["model_cap"]["glm"] = 99
+        doc["chains"]["coding"] = "glm"
+        c.set(k.cfg_claim, json.dumps(doc))
+    if tamper != "stale":
+        with pytest.raises(ConfigMissing, match="cfg:claim"):
+            broker.claim()
+    doc = repaired(broker, problem)
+    assert doc["repaired"] == [f"rewrote cfg:claim from the cfg:* hashes (version {version})"]
+    assert drain(broker)
+
+
+def test_a_compiled_config_without_a_loaded_config_is_deleted(broker: Broker, clock: Clock) -> None:
+    workload(broker, clock)
+    c, k = rc(broker), broker.keys
+    c.delete(k.cfg_settings, k.cfg_model_cap, k.cfg_provider_cap, k.cfg_model_provider, k.cfg_chains)
+    found = broker.doctor(repair=True)
+    assert "cfg:claim exists, but no config is loaded (cfg:settings is missing)" in found["problems"]
+    assert "deleted cfg:claim (no config is loaded)" in found["repaired"]
+    assert c.get(k.cfg_claim) is None
 
 
 def test_an_ended_cooldown_still_listed_is_healthy(broker: Broker, clock: Clock, r: redis.Redis) -> None:

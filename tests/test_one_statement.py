@@ -3,13 +3,22 @@ their own, a release holds the agent gate in the same call, and a rate-limit tex
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
-from clawq.broker import DEFAULT_CONFIG, Broker, ScriptError, TaskStatus, UnknownChain, parse_config
+from clawq.broker import (
+    DEFAULT_CONFIG,
+    Broker,
+    ConfigMissing,
+    Outcome,
+    TaskStatus,
+    UnknownChain,
+    parse_config,
+)
 from clawq.broker import signals as signals_mod
 from clawq.workers.agent_output import Failed, RateLimited
 from clawq.workers.report import RELEASE_CAUSES, report
@@ -102,7 +111,7 @@ def test_a_missing_setting_fails_loudly_and_changes_nothing(broker: Broker, name
     claim = broker.claim()
     broker.client.hdel(broker.keys.cfg_settings, name)
     before = broker.get_task(tid)
-    with pytest.raises(ScriptError, match=name):
+    with pytest.raises(ConfigMissing, match=name):
         broker.fail(tid, claim.run_id, "boom")
     assert broker.get_task(tid) == before
 
@@ -111,10 +120,64 @@ def test_a_missing_lease_setting_fails_the_claim_loudly(broker: Broker) -> None:
     broker.load_config(_config())
     broker.add("web", "t", chain="coding")
     broker.config()
-    broker.client.hdel(broker.keys.cfg_settings, "lease_ms")
-    with pytest.raises(ScriptError, match="lease_ms"):
+    doc = json.loads(broker.client.get(broker.keys.cfg_claim))  # what a claim reads of the config
+    del doc["lease_ms"]
+    broker.client.set(broker.keys.cfg_claim, json.dumps(doc))
+    with pytest.raises(ConfigMissing, match="lease_ms"):
         broker.claim()
     assert broker.get_task(1).status is TaskStatus.UP_NEXT
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable", "not a config"])
+def test_a_lost_claim_config_fails_claims_loudly_and_changes_nothing(broker: Broker, damage: str) -> None:
+    """cfg:claim missing, unreadable or not a claim's config: a claim fails with the reason, before any write;
+    a run's end reads the cfg:* hashes and goes on; loading a config writes cfg:claim again."""
+    broker.load_config(_config())
+    broker.add("web", "t", chain="coding")
+    tid = broker.add("api", "t", chain="coding")
+    claim = broker.claim()
+    if damage == "missing":
+        broker.client.delete(broker.keys.cfg_claim)
+    else:
+        broker.client.set(broker.keys.cfg_claim, "{not json" if damage == "unreadable" else '{"version": 3}')
+    before = [broker.get_task(1), broker.get_task(tid)]
+    word = "missing" if damage == "missing" else "unreadable"
+    with pytest.raises(ConfigMissing, match=f"cfg:claim is {word}: load a config"):
+        broker.claim()
+    assert [broker.get_task(1), broker.get_task(tid)] == before
+    broker.complete(claim.task_id, claim.run_id, Outcome(needs_follow_up=False, summary="s"))
+    with pytest.raises(ConfigMissing, match=f"cfg:claim is {word}"):
+        broker.claim()
+    assert broker.get_task(tid).status is TaskStatus.UP_NEXT
+    broker.load_config(_config())  # loading a config writes it again
+    assert broker.claim().task_id == tid
+
+
+def test_the_claim_is_fenced_by_the_version_inside_its_config(served: Broker) -> None:
+    """The claim compares the caller's version with cfg:claim's, the one its rules come from."""
+    version = served.config_version
+    args = [served.keys.prefix, "", "r1", 6, 0, version, ""]
+    doc = json.loads(served.client.get(served.keys.cfg_claim))
+    doc["version"] = int(version) + 1
+    served.client.set(served.keys.cfg_claim, json.dumps(doc))
+    assert served._scripts.call("claim_task", args) == [7]
+    doc["version"] = int(version)
+    served.client.set(served.keys.cfg_claim, json.dumps(doc))
+    assert served._scripts.call("claim_task", args)[:2] == [0, 1]
+
+
+def test_the_claim_blocks_with_the_caps_of_its_config(served: Broker) -> None:
+    """A claim takes a model's cap from cfg:claim (the hash is not read): a first run at cap 1 there blocks
+    the model, where the hash's cap 2 would not, and the next claim falls back along the chain."""
+    doc = json.loads(served.client.get(served.keys.cfg_claim))
+    first, second = served.config().chains["coding"][:2]
+    assert served.client.hget(served.keys.cfg_model_cap, first) == "2"
+    doc["model_cap"][first] = 1
+    served.client.set(served.keys.cfg_claim, json.dumps(doc))
+    served.add("api", "t", chain="coding")
+    assert served.claim().model == first
+    assert served.client.hget(served.keys.blocked, f"m:{first}") == "model_quota_reached"
+    assert served.claim().model == second
 
 
 @pytest.mark.parametrize("cause", sorted(RELEASE_CAUSES))
@@ -166,3 +229,23 @@ def test_with_no_reset_the_cooldown_is_the_current_configs(served: Broker, other
     claim = served.claim()
     served.rate_limited(claim.task_id, claim.run_id, message="slow down", quota=False)
     assert served.cooldowns()[claim.model]["remaining_s"] == pytest.approx(7 * 60, abs=1)
+
+
+def test_connecting_to_a_namespace_loaded_before_the_claim_config_writes_it(broker: Broker,
+                                                                            redis_url: str) -> None:
+    """A namespace whose config was loaded by a clawq without cfg:claim gets it on connect, from its
+    hashes (not from the defaults), so its claims go on; a namespace with no config gets none."""
+    broker.load_config(_config(watchdog__stale_in_progress_minutes=7, watchdog__heartbeat_grace_minutes=1))
+    broker.add("web", "t", chain="coding")
+    doc = broker.client.get(broker.keys.cfg_claim)
+    broker.client.delete(broker.keys.cfg_claim)
+    fresh = Broker.from_url(redis_url, broker.namespace, clock=broker.clock)
+    try:
+        assert json.loads(fresh.client.get(fresh.keys.cfg_claim)) == json.loads(doc)
+        assert json.loads(doc)["lease_ms"] == 8 * 60_000
+        assert fresh.claim().task_id == 1
+        empty = Broker.from_url(redis_url, "never-loaded", clock=broker.clock)
+        assert not empty.client.exists(empty.keys.cfg_claim, empty.keys.cfg_settings)
+        empty.close()
+    finally:
+        fresh.close()

@@ -133,6 +133,25 @@ def check_blocks(broker: Broker) -> None:
     assert {f: v for f, v in actual.items() if f not in ended} == expected
 
 
+def check_claim_config(broker: Broker) -> None:
+    """cfg:claim, what a claim reads of the config, says what the cfg:* hashes say."""
+    c, k = rc(broker), broker.keys
+    settings = c.hgetall(k.cfg_settings)
+    raw = c.get(k.cfg_claim)
+    if not settings:
+        assert raw is None, "cfg:claim without a loaded config"
+        return
+    assert raw is not None, "cfg:claim is missing"
+    assert json.loads(raw) == {
+        "version": int(settings["version"]),
+        "lease_ms": int(settings["lease_ms"]),
+        "provider": c.hgetall(k.cfg_model_provider),
+        "chains": c.hgetall(k.cfg_chains),
+        "model_cap": {m: int(v) for m, v in c.hgetall(k.cfg_model_cap).items()},
+        "provider_cap": {p: int(v) for p, v in c.hgetall(k.cfg_provider_cap).items()},
+    }
+
+
 def check_refs(broker: Broker) -> None:
     c, k = rc(broker), broker.keys
     expected: Counter[str] = Counter()
@@ -227,6 +246,7 @@ def check(broker: Broker) -> dict[int, str]:
     check_scheduled(broker)
     check_running(broker)
     check_blocks(broker)
+    check_claim_config(broker)
     check_refs(broker)
     check_indexes(broker)
     assert [(t.task_id, t.status.value) for t in broker.list_tasks()] == sorted(where.items())

@@ -100,7 +100,7 @@ def test_run_end_key_ranges_match_core() -> None:
 
 
 def test_lua_dir_is_package_data() -> None:
-    assert (_lua_dir() / "claim_task-19.lua").is_file()
+    assert (_lua_dir() / "claim_task-15.lua").is_file()
 
 
 @pytest.mark.slow

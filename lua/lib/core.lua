@@ -31,12 +31,35 @@ local function num(v, default)
   return tonumber(v) or default
 end
 
--- A config setting read from cfg_settings (load_config writes every one): a missing one is an error,
--- never a default of the script's own, so the config stays the one statement of each setting.
+-- A config setting read from cfg_settings or cfg:claim (load_config writes every one): a missing one is
+-- an error, never a default of the script's own, so the config stays the one statement of each setting.
 local function setting(v, name)
   local n = tonumber(v)
   if n == nil then error("clawq: config setting " .. name .. " is missing: load a config (clawq config load)") end
   return n
+end
+
+-- What a claim reads of the config, in one read: cfg:claim (STRING), a JSON document that load_config and
+-- doctor --repair derive from the cfg:* hashes (claim_config):
+--   {version = n, lease_ms = n, provider = {model = provider}, chains = {chain = "m1,m2"},
+--    model_cap = {model = n}, provider_cap = {provider = n}}
+-- One GET and a decode instead of an HMGET of the settings, two HGETALLs and a cap HGET per counter the
+-- claim moves. It holds no other setting: decoding one costs every claim, and no claim reads one (the
+-- scripts that end a run read cfg_settings and the caps with an HMGET and two HGETs, cheaper than a decode).
+-- Missing or unreadable, the call fails before it writes anything, as a missing setting does.
+local CLAIM_CONFIG_MAPS = {"provider", "chains", "model_cap", "provider_cap"}
+local function read_claim_config(key)
+  local raw = rcall("GET", key)
+  local ok, c = false, nil
+  if raw then ok, c = pcall(cjson.decode, raw) end
+  if ok and type(c) == "table" and tonumber(c.version) then
+    for _, part in ipairs(CLAIM_CONFIG_MAPS) do
+      if type(c[part]) ~= "table" then ok = false end
+    end
+    if ok then return c end
+  end
+  error("clawq: config document cfg:claim is " .. (raw and "unreadable" or "missing") ..
+        ": load a config (clawq config load), or run clawq doctor --repair")
 end
 
 -- The script's clock in ms: ARGV's value when the caller gives one (tests drive a fake clock), else
@@ -90,9 +113,14 @@ local BLOCK_REASON = {m = "model_quota_reached", p = "provider_quota_reached"}
 
 -- inflight:<kind>[name] just moved by one to n (kind m = model, p = provider; up = it grew):
 -- block it when it reached its cap, unblock it when it fell below (then returns true).
--- K needs blocked and the caps.
+-- K needs blocked, and the caps: K.conf (a claim's read_claim_config) or cfg_model_cap and cfg_provider_cap.
 local function note_inflight(K, kind, name, n, up)
-  local cap = tonumber(rcall("HGET", kind == "m" and K.cfg_model_cap or K.cfg_provider_cap, name))
+  local cap
+  if K.conf then
+    cap = tonumber((kind == "m" and K.conf.model_cap or K.conf.provider_cap)[name])
+  else
+    cap = tonumber(rcall("HGET", kind == "m" and K.cfg_model_cap or K.cfg_provider_cap, name))
+  end
   if not cap then return false end
   if up and n >= cap then
     rcall("HSET", K.blocked, kind .. ":" .. name, BLOCK_REASON[kind])
@@ -252,11 +280,23 @@ local function hash_table(key)
   return t
 end
 
--- What model choice reads, once per call: the blocks, each model's provider, the chains.
--- K needs blocked, cfg_model_provider, cfg_chains.
-local function model_view(K)
-  return {blocked = hash_table(K.blocked), provider = hash_table(K.cfg_model_provider),
-          chains = hash_table(K.cfg_chains), models = {}}
+-- The document cfg:claim must hold (read_claim_config), from the cfg:* hashes it is derived from (nil when
+-- no config is loaded). load_config writes it with the hashes; doctor compares it and repairs with it.
+-- K needs cfg_settings, cfg_model_provider, cfg_chains, cfg_model_cap, cfg_provider_cap.
+local function claim_config(K)
+  local s = rcall("HMGET", K.cfg_settings, "version", "lease_ms")
+  if not s[1] then return nil end
+  local c = {version = tonumber(s[1]), lease_ms = tonumber(s[2]), provider = hash_table(K.cfg_model_provider),
+             chains = hash_table(K.cfg_chains), model_cap = {}, provider_cap = {}}
+  for model, v in pairs(hash_table(K.cfg_model_cap)) do c.model_cap[model] = tonumber(v) end
+  for p, v in pairs(hash_table(K.cfg_provider_cap)) do c.provider_cap[p] = tonumber(v) end
+  return c
+end
+
+-- What model choice reads, once per call: the blocks (K.blocked), each model's provider and the chains
+-- (from `conf`: read_claim_config's document, or a table of the two hashes for a reader of the hashes).
+local function model_view(K, conf)
+  return {blocked = hash_table(K.blocked), provider = conf.provider, chains = conf.chains, models = {}}
 end
 
 -- Why `model` cannot take a task at `now`, or nil and its provider. An unknown model (dropped

@@ -27,6 +27,7 @@
     - each board is in exactly the index its state implies (reindex_board's rules; a due
       backoff still in idx:backoff is fine: the next claim moves it) and board.state/ck agree
     - ready:fronts = the place of each non-empty ready line's front board
+    - cfg:claim = what the cfg:* hashes say (lib/core.lua claim_config); absent with no config
   Not repairable (reported only): an unknown status, two tasks of one board in progress.
 
   KEYS[1]  task_seq            STRING (at least every task id)
@@ -51,6 +52,8 @@
   KEYS[20] blocked             HASH
   KEYS[21] scheduled           ZSET   task id -> due time (ms)
   KEYS[22] night_queued        ZSET
+  KEYS[23] cfg_settings        HASH
+  KEYS[24] cfg_claim           STRING what a claim reads of the cfg:* hashes, JSON
   Built from ARGV[1]: board:<b>, board:<b>:queue, task:<id>, ready:<ck>, cooldown:<model>,
   breaker:<provider>
 
@@ -68,7 +71,7 @@ local K = {task_seq = KEYS[1], boards = KEYS[2], running = KEYS[3], in_review = 
            ready_fronts = KEYS[9], ready_seq = KEYS[10], idx_busy = KEYS[11], idx_paused = KEYS[12],
            idx_backoff = KEYS[13], refs = KEYS[14], cfg_chains = KEYS[15], cfg_model_provider = KEYS[16],
            events = KEYS[17], cfg_model_cap = KEYS[18], cfg_provider_cap = KEYS[19], blocked = KEYS[20],
-           scheduled = KEYS[21], night_queued = KEYS[22]}
+           scheduled = KEYS[21], night_queued = KEYS[22], cfg_settings = KEYS[23], cfg_claim = KEYS[24]}
 local P, now, repair = ARGV[1], clock_ms(ARGV[2]), ARGV[3] == "1"
 
 local problems, fixed = {}, {}
@@ -458,6 +461,43 @@ for _, ck in ipairs(ck_list) do
       rcall("ZREM", K.ready_fronts, ck)
       fix("removed " .. ck .. " from ready:fronts")
     end
+  end
+end
+
+-- 5. The compiled config ---------------------------------------------------------------------
+-- cfg:claim is what a claim reads of the config: it must say what the cfg:* hashes say.
+local function same_doc(a, b)
+  if type(a) ~= "table" or type(b) ~= "table" then return a == b end
+  for k, v in pairs(a) do
+    if not same_doc(v, b[k]) then return false end
+  end
+  for k in pairs(b) do
+    if a[k] == nil then return false end
+  end
+  return true
+end
+local want_conf, raw_conf = claim_config(K), rcall("GET", K.cfg_claim)
+local conf_ok, have_conf = false, nil
+if raw_conf then conf_ok, have_conf = pcall(cjson.decode, raw_conf) end
+local conf_problem
+if not want_conf then
+  if raw_conf then conf_problem = "cfg:claim exists, but no config is loaded (cfg:settings is missing)" end
+elseif not raw_conf then
+  conf_problem = "cfg:claim is missing (claims fail without it)"
+elseif not conf_ok then
+  conf_problem = "cfg:claim is unreadable (not JSON)"
+elseif not same_doc(want_conf, have_conf) then
+  conf_problem = "cfg:claim disagrees with the cfg:* hashes (it says version " ..
+                 tostring(type(have_conf) == "table" and have_conf.version) .. ", they say " .. int(want_conf.version) .. ")"
+end
+if conf_problem then
+  problem(conf_problem)
+  if repair and want_conf then
+    rcall("SET", K.cfg_claim, cjson.encode(want_conf))
+    fix("rewrote cfg:claim from the cfg:* hashes (version " .. int(want_conf.version) .. ")")
+  elseif repair then
+    rcall("DEL", K.cfg_claim)
+    fix("deleted cfg:claim (no config is loaded)")
   end
 end
 

@@ -17,25 +17,22 @@
   never a board scan. Model choice reads the `blocked` index (lib/core.lua) once; skip counts
   are read only when refusing.
 
-  KEYS[1]  cfg_settings        HASH   version, lease_ms, ...
-  KEYS[2]  cfg_chains          HASH   chain -> "m1,m2,m3"
-  KEYS[3]  cfg_model_cap       HASH   model -> cap
-  KEYS[4]  cfg_provider_cap    HASH   provider -> cap
-  KEYS[5]  cfg_model_provider  HASH   model -> provider
-  KEYS[6]  inflight_model      HASH   model -> runs in progress
-  KEYS[7]  inflight_provider   HASH   provider -> runs in progress
-  KEYS[8]  blocked             HASH   m:<model> / p:<provider> / c:<model> / o:<provider> -> why it may not run
-  KEYS[9]  running             ZSET   task id -> lease deadline
-  KEYS[10] ready_fronts        ZSET   chain key -> place of its ready line's front board
-  KEYS[11] ready_seq           STRING round-robin counter
-  KEYS[12] idx_busy            SET
-  KEYS[13] idx_paused          SET
-  KEYS[14] idx_backoff         ZSET   board -> backoff end
-  KEYS[15] events              STREAM
-  KEYS[16] stats_skips         HASH   reason -> total
-  KEYS[17] stats_claims        STRING
-  KEYS[18] scheduled           ZSET   task id -> due time (ms)
-  KEYS[19] night_queued        ZSET   night-only tasks that went to a board queue
+  KEYS[1]  cfg_claim           STRING what a claim reads of the config, JSON: version, lease_ms, model ->
+                                      provider, chains, model and provider caps (lib/core.lua read_claim_config)
+  KEYS[2]  inflight_model      HASH   model -> runs in progress
+  KEYS[3]  inflight_provider   HASH   provider -> runs in progress
+  KEYS[4]  blocked             HASH   m:<model> / p:<provider> / c:<model> / o:<provider> -> why it may not run
+  KEYS[5]  running             ZSET   task id -> lease deadline
+  KEYS[6]  ready_fronts        ZSET   chain key -> place of its ready line's front board
+  KEYS[7]  ready_seq           STRING round-robin counter
+  KEYS[8]  idx_busy            SET
+  KEYS[9]  idx_paused          SET
+  KEYS[10] idx_backoff         ZSET   board -> backoff end
+  KEYS[11] events              STREAM
+  KEYS[12] stats_skips         HASH   reason -> total
+  KEYS[13] stats_claims        STRING
+  KEYS[14] scheduled           ZSET   task id -> due time (ms)
+  KEYS[15] night_queued        ZSET   night-only tasks that went to a board queue
   Built from ARGV[1]: ready:<ck>, board:<b>, board:<b>:queue, task:<id>, task:<id>:lease,
   breaker:<provider> (the probe of a half-open breaker)
 
@@ -52,22 +49,21 @@
                                              reasons of the boards left waiting
     {6, reason, count, reason, count, ...}   nothing claimable (skip reasons by board)
     {7}                                      config changed since the caller read it
+  A missing or unreadable cfg_claim, or one without lease_ms, is an error, before anything is written.
 ]]
 local rcall = redis.call
 --- @include "core"
 
-local K = {cfg_settings = KEYS[1], cfg_chains = KEYS[2], cfg_model_cap = KEYS[3],
-           cfg_provider_cap = KEYS[4], cfg_model_provider = KEYS[5], inflight_model = KEYS[6],
-           inflight_provider = KEYS[7], blocked = KEYS[8], running = KEYS[9], ready_fronts = KEYS[10],
-           ready_seq = KEYS[11], idx_busy = KEYS[12], idx_paused = KEYS[13],
-           idx_backoff = KEYS[14], events = KEYS[15], stats_skips = KEYS[16], stats_claims = KEYS[17],
-           scheduled = KEYS[18], night_queued = KEYS[19]}
+local K = {cfg_claim = KEYS[1], inflight_model = KEYS[2], inflight_provider = KEYS[3], blocked = KEYS[4],
+           running = KEYS[5], ready_fronts = KEYS[6], ready_seq = KEYS[7], idx_busy = KEYS[8],
+           idx_paused = KEYS[9], idx_backoff = KEYS[10], events = KEYS[11], stats_skips = KEYS[12],
+           stats_claims = KEYS[13], scheduled = KEYS[14], night_queued = KEYS[15]}
 local P = ARGV[1]
 local now = clock_ms(ARGV[2])
 
-local settings = rcall("HMGET", K.cfg_settings, "version", "lease_ms")
-if settings[1] ~= ARGV[6] then return {7} end
-local lease_ms = setting(settings[2], "lease_ms")  -- before any write: a missing setting changes nothing
+K.conf = read_claim_config(K.cfg_claim)
+if int(K.conf.version) ~= ARGV[6] then return {7} end
+local lease_ms = setting(K.conf.lease_ms, "lease_ms")  -- before any write: a missing setting changes nothing
 
 -- Boards whose backoff ended join their ready line (the broker's delayed work, atomic with claims).
 local due = rcall("ZRANGEBYSCORE", K.idx_backoff, "-inf", now, "LIMIT", 0, 100)
@@ -201,7 +197,7 @@ for i = 0, extra do
     for _, ck in ipairs(fronts) do lines[#lines + 1] = {ck, "global_cap"} end
     return stop(lines)
   end
-  view = view or model_view(K)
+  view = view or model_view(K, K.conf)
   local best, refused = choose(fronts, view)
   if not best then return stop(refused) end
   if take(best, i == 0 and ARGV[3] or ARGV[7 + i], out, view) then view = nil end
