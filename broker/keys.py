@@ -273,9 +273,10 @@ class Keys:
 
     # -- per-board keys ------------------------------------------------------------------------------
     def board(self, board: str) -> str:
-        """HASH: running (task id), run (``<run id>|<model>|<provider>`` of that task's run: what the reaper
-        releases if the task hash is gone), paused, ck (ready line it sits in; left stale, and ignored, while
-        state is not ready), state (index it sits in), scheduled (its tasks in ``scheduled``)."""
+        """HASH: running (task id; "" or absent: none, since a run's end empties it in the one HSET that writes
+        the board's state), run (``<run id>|<model>|<provider>`` of that task's run: what the reaper releases
+        if the task hash is gone; emptied with running), paused, ck (ready line it sits in; left stale, and
+        ignored, while state is not ready), state (index it sits in), scheduled (its tasks in ``scheduled``)."""
         return self._k("board", board)
 
     def queue(self, board: str) -> str:

@@ -309,6 +309,7 @@ local board_list = sorted_keys(board_set)
 for _, b in ipairs(board_list) do
   local ids = runs_on[b] or {}
   local actual = rcall("HGET", board_key(P, b), "running")
+  if actual == "" then actual = false end  -- a run's end leaves it "" (none)
   local n_sched = rcall("HGET", board_key(P, b), "scheduled")
   local want_sched = counts.scheduled[b] and tostring(counts.scheduled[b]) or false
   if n_sched ~= want_sched then
@@ -338,6 +339,7 @@ for _, b in ipairs(board_list) do
     local want_run = t and t.night_run and t.run_id and
                      (t.run_id .. "|" .. (t.model or "") .. "|" .. (t.provider or "")) or false
     local run = rcall("HGET", board_key(P, b), "run")
+    if run == "" then run = false end
     if run ~= want_run then
       problem("board " .. b .. " run is " .. (run or "empty") .. ", expected " .. (want_run or "empty"))
       if repair then

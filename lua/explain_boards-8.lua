@@ -33,7 +33,7 @@ local view = model_view(K, {provider = hash_table(K.cfg_model_provider), chains 
 local function explain(b)
   local state, ck = state_of(P, b, now)
   if state == "idle" then
-    return rcall("HEXISTS", board_key(P, b), "running") == 1 and "running" or "idle"
+    return (rcall("HGET", board_key(P, b), "running") or "") ~= "" and "running" or "idle"
   end
   if state == "busy" then return "board_busy" end
   if state == "paused" then return "board_paused" end

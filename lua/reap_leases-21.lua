@@ -39,7 +39,7 @@ local function lost(id)
     local v = rcall("HMGET", board_key(P, b), "running", "run")
     if v[1] == id then
       board = b
-      if v[2] then
+      if v[2] and v[2] ~= "" then
         local run_id, model, provider = string.match(v[2], "^(.*)|([^|]*)|([^|]*)$")
         run = {board = b, run_id = run_id, model = model, provider = provider}
       end

@@ -153,7 +153,7 @@ def _route(ck: str) -> dict[str, str]:
 
 # -- what Redis holds ----------------------------------------------------------------------------------
 def _int_or_none(v: str | None) -> int | None:
-    return None if v is None else int(v)
+    return int(v) if v else None  # "" or absent: none (a board's running slot after a run's end)
 
 
 TASK_FIELDS = ("board", "ck", "status", "run_count", "attempts", "backoff_until", "run_id", "model", "provider",

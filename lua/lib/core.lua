@@ -365,7 +365,7 @@ local function state_of(P, b, now, st)
   local head = rcall("ZRANGE", queue_key(P, b), 0, 0)[1]
   if not head then return "idle", nil, nil end
   if st[2] == "1" then return "paused", nil, nil end
-  if st[1] then return "busy", nil, nil end
+  if st[1] and st[1] ~= "" then return "busy", nil, nil end
   local t = rcall("HMGET", task_key(P, head), "ck", "backoff_until")
   -- a head whose hash is gone (evicted, deleted by hand) can never run: the board waits as if idle, and
   -- doctor reports the queue entry (and --repair drops it), instead of every script failing on it
@@ -401,22 +401,33 @@ local function join_index(K, P, b, state, ck, until_ms)
   end
 end
 
-local function reindex_board(K, P, b, now)
+-- freed: the board's run just ended (end_run): its running slot is emptied in the same write as its state,
+-- so a run's end reads the board hash once and writes it once. `running` and `run` are left "" (none),
+-- not deleted: an HDEL would be a second write. ck is left stale when the board is not ready.
+local function reindex_board(K, P, b, now, freed)
   local bk = board_key(P, b)
   local old = rcall("HMGET", bk, "running", "paused", "state", "ck")
+  if freed then old[1] = nil end
   local state, ck, until_ms = state_of(P, b, now, old)
   old = {old[3], old[4]}
-  if old[1] == state and (state ~= "ready" or old[2] == ck) and state ~= "backoff" then
-    return state
+  local same = old[1] == state and (state ~= "ready" or old[2] == ck) and state ~= "backoff"
+  if same and not freed then return state end
+  if not same then
+    leave_index(K, P, b, old[1], old[2])
+    join_index(K, P, b, state, ck, until_ms)
   end
-  leave_index(K, P, b, old[1], old[2])
-  join_index(K, P, b, state, ck, until_ms)
+  local args = {"HSET", bk, "state", state}
   if ck then
-    rcall("HSET", bk, "state", state, "ck", ck)
-  else
-    rcall("HSET", bk, "state", state)
-    rcall("HDEL", bk, "ck")
+    args[#args + 1] = "ck"
+    args[#args + 1] = ck
   end
+  if freed then
+    args[#args + 1] = "running"
+    args[#args + 1] = ""
+    args[#args + 1] = "run"
+    args[#args + 1] = ""
+  end
+  rcall(unpack(args))
   return state
 end
 
@@ -480,14 +491,14 @@ local function inflight_down(K, model, provider)
   if provider then note_inflight(K, "p", provider, counter_down(K.inflight_provider, provider, true), false) end
 end
 
--- End the active run of in-progress task `id`: its lease, counters and board slot are
--- released and its history entry written with `outcome`. The task is left nowhere: the
--- caller puts it in its next place in the same script. fields (optional): more task hash
+-- End the active run of in-progress task `id`: its lease and counters are released and its
+-- history entry written with `outcome`. The task is left nowhere: the caller puts it in its
+-- next place in the same script, with requeue or finish, which also free the board's slot. fields (optional): more task hash
 -- fields, name, value, ..., written with the run's own in one HSET.
 local function end_run(K, P, id, t, now, outcome, detail, fields)
   rcall("ZREM", K.running, id)
   inflight_down(K, t.model, t.provider)
-  rcall("HDEL", board_key(P, t.board), "running", "run")
+  t.freed = true  -- the board's running slot: emptied by the caller's requeue or finish (reindex_board)
   rcall("DEL", lease_key(P, id))
   local rk = runs_key(P, id)
   if t.night_run then
@@ -591,7 +602,7 @@ end
 local function requeue(K, P, id, t, now, backoff_until, written)
   rcall("ZADD", queue_key(P, t.board), id, id)
   if not written then rcall("HSET", task_key(P, id), unpack(requeue_fields(now, backoff_until))) end
-  reindex_board(K, P, t.board, now)
+  reindex_board(K, P, t.board, now, t.freed)
 end
 
 -- The task hash fields of a task in final place `status` (finish writes them unless its caller did).
@@ -608,7 +619,7 @@ local function finish(K, P, id, t, now, status, place, written)
   if t.status == "up_next" or t.status == "in_progress" or t.status == "scheduled" then
     counter_down(K.refs, t.ck)
   end
-  reindex_board(K, P, t.board, now)
+  reindex_board(K, P, t.board, now, t.freed)
 end
 
 -- A run failed (cause: failed, timeout, ...). attempts + 1; below max_attempts the task
