@@ -216,6 +216,44 @@ def test_an_enqueue_failure_releases_the_rest_of_its_batch(broker: Broker) -> No
     assert broker.health()["global"]["in_progress"] == 1
 
 
+class BatchRecorder(Recorder):
+    """A queue that takes a batch at once (like RqEnqueuer): records each call of ``many``."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__(fail)
+        self.batches: list[list[int]] = []
+
+    def __call__(self, claim: Claim) -> None:
+        self.many([claim])
+
+    def many(self, claims: Any) -> None:
+        if self.fail:
+            raise RuntimeError("RQ is down")
+        self.batches.append([c.task_id for c in claims])
+        for claim in claims:
+            super().__call__(claim)
+
+
+def test_a_batch_of_claims_is_enqueued_in_one_call(broker: Broker) -> None:
+    broker.load_config(config())
+    ids = [broker.add(b, "t", chain="coding") for b in ("a", "b", "c")]
+    rec = BatchRecorder()
+    assert Dispatcher(broker, rec, notifiers=Notifiers()).step() == 3
+    assert rec.batches == [ids], "one call for the batch, in claim order"
+    assert [broker.get_task(t).run_id for t in ids] == [c.run_id for c in rec.claims]
+
+
+def test_a_failed_batch_enqueue_gives_back_every_claim_of_it(broker: Broker) -> None:
+    broker.load_config(config())
+    ids = [broker.add(b, "t", chain="coding") for b in ("a", "b", "c")]
+    rec = BatchRecorder(fail=True)
+    assert Dispatcher(broker, rec, notifiers=Notifiers()).step() == 0
+    for tid in ids:
+        assert_released(broker, broker.get_task(tid))
+    released = [e["task_id"] for e in broker.events(100) if e["type"] == "released"]
+    assert sorted(released) == ids
+
+
 def test_reap_runs_only_when_a_lease_may_have_expired(broker: Broker, clock: Any,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     broker.load_config(config(watchdog={"stale_in_progress_minutes": 1, "heartbeat_grace_minutes": 0}))
@@ -498,6 +536,25 @@ def test_a_task_that_is_not_final_does_not_alert(broker: Broker, how: str) -> No
     assert sink.sent == []
 
 
+def test_a_dispatcher_with_no_notifier_takes_no_alert_lock(broker: Broker, clock: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """notify.log off and no other notifier: nothing would be sent, so no lock is taken and no summary read."""
+    broker.load_config(config(watchdog={"max_attempts": 1}))
+    finish(broker, clock, "in_review")
+    finish(broker, clock, "failed")
+    d = Dispatcher(broker, Recorder())  # its own notifiers, from the config: none
+    locks = calls_to(broker, "first_to_alert", monkeypatch)
+    reads = calls_to(broker, "health", monkeypatch)
+    broker.add("web", "still queued", chain="coding")
+    d._on_events(broker.events(1000))
+    d.step()
+    assert locks == [] and reads == []
+    assert broker.client.keys(broker.keys.notified("*")) == []
+    broker.load_config(config(watchdog={"max_attempts": 1}, notify={"log": True}))
+    d._on_events(broker.events(1000))  # a config_loaded: its notifiers now log
+    assert locks == [True, True], "with a notifier, each final task's alert takes its lock"
+
+
 def test_alerts_from_two_running_dispatchers(live: Callable[[], Broker]) -> None:
     admin = live()
     admin.load_config(config(watchdog={"max_attempts": 1}))
@@ -561,6 +618,26 @@ def test_an_added_task_is_claimed_at_once(live: Callable[[], Broker]) -> None:
         assert rec.got.wait(5)
     assert rec.claims[0].task_id == tid
     assert rec.times[0] - added < 2.0, "the new task did not wake the dispatcher"
+
+
+def test_its_own_claims_do_not_wake_the_dispatcher(live: Callable[[], Broker],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claimed event frees nothing: the pass it would start could claim nothing, so none is made."""
+    admin = live()
+    admin.load_config(config())
+    rec = Recorder()
+    d = Dispatcher(live(), rec, notifiers=Notifiers())
+    passes = calls_to(d, "step", monkeypatch)
+    with running(d):
+        time.sleep(0.3)  # idle, blocked on the event stream
+        before = len(passes)
+        admin.add("web", "t", chain="coding")
+        assert rec.wait(1)
+        time.sleep(0.5)  # room for the claimed event to wake it
+        after = len(passes)
+    assert after == before + 1, "one pass for the added task, none for its claimed event"
+    types = [e["type"] for e in admin.events(100)]
+    assert types[-2:] == ["added", "claimed"]
 
 
 @pytest.mark.parametrize("what", ["backoff", "cooldown", "lease"])

@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,11 +28,20 @@ from clawq.broker.schedules import Schedules
 
 from .notify import Notifiers, notifiers_from
 
-__all__ = ["AgentGate", "Dispatcher", "http_ready", "summary_line"]
+__all__ = ["AgentGate", "BatchEnqueue", "Dispatcher", "http_ready", "summary_line"]
 
 log = logging.getLogger("clawq.dispatch")
 
 Enqueue = Callable[[Claim], None]
+
+
+class BatchEnqueue(Protocol):
+    """An enqueue function that also takes a whole batch (:class:`workers.rq_glue.RqEnqueuer`): ``many`` sends
+    the jobs of all the claims at once, and when it raises, none of them was enqueued."""
+
+    def __call__(self, claim: Claim) -> None: ...
+
+    def many(self, claims: Sequence[Claim]) -> None: ...
 
 
 class JobWatch(Protocol):
@@ -52,6 +61,10 @@ _ALERT_TTL_S = 86400
 #: (under a second apart), so a longer backoff here would only make the dispatcher resume late.
 _RETRY_S = 0.5
 CLAIM_BATCH = 16  #: claims per claim call; fewer back means nothing more may run now
+#: Events after which no claim can be possible that was not before: a claim only takes capacity, and its lease
+#: ends after every deadline read before it. Woken by these alone (its own claims, mostly), the dispatcher
+#: waits on instead of making a pass that would claim nothing.
+_FREES_NOTHING = frozenset({EventType.CLAIMED})
 
 
 def http_ready(url: str) -> bool:
@@ -214,7 +227,7 @@ class Dispatcher:
                 log.warning("schedule %s %s its firing (task %s)", f.schedule_id, f.outcome, f.task_id or "-")
 
     def _claim_all(self) -> int:
-        """Claim in batches and enqueue each claim, until a batch comes back short or an enqueue fails."""
+        """Claim in batches and enqueue each batch, until a batch comes back short or an enqueue fails."""
         made = 0
         while True:
             try:
@@ -224,18 +237,41 @@ class Dispatcher:
                 return made
             if len(claims) < CLAIM_BATCH:
                 self.last_skips = skips
+            sent, failed = self._enqueue_batch(claims)
+            made += sent
+            if failed is not None:
+                if _out_of_memory(failed):  # the loop says it once and waits, instead of a claim per wake
+                    raise RedisOutOfMemory(f"Redis is out of memory: the agent job's enqueue was refused "
+                                           f"({_one_line(failed)}); its claim was given back")
+                return made
+            if len(claims) < CLAIM_BATCH:
+                return made
+
+    def _enqueue_batch(self, claims: list[Claim]) -> tuple[int, Exception | None]:
+        """Enqueue a batch of claims: in one call when the queue takes batches (:class:`BatchEnqueue`), else one
+        by one. Every claim not enqueued is given back (no leaked counters). Returns how many were enqueued,
+        and the error that stopped it."""
+        many = getattr(self.enqueue, "many", None)
+        if many is None or len(claims) == 1:
             for i, claim in enumerate(claims):
                 failed = self._enqueue(claim)
                 if failed is not None:
                     for rest in claims[i + 1:]:
                         self._release(rest, "enqueue skipped: an earlier one of its batch failed")
-                    if _out_of_memory(failed):  # the loop says it once and waits, instead of a claim per wake
-                        raise RedisOutOfMemory(f"Redis is out of memory: the agent job's enqueue was refused "
-                                               f"({_one_line(failed)}); its claim was given back")
-                    return made
-                made += 1
-            if len(claims) < CLAIM_BATCH:
-                return made
+                    return i, failed
+            return len(claims), None
+        try:
+            many(claims)
+        except Exception as err:
+            if not _out_of_memory(err):
+                log.error("cannot enqueue tasks %s: %s; claims released", ", ".join(str(c.task_id) for c in claims),
+                          _one_line(err))
+            for claim in claims:
+                self._release(claim, f"enqueue failed: {_one_line(err)}")
+            return 0, err
+        for claim in claims:
+            self._enqueued(claim)
+        return len(claims), None
 
     def _enqueue(self, claim: Claim) -> Exception | None:
         """Enqueue one claim; on any failure give the claim back (no leaked counters) and return the error."""
@@ -246,15 +282,26 @@ class Dispatcher:
                 log.error("cannot enqueue task %s: %s; claim released", claim.task_id, _one_line(err))
             self._release(claim, f"enqueue failed: {_one_line(err)}")
             return err
+        self._enqueued(claim)
+        return None
+
+    @staticmethod
+    def _enqueued(claim: Claim) -> None:
         log.info("task %s (%s) -> %s/%s run %s", claim.task_id, claim.board, claim.model, claim.provider,
                  claim.run_id)
-        return None
 
     def _release(self, claim: Claim, why: str) -> None:
         self.broker.release(claim.task_id, claim.run_id, "released", why)
 
     # -- notifications ---------------------------------------------------------------------------
+    def _silent(self) -> bool:
+        """No notifier to send anything to (this dispatcher's own, from a config with none): an alert or a
+        summary would only take its lock and read the queue for nothing."""
+        return self._own_notifiers and self.notifiers is not None and not self.notifiers.targets
+
     def _maybe_summary(self, due: Deadlines) -> None:
+        if self._silent():
+            return
         if self._active and due.summary_lock_s is not None:
             return  # this interval's summary went out already: skip reading the whole queue
         health = self.broker.health()
@@ -294,6 +341,8 @@ class Dispatcher:
         self.notifiers.send("workdir_missing", text, {"board": event.get("board"), "event": event})
 
     def _alert(self, event: dict[str, Any]) -> None:
+        if self._silent():
+            return
         if event.get("type") in (EventType.AUTH, EventType.AGENT_CONFIG):
             self._model_alert(event)
             return
@@ -394,7 +443,8 @@ class Dispatcher:
             if events:
                 self._cursor = events[-1]["id"]
                 self._on_events(events)
-                return
+                if any(e.get("type") not in _FREES_NOTHING for e in events):
+                    return
 
     def _on_events(self, events: list[dict[str, Any]]) -> None:
         for event in events:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -44,30 +45,42 @@ _RAN = frozenset({"finished", "failed", "stopped"})
 
 
 class RqEnqueuer:
-    """Enqueues a claim as an RQ job (job id = run id) on agent.queue, in one MULTI (RQ alone sends two round
-    trips: the queue's registration, then the job and its push), and remembers it until it has run, so that
-    :meth:`lost` can tell which runs lost their job before it ran (deleted or cancelled in rq-dashboard)."""
+    """Enqueues claims as RQ jobs (job id = run id) on agent.queue: a dispatcher's batch of claims in one MULTI
+    (:meth:`many`: one round trip for the batch, all of its jobs or none), and remembers them until they have
+    run, so that :meth:`lost` can tell which runs lost their job before it ran (deleted or cancelled in
+    rq-dashboard). Each job is an ordinary RQ job, with its own description and meta."""
 
     def __init__(self, broker: Broker, connection: redis.Redis):
         self.broker, self.connection = broker, connection
         self._sent: dict[str, int] = {}  #: run id -> task id, for the jobs this dispatcher enqueued
 
     def __call__(self, claim: Claim) -> None:
-        cfg = self.broker.config().agent
-        queue = Queue(cfg.queue, connection=self.connection)
+        self.many([claim])
+
+    def many(self, claims: Sequence[Claim]) -> None:
+        """Enqueue a job per claim, in one transaction: when this raises, none of them was enqueued (unless
+        the reply alone was lost; a job whose run was given back is then fenced when it starts)."""
+        if not claims:
+            return
         broker = self.broker
+        cfg = broker.config().agent
+        queue = Queue(cfg.queue, connection=self.connection)
+        meta = {"config_version": broker.config_version, "namespace_id": broker.identity or ""}
+        timeout = int(cfg.timeout_minutes * 60) + _JOB_TIMEOUT_MARGIN_S
         with self.connection.pipeline() as pipe:
-            queue.enqueue(
-                run_task, broker.namespace, claim.task_id, claim.run_id,
-                job_id=claim.run_id,
-                description=(f"clawq {claim.board}#{claim.task_id} on {claim.model} ({claim.provider}) "
-                             f"run {claim.run_count} attempt {claim.attempt}"),
-                meta=job_meta(broker.namespace, claim, broker.config_version, broker.identity or ""),
-                job_timeout=int(cfg.timeout_minutes * 60) + _JOB_TIMEOUT_MARGIN_S,
-                result_ttl=86400, failure_ttl=7 * 86400, pipeline=pipe,
-            )
+            queue.enqueue_many([
+                Queue.prepare_data(
+                    run_task, (broker.namespace, claim.task_id, claim.run_id),
+                    job_id=claim.run_id,
+                    description=(f"clawq {claim.board}#{claim.task_id} on {claim.model} ({claim.provider}) "
+                                 f"run {claim.run_count} attempt {claim.attempt}"),
+                    meta=job_meta(broker.namespace, claim, **meta),
+                    timeout=timeout, result_ttl=86400, failure_ttl=7 * 86400,
+                ) for claim in claims
+            ], pipeline=pipe)
             pipe.execute()
-        self._sent[claim.run_id] = claim.task_id
+        for claim in claims:
+            self._sent[claim.run_id] = claim.task_id
 
     @property
     def watching(self) -> int:
