@@ -33,13 +33,13 @@ elseif was == "scheduled" then
   counter_down(board_key(P, t.board), "scheduled")
   rcall("HDEL", task_key(P, id), "due_at")
 elseif was == "in_progress" then
-  end_run(K, P, id, t, now, "cancelled", "cancelled")
+  end_run(K, P, id, t, now, "cancelled", "cancelled", finish_fields(now, "cancelled"))  -- one HSET
   breaker_after(K, P, t, now, "void")
 elseif was == "in_review" then
   rcall("ZREM", K.in_review, id)
 elseif was == "failed" then
   rcall("ZREM", K.failed, id)
 end
-finish(K, P, id, t, now, "cancelled", K.cancelled)
+finish(K, P, id, t, now, "cancelled", K.cancelled, was == "in_progress")
 emit(K, now, "cancelled", {"task_id", id, "board", t.board, "run_id", t.run_id, "message", "was " .. was})
 return {0, was}

@@ -39,6 +39,6 @@ if not t then
   return {code, detail}
 end
 local status, attempts = fail_run(K, P, id, t, now, ARGV[5], ARGV[6], ARGV[7] == "1", true,
-                                 ARGV[8] == "1" and "fault" or "ok")
-rcall("HSET", task_key(P, id), "last_end", ARGV[4] .. "|fail:" .. ARGV[5] .. ":" .. redis.sha1hex(ARGV[6]))
+                                 ARGV[8] == "1" and "fault" or "ok",
+                                 {"last_end", ARGV[4] .. "|fail:" .. ARGV[5] .. ":" .. redis.sha1hex(ARGV[6])})
 return {0, status, attempts}

@@ -45,13 +45,14 @@ end
 local end_ms = tonumber(ARGV[5])
 if not end_ms then end_ms = now + setting(rcall("HGET", K.cfg_settings, "cooldown_ms"), "cooldown_ms") end
 local until_ms = cool_model(K, P, t.model, now, end_ms, reason, true)
-end_run(K, P, id, t, now, reason, message)
-rcall("HSET", task_key(P, id), "last_error", message, "last_error_reason", reason)
+-- One HSET of the task hash: the run's end, the error, the report's key and the task back at its head.
+local fields = {"last_error", message, "last_error_reason", reason,
+                "last_end", ARGV[4] .. "|limit:" .. reason .. "|" .. t.model .. "|" .. int(until_ms)}
+for _, v in ipairs(requeue_fields(now, 0)) do fields[#fields + 1] = v end
+end_run(K, P, id, t, now, reason, message, fields)
 record_error(K, now, reason, id, t, message)
-requeue(K, P, id, t, now, 0)
+requeue(K, P, id, t, now, 0, true)
 emit(K, now, reason, {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                       "run_id", t.run_id, "until", int(until_ms), "message", message})
 breaker_after(K, P, t, now, ARGV[8] == "1" and "fault" or "ok", reason)
-rcall("HSET", task_key(P, id), "last_end",
-      ARGV[4] .. "|limit:" .. reason .. "|" .. t.model .. "|" .. int(until_ms))
 return {0, t.model, until_ms}

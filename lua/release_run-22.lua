@@ -35,16 +35,18 @@ if not t then
   if code == 2 and what == "release:" .. reason then return {8, cur.status} end
   return {code, detail}
 end
-end_run(K, P, id, t, now, reason, message)
+-- One HSET of the task hash: the run's end, the report's key, the error (unless a plain release), the queue.
+local fields = {"last_end", ARGV[4] .. "|release:" .. reason}
 if reason ~= "released" then
-  rcall("HSET", task_key(P, id), "last_error", message, "last_error_reason", reason)
-  record_error(K, now, reason, id, t, message)
+  for _, v in ipairs({"last_error", message, "last_error_reason", reason}) do fields[#fields + 1] = v end
 end
-requeue(K, P, id, t, now, 0)
+for _, v in ipairs(requeue_fields(now, 0)) do fields[#fields + 1] = v end
+end_run(K, P, id, t, now, reason, message, fields)
+if reason ~= "released" then record_error(K, now, reason, id, t, message) end
+requeue(K, P, id, t, now, 0, true)
 local hold_ms = tonumber(ARGV[7]) or 0
 if hold_ms > 0 then rcall("SET", KEYS[2], string.sub(reason .. ": " .. message, 1, 500), "PX", hold_ms) end
 emit(K, now, "released", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                           "run_id", t.run_id, "reason", reason, "message", message})
 breaker_after(K, P, t, now, "void")
-rcall("HSET", task_key(P, id), "last_end", ARGV[4] .. "|release:" .. reason)
 return {0, "up_next"}

@@ -232,8 +232,8 @@ def test_doctor_checks_and_repairs_the_boards_run(broker: Broker, clock: Clock) 
 # -- the board hash at a run's end: read once, written once -----------------------------------------
 
 
-def board_calls(broker: Broker, end: Any) -> list[str]:
-    """The commands on board:web that ``end`` made, by SLOWLOG (threshold 0: every call, scripts' too)."""
+def key_calls(broker: Broker, key: str, end: Any) -> list[str]:
+    """The commands on ``key`` that ``end`` made, by SLOWLOG (threshold 0: every call, scripts' too)."""
     c = rc(broker)
     old = c.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
     c.config_set("slowlog-log-slower-than", 0)
@@ -247,7 +247,7 @@ def board_calls(broker: Broker, end: Any) -> list[str]:
     args = [line.split() for line in lines]
     if not any(a[0].upper() == "ZREM" for a in args):  # end_run's ZREM of `running`
         pytest.skip("this server's slowlog does not list a script's own calls")
-    return sorted(a[0].upper() for a in args if len(a) > 1 and a[1] == broker.keys.board("web"))
+    return sorted(a[0].upper() for a in args if len(a) > 1 and a[1] == key)
 
 
 @pytest.mark.parametrize("how", ["complete", "follow_up", "fail", "release"])
@@ -262,6 +262,35 @@ def test_a_runs_end_reads_and_writes_its_board_once(broker: Broker, clock: Clock
         "fail": lambda: broker.fail(claim.task_id, claim.run_id, "boom"),
         "release": lambda: broker.release(claim.task_id, claim.run_id),
     }
-    assert board_calls(broker, ends[how]) == ["HMGET", "HSET"]
+    assert key_calls(broker, broker.keys.board("web"), ends[how]) == ["HMGET", "HSET"]
     assert rc(broker).hmget(broker.keys.board("web"), "running", "run") == ["", ""]
+    assert broker.doctor()["ok"]
+
+
+@pytest.mark.parametrize("how", ["complete", "follow_up", "fail", "fail_for_good", "rate_limited", "release",
+                                 "reason_release", "reap", "cancel"])
+def test_a_runs_end_writes_its_task_hash_with_one_hdel_and_one_hset(broker: Broker, clock: Clock, how: str) -> None:
+    """Whatever ends the run, the task hash is read once (the fenced HMGET) and written with one HDEL (the
+    run's fields) and one HSET (the run's end, the report and the task's next place)."""
+    for title in ("one", "two"):
+        broker.add("web", title, chain="coding")
+    claim = broker.claim()
+    tid, run = claim.task_id, claim.run_id
+    ends = {
+        "complete": lambda: broker.complete(tid, run, Outcome(summary="ok")),
+        "follow_up": lambda: broker.complete(tid, run, Outcome(needs_follow_up=True, next_prompt="n", summary="s")),
+        "fail": lambda: broker.fail(tid, run, "boom"),
+        "fail_for_good": lambda: broker.fail(tid, run, "boom", retry=False),
+        "rate_limited": lambda: broker.rate_limited(tid, run, retry_after=60, message="slow down"),
+        "release": lambda: broker.release(tid, run),
+        "reason_release": lambda: broker.release(tid, run, "pairing", "not paired"),
+        "reap": lambda: (clock.advance(LEASE_S), broker.reap()),
+        "cancel": lambda: broker.cancel(tid),
+    }
+    before = rc(broker).hgetall(broker.keys.task(tid))
+    assert key_calls(broker, broker.keys.task(tid), ends[how]) == ["HDEL", "HMGET", "HSET"]
+    after = rc(broker).hgetall(broker.keys.task(tid))
+    assert after["last_run_id"] == run and "run_id" not in after and "night_run" not in after
+    assert after["updated_at"] == str(ms(clock()))
+    assert before.keys() - after.keys() == {"run_id", "lease_deadline", "probe", "night_run"}
     assert broker.doctor()["ok"]

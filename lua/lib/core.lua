@@ -360,13 +360,19 @@ end
 --   ready    head may run                         ready:<ck of head> (score = place in line)
 -- A ready board that stays ready on the same line keeps its place; a board that
 -- becomes ready joins the back of the line (round-robin across boards).
-local function state_of(P, b, now, st)
+-- known (optional): {task id, ck, backoff_until} of a task the caller just wrote, not read back if it is the head.
+local function state_of(P, b, now, st, known)
   st = st or rcall("HMGET", board_key(P, b), "running", "paused")
   local head = rcall("ZRANGE", queue_key(P, b), 0, 0)[1]
   if not head then return "idle", nil, nil end
   if st[2] == "1" then return "paused", nil, nil end
   if st[1] and st[1] ~= "" then return "busy", nil, nil end
-  local t = rcall("HMGET", task_key(P, head), "ck", "backoff_until")
+  local t
+  if known and known[1] == head then
+    t = {known[2], known[3]}
+  else
+    t = rcall("HMGET", task_key(P, head), "ck", "backoff_until")
+  end
   -- a head whose hash is gone (evicted, deleted by hand) can never run: the board waits as if idle, and
   -- doctor reports the queue entry (and --repair drops it), instead of every script failing on it
   if not t[1] then return "idle", nil, nil end
@@ -404,11 +410,11 @@ end
 -- freed: the board's run just ended (end_run): its running slot is emptied in the same write as its state,
 -- so a run's end reads the board hash once and writes it once. `running` and `run` are left "" (none),
 -- not deleted: an HDEL would be a second write. ck is left stale when the board is not ready.
-local function reindex_board(K, P, b, now, freed)
+local function reindex_board(K, P, b, now, freed, known)
   local bk = board_key(P, b)
   local old = rcall("HMGET", bk, "running", "paused", "state", "ck")
   if freed then old[1] = nil end
-  local state, ck, until_ms = state_of(P, b, now, old)
+  local state, ck, until_ms = state_of(P, b, now, old, known)
   old = {old[3], old[4]}
   local same = old[1] == state and (state ~= "ready" or old[2] == ck) and state ~= "backoff"
   if same and not freed then return state end
@@ -602,7 +608,7 @@ end
 local function requeue(K, P, id, t, now, backoff_until, written)
   rcall("ZADD", queue_key(P, t.board), id, id)
   if not written then rcall("HSET", task_key(P, id), unpack(requeue_fields(now, backoff_until))) end
-  reindex_board(K, P, t.board, now, t.freed)
+  reindex_board(K, P, t.board, now, t.freed, {tostring(id), t.ck, backoff_until})
 end
 
 -- The task hash fields of a task in final place `status` (finish writes them unless its caller did).
@@ -624,21 +630,28 @@ end
 
 -- A run failed (cause: failed, timeout, ...). attempts + 1; below max_attempts the task
 -- returns to its board head (after backoff_ms when backoff is true), else it fails for good.
--- verdict: what the failure says about the provider (breaker_after).
-local function fail_run(K, P, id, t, now, cause, message, retry, backoff, verdict)
-  end_run(K, P, id, t, now, cause, message)
+-- verdict: what the failure says about the provider (breaker_after). more (optional): task hash
+-- fields of the caller's, written in the run end's one HSET.
+local function fail_run(K, P, id, t, now, cause, message, retry, backoff, verdict, more)
   local attempts = t.attempts + 1
   local cfg = rcall("HMGET", K.cfg_settings, "max_attempts", "backoff_ms")
-  rcall("HSET", task_key(P, id), "attempts", attempts, "last_error", message or "", "last_error_reason", cause)
+  local requeued = retry and attempts < setting(cfg[1], "max_attempts")
+  local until_ms = 0
+  if requeued and backoff then until_ms = now + setting(cfg[2], "backoff_ms") end
+  -- One HSET of the task hash: the run's end, the failure and the task's next place (and `more`).
+  local fields = {"attempts", attempts, "last_error", message or "", "last_error_reason", cause}
+  for _, v in ipairs(requeued and requeue_fields(now, until_ms) or finish_fields(now, "failed")) do
+    fields[#fields + 1] = v
+  end
+  for _, v in ipairs(more or {}) do fields[#fields + 1] = v end
+  end_run(K, P, id, t, now, cause, message, fields)
   record_error(K, now, cause, id, t, message)
   local status = "up_next"
-  if retry and attempts < setting(cfg[1], "max_attempts") then
-    local until_ms = 0
-    if backoff then until_ms = now + setting(cfg[2], "backoff_ms") end
-    requeue(K, P, id, t, now, until_ms)
+  if requeued then
+    requeue(K, P, id, t, now, until_ms, true)
   else
     status = "failed"
-    finish(K, P, id, t, now, "failed", K.failed)
+    finish(K, P, id, t, now, "failed", K.failed, true)
   end
   emit(K, now, cause, {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                        "run_id", t.run_id, "attempts", attempts, "status", status, "message", message})
