@@ -16,7 +16,7 @@ import pytest
 from conftest import FakeClock as Clock
 from helpers import counts, ms, rc
 
-from clawq.broker import Broker, Claim, Config, Outcome, TaskStatus
+from clawq.broker import Broker, Claim, Config, NothingToClaim, Outcome, TaskStatus
 from clawq.broker.config import DEFAULT_CONFIG
 
 LEASE_S = 23 * 60
@@ -169,12 +169,17 @@ def lost_events(broker: Broker) -> list[dict[str, Any]]:
     return [e for e in broker.events(1000) if e["type"] == "lost"]
 
 
-@pytest.mark.parametrize("layout", ["new", "old"])
+@pytest.mark.parametrize("layout", ["rerun", "old"])
 def test_the_reaper_releases_a_run_whose_task_hash_is_gone(broker: Broker, clock: Clock, layout: str) -> None:
+    """What outlives the hash names the run: an earlier history entry its board (the board's `run` its model
+    and provider), or, for a run claimed before history was written at a run's end, its open entry."""
     broker.add("api", "other", chain="bulk")  # another board with a run: its slot and counters stay
     other = broker.claim()
     broker.add("web", "one", chain="coding")
     broker.add("web", "two", chain="coding")
+    if layout == "rerun":  # a follow-up: the task's second run, its first one in its history
+        first = broker.claim()
+        broker.complete(first.task_id, first.run_id, Outcome(needs_follow_up=True, next_prompt="more", summary="s"))
     claim, at = claim_at(broker, clock)
     if layout == "old":
         old_layout(broker, claim, at)
@@ -196,8 +201,38 @@ def test_the_reaper_releases_a_run_whose_task_hash_is_gone(broker: Broker, clock
     assert broker.doctor()["problems"] == ["refs c:coding is 2, expected 1"]
 
 
+def test_a_first_run_whose_task_hash_is_gone_is_dropped_and_doctor_frees_its_board(
+        broker: Broker, clock: Clock) -> None:
+    """A first run leaves no trace outside its hash that names its board, and finding the board whose
+    `running` is the task would walk every board: the reaper drops the lease and says what to run."""
+    broker.add("web", "one", chain="coding")
+    broker.add("web", "two", chain="coding")
+    claim = broker.claim()
+    c, k = rc(broker), broker.keys
+    c.delete(k.task(claim.task_id))
+    clock.advance(LEASE_S)
+    assert broker.reap() == []
+    assert c.zcard(k.running) == 0 and not c.exists(k.lease(claim.task_id))
+    [event] = lost_events(broker)
+    assert event["task_id"] == claim.task_id and "doctor --repair" in event["message"]
+    [error] = broker.health_report().recent_errors
+    assert (error.reason, error.task_id) == ("lost", claim.task_id)
+    assert "doctor --repair" in error.message
+    assert counts(c, k.inflight_model) == {claim.model: "1"}  # held until the repair
+    with pytest.raises(NothingToClaim):
+        broker.claim()
+    report = broker.doctor(repair=True)
+    assert report["repaired"], report
+    assert broker.doctor()["ok"]
+    assert counts(c, k.inflight_model) == {}
+    assert broker.claim().task_id == claim.task_id + 1
+
+
 def test_a_lost_lease_with_no_trace_of_its_run_only_leaves_running(broker: Broker, clock: Clock) -> None:
     broker.add("web", "t", chain="coding")
+    broker.add("web", "t2", chain="coding")
+    first = broker.claim()
+    broker.complete(first.task_id, first.run_id, Outcome(needs_follow_up=True, next_prompt="more", summary="s"))
     claim = broker.claim()
     c, k = rc(broker), broker.keys
     c.delete(k.task(1))
@@ -205,7 +240,7 @@ def test_a_lost_lease_with_no_trace_of_its_run_only_leaves_running(broker: Broke
     clock.advance(LEASE_S)
     assert broker.reap() == []
     assert c.zcard(k.running) == 0
-    assert lost_events(broker) == []
+    assert [e["board"] for e in lost_events(broker)] == ["web"]
     assert counts(c, k.inflight_model) == {claim.model: "1"}  # nothing says which model: doctor repairs it
 
 

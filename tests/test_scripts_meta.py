@@ -42,6 +42,18 @@ def test_no_scans_no_functions_no_7_0_commands(path: Path) -> None:
         assert banned not in code.upper(), banned
 
 
+@pytest.mark.parametrize("path", LUA, ids=lambda p: p.name)
+def test_only_doctor_walks_every_board(path: Path) -> None:
+    """A script never scans all boards (claims cost O(log N)); doctor, which checks everything, is the one
+    exception. Walking a whole SET or HASH of boards or tasks is how a scan would creep back in."""
+    if path.name.startswith("doctor-"):
+        return
+    spec = load_specs()[path.name.split("-")[0]]
+    code = spec.source.upper()
+    for banned in ('"SMEMBERS"', '"SSCAN"', '"HSCAN"', '"ZSCAN"'):  # `boards` is only added to and tested
+        assert banned not in code, banned
+
+
 def test_key_names_in_headers_exist_in_keys_module() -> None:
     keys = Keys("x")
     for spec in load_specs().values():

@@ -4,8 +4,7 @@
   (failed after max_attempts); its run loses the lease, so a late report is refused.
   A lost lease says nothing about the provider (the worker died): a breaker's probe slot is freed.
 
-  KEYS[1]  boards              SET    (walked only for a lease whose task hash is gone)
-  KEYS[2..21] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
+  KEYS[1..20] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
            cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
            inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
            in_review failed cancelled events errors stats_failures stats_completed
@@ -14,51 +13,49 @@
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] at most this many leases per call
 
-  A lease whose task hash is gone (deleted by hand) is cleared from what its board says (the board
-  whose `running` is the task, found in O(boards); its `run` = "<run id>|<model>|<provider>"), or, for
-  a run claimed before boards kept `run`, from the open entry of its history: its counters and its board
-  slot are released, event "lost".
+  A lease whose task hash is gone (deleted by hand) is released in O(1) from what outlives the hash: the
+  task's history names its board (the open entry of a run claimed before history was written at a run's
+  end, or any earlier entry: a task never changes board), and the board's `run` names the run's model and
+  provider: its counters and its board slot are released, event "lost". A task's first run leaves no
+  trace outside its hash: its lease is dropped, event "lost" and an error in health say so, and
+  `clawq doctor --repair` frees its board slot and counters (it rebuilds both from the task hashes).
 
   Returns {0, leases handled, task_id, status, task_id, status, ...} (lost tasks are not listed)
 ]]
 local rcall = redis.call
 --- @include "core"
 
-local K = keys_from(RUN_END_KEYS, 2)
-K.boards = KEYS[1]
+local K = keys_from(RUN_END_KEYS, 1)
 local P, now = ARGV[1], clock_ms(ARGV[2])
--- The task hash is gone: release what the run held. A run keeps its board, model and provider on its
--- board (`running` = its task id, `run` = "<run id>|<model>|<provider>"), found by a walk of `boards`:
--- O(boards), only on this path (a hash deleted by hand). A run claimed before `run` existed has an open
--- entry in its history instead.
+-- The task hash is gone: release what the run held, from its history and its board (see the header).
 local function lost(id)
   rcall("ZREM", K.running, id)
   rcall("DEL", lease_key(P, id))
   local board, run
-  for _, b in ipairs(rcall("SMEMBERS", K.boards)) do
-    local v = rcall("HMGET", board_key(P, b), "running", "run")
-    if v[1] == id then
-      board = b
-      if v[2] and v[2] ~= "" then
-        local run_id, model, provider = string.match(v[2], "^(.*)|([^|]*)|([^|]*)$")
-        run = {board = b, run_id = run_id, model = model, provider = provider}
-      end
-      break
+  local raw = rcall("LINDEX", runs_key(P, id), -1)
+  if raw then
+    local last = cjson.decode(raw)
+    board = last.board
+    if not last.ended_at and last.board then run = last end
+  end
+  if board and not run then
+    local v = rcall("HMGET", board_key(P, board), "running", "run")
+    if v[1] == id and v[2] and v[2] ~= "" then
+      local run_id, model, provider = string.match(v[2], "^(.*)|([^|]*)|([^|]*)$")
+      run = {board = board, run_id = run_id, model = model, provider = provider}
     end
   end
-  if not run then
-    local raw = rcall("LINDEX", runs_key(P, id), -1)
-    if raw then
-      local old = cjson.decode(raw)
-      if not old.ended_at and old.board then run = old end
-    end
+  if not board then
+    local message = "task hash missing while it ran: lease released; its board slot and counters are held until "
+                    .. "clawq doctor --repair"
+    record_error(K, now, "lost", id, {board = ""}, message)
+    emit(K, now, "lost", {"task_id", id, "message", message})
+    return
   end
   if run then
     inflight_down(K, run.model, run.provider)
     breaker_after(K, P, {provider = run.provider, run_id = run.run_id}, now, "void")
-    board = board or run.board
   end
-  if not board then return end
   if rcall("HGET", board_key(P, board), "running") == id then
     rcall("HDEL", board_key(P, board), "running", "run")
   end
