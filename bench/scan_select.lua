@@ -66,7 +66,7 @@ end
 local best, best_model, best_served
 for _, b in ipairs(rcall("SMEMBERS", KEYS[1])) do
   local st = rcall("HMGET", P .. "board:" .. b, "running", "paused", "served_at")
-  if not st[1] and st[2] ~= "1" then
+  if (not st[1] or st[1] == "") and st[2] ~= "1" then  -- a run's end leaves running "" (none)
     local model = head_model(b)
     local served = tonumber(st[3]) or 0
     if model and (not best or served < best_served) then
