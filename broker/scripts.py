@@ -91,15 +91,44 @@ def _definitions(lib: str) -> list[_Def]:
             pending = []
         else:
             pending = []  # the library's header comment
-    return [_Def(name, "".join(lines), frozenset(_NAME_RE.findall("".join(lines))) - {name})
+    return [_Def(name, "".join(lines), frozenset(_NAME_RE.findall(_code("".join(lines)))) - {name})
             for name, lines in chunks]
+
+
+def _code(lua: str) -> str:
+    """``lua`` without its comments (``--`` to the end of the line, ``--[[ ... ]]``): a name a comment mentions
+    is no use of it (a definition the shake keeps costs every call of the script a closure)."""
+    out: list[str] = []
+    quote, i, n = "", 0, len(lua)
+    while i < n:
+        ch = lua[i]
+        if quote:
+            if ch == "\\":
+                out.append(lua[i:i + 2])
+                i += 2
+                continue
+            if ch == quote or ch == "\n":
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif lua.startswith("--", i):
+            if lua.startswith("--[[", i):
+                close = lua.find("]]", i + 4)
+                i = n if close < 0 else close + 2
+            else:
+                eol = lua.find("\n", i)
+                i = n if eol < 0 else eol
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 def _shake(defs: list[_Def], text: str) -> str:
     """The definitions ``text`` needs, transitively, in library order."""
     by_name = {d.name: d for d in defs}
     needed: set[str] = set()
-    todo = [n for n in set(_NAME_RE.findall(text)) if n in by_name]
+    todo = [n for n in set(_NAME_RE.findall(_code(text))) if n in by_name]
     while todo:
         name = todo.pop()
         if name not in needed:

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from clawq.broker.keys import Keys
-from clawq.broker.scripts import Scripts, _lua_dir, load_specs
+from clawq.broker.scripts import Scripts, _definitions, _lua_dir, _shake, load_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = sorted((ROOT / "lua").glob("*.lua"))
@@ -158,3 +158,26 @@ def test_a_script_includes_only_the_core_definitions_it_uses() -> None:
         assert f"local function {needed}(" in claim, needed
     assert claim.index("local function hash_table(") < claim.index("local function model_view(")
 
+
+
+def test_a_name_in_a_comment_or_a_string_is_no_use() -> None:
+    """The shake follows uses in code only: a comment that names a definition does not include it (each
+    included definition costs every call a closure), a `--` inside a string does not end the code."""
+    lib = textwrap.dedent('''\
+        -- big: pulls in much
+        local function big() return 1 end
+        -- see big(), which this does not call
+        local function small() return "--[[ not a comment" .. helper() end --[[ nor big ]]
+        local function helper() return "a -- b" end
+        local function other() return big() end
+    ''')
+    defs = _definitions(lib)
+    uses = {d.name: set(d.uses) & {d.name for d in defs} for d in defs}
+    assert uses == {"big": set(), "small": {"helper"}, "helper": set(), "other": {"big"}}
+    shaken = _shake(defs, "-- big() is mentioned here\nreturn small()")
+    assert re.findall(r"local function (\w+)", shaken) == ["small", "helper"]
+
+
+def test_no_script_includes_a_definition_only_a_comment_names() -> None:
+    add = load_specs()["add_task"].source
+    assert "local function end_run" not in add and "local function breaker_after" not in add
