@@ -305,6 +305,17 @@ end
 sync_counts(K.blocked, "blocked", blocks)
 
 -- 3. Board running slots ----------------------------------------------------------------------
+-- Board b's `field` holds `actual` and should hold `want` (false: none): a difference is reported as its
+-- `what` and, when repairing, the field is written or deleted.
+local function sync_board_field(b, field, what, actual, want)
+  if actual == want then return end
+  problem("board " .. b .. " " .. what .. " is " .. (actual or "empty") .. ", expected " .. (want or "empty"))
+  if repair then
+    if want then rcall("HSET", board_key(P, b), field, want) else rcall("HDEL", board_key(P, b), field) end
+    fix("set board " .. b .. " " .. what .. " to " .. (want or "empty"))
+  end
+end
+
 local board_list = sorted_keys(board_set)
 for _, b in ipairs(board_list) do
   local ids = runs_on[b] or {}
@@ -326,28 +337,13 @@ for _, b in ipairs(board_list) do
             " (not repairable)")
   else
     local want = ids[1]
-    if actual ~= (want or false) then
-      problem("board " .. b .. " running slot is " .. (actual or "empty") .. ", expected " .. (want or "empty"))
-      if repair then
-        if want then rcall("HSET", board_key(P, b), "running", want)
-        else rcall("HDEL", board_key(P, b), "running") end
-        fix("set board " .. b .. " running slot to " .. (want or "empty"))
-      end
-    end
+    sync_board_field(b, "running", "running slot", actual, want or false)
     -- the run's facts for the reaper (a run claimed before boards kept them has none)
     local t = want and tasks[want]
     local want_run = t and t.night_run and t.run_id and
                      (t.run_id .. "|" .. (t.model or "") .. "|" .. (t.provider or "")) or false
     local run = rcall("HGET", board_key(P, b), "run")
-    if run == "" then run = false end
-    if run ~= want_run then
-      problem("board " .. b .. " run is " .. (run or "empty") .. ", expected " .. (want_run or "empty"))
-      if repair then
-        if want_run then rcall("HSET", board_key(P, b), "run", want_run)
-        else rcall("HDEL", board_key(P, b), "run") end
-        fix("set board " .. b .. " run to " .. (want_run or "empty"))
-      end
-    end
+    sync_board_field(b, "run", "run", run ~= "" and run or false, want_run)
   end
 end
 
