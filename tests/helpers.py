@@ -6,12 +6,14 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from typing import Any
 
 import pytest
 
 from clawq import cli
-from clawq.broker import Broker
+from clawq.broker import Broker, Config
+from clawq.broker.config import DEFAULT_CONFIG, NightModeConfig
 
 
 def rc(broker: Broker) -> Any:
@@ -24,6 +26,18 @@ def task_hash_ids(client: Any, keys: Any) -> list[int]:
     of every task)."""
     found = (str(k)[len(keys.prefix) + len("task:"):] for k in client.scan_iter(match=keys.prefix + "task:*"))
     return sorted(int(rest) for rest in found if rest.isdigit())
+
+
+def daytime_config(now: float, base: Config = DEFAULT_CONFIG) -> Config:
+    """``base`` with its night window (UTC) opening 6 hours after ``now`` and closing an hour later: a test that
+    asserts day figures (the day cap, a run's ``night``) must not depend on the hour it runs (the default
+    window, 23:00-08:00 in Buenos Aires, is 02:00-11:00 UTC)."""
+    night = base.night_mode or NightModeConfig()
+    opens = time.gmtime(now + 6 * 3600)
+    closes = time.gmtime(now + 7 * 3600)
+    window = night.model_copy(update={"timezone": "UTC", "start": time.strftime("%H:%M", opens),
+                                      "end": time.strftime("%H:%M", closes)})
+    return base.model_copy(update={"night_mode": window})
 
 
 def ms(seconds: float) -> int:

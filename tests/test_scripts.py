@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import FakeClock as Clock
-from helpers import counts, ms, rc
+from helpers import counts, daytime_config, ms, rc
 
 from clawq.broker import (
     Broker,
@@ -207,6 +207,7 @@ def test_add_task_unknown_model(broker: Broker, clock: Clock) -> None:
 
 
 def test_claim_task_ok(broker: Broker, clock: Clock) -> None:
+    broker.load_config(daytime_config(clock()))  # a day run (night False), whatever the hour
     broker.add("web", "t", chain="coding")
     claim = broker.claim()
     assert (claim.task_id, claim.board, claim.model, claim.provider) == (1, "web", "codex", "openai")

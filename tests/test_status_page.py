@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import daytime_config
 from redis_servers import redis_binaries
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
@@ -109,6 +110,7 @@ def driver() -> Iterator[Any]:
 def queue(broker: Broker) -> dict[str, Any]:
     """Four boards: two running (opus, codex), one backing off after a failed run, one paused; sonnet cooling."""
     broker.clock = time.time  # a real clock, so cooldowns and elapsed times move while the page watches
+    broker.load_config(daytime_config(time.time()))  # the day cap (6) and "Day", whatever the hour
     front = broker.add("frontend", "Build the login page", model="opus")
     broker.add("frontend", "Write the <b>login</b> tests & docs", model="opus")
     broker.add("backend", "Add the /tasks endpoint", model="codex")
