@@ -48,12 +48,10 @@ end
 
 -- One HSET of the task hash: the run's end, the outcome's figures and the task's next place.
 local requeued = follow_up and note == ""
-local fields = {"run_count", run_count, "attempts", 0, "last_digest", run_id .. "|" .. ARGV[9],
-                "last_summary", ARGV[7]}
-for _, v in ipairs(requeued and requeue_fields(now, 0) or finish_fields(now, "in_review")) do
-  fields[#fields + 1] = v
-end
-end_run(K, P, id, t, now, follow_up and "follow_up" or "done", note, fields)
+local status = requeued and "up_next" or "in_review"
+end_run_into(K, P, id, t, now, follow_up and "follow_up" or "done", note,
+             {"run_count", run_count, "attempts", 0, "last_digest", run_id .. "|" .. ARGV[9],
+              "last_summary", ARGV[7]}, status, 0)
 local entry = cjson.decode(ARGV[8])
 entry.run_id = run_id
 entry.run_count = run_count
@@ -68,15 +66,10 @@ rcall("ZADD", done_key(P, t.board), now, run_id)
 -- the last 24 h and at most 63 older entries, and its reader counts by time (ZCOUNT of the last hour).
 if completed % 64 == 0 then rcall("ZREMRANGEBYSCORE", done_key(P, t.board), "-inf", now - 86400000) end
 
-local status
 if requeued then
-  status = "up_next"
-  requeue(K, P, id, t, now, 0, true)
   emit(K, now, "follow_up", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                              "run_id", run_id, "run_count", run_count, "message", ARGV[7]})
 else
-  status = "in_review"
-  finish(K, P, id, t, now, "in_review", K.in_review, true)
   emit(K, now, "completed", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                              "run_id", run_id, "run_count", run_count, "message", note ~= "" and note or ARGV[7]})
 end

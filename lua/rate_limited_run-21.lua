@@ -48,10 +48,8 @@ local until_ms = cool_model(K, P, t.model, now, end_ms, reason, true)
 -- One HSET of the task hash: the run's end, the error, the report's key and the task back at its head.
 local fields = {"last_error", message, "last_error_reason", reason,
                 "last_end", ARGV[4] .. "|limit:" .. reason .. "|" .. t.model .. "|" .. int(until_ms)}
-for _, v in ipairs(requeue_fields(now, 0)) do fields[#fields + 1] = v end
-end_run(K, P, id, t, now, reason, message, fields)
+end_run_into(K, P, id, t, now, reason, message, fields, "up_next", 0)
 record_error(K, now, reason, id, t, message)
-requeue(K, P, id, t, now, 0, true)
 emit(K, now, reason, {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                       "run_id", t.run_id, "until", int(until_ms), "message", message})
 breaker_after(K, P, t, now, ARGV[8] == "1" and "fault" or "ok", reason)

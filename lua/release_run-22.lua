@@ -40,10 +40,8 @@ local fields = {"last_end", ARGV[4] .. "|release:" .. reason}
 if reason ~= "released" then
   for _, v in ipairs({"last_error", message, "last_error_reason", reason}) do fields[#fields + 1] = v end
 end
-for _, v in ipairs(requeue_fields(now, 0)) do fields[#fields + 1] = v end
-end_run(K, P, id, t, now, reason, message, fields)
+end_run_into(K, P, id, t, now, reason, message, fields, "up_next", 0)
 if reason ~= "released" then record_error(K, now, reason, id, t, message) end
-requeue(K, P, id, t, now, 0, true)
 local hold_ms = tonumber(ARGV[7]) or 0
 if hold_ms > 0 then rcall("SET", KEYS[2], string.sub(reason .. ": " .. message, 1, 500), "PX", hold_ms) end
 emit(K, now, "released", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,

@@ -628,6 +628,22 @@ local function finish(K, P, id, t, now, status, place, written)
   reindex_board(K, P, t.board, now, t.freed)
 end
 
+-- End the active run (end_run) and put its task in its next place, with one HSET of the task hash: `fields`
+-- (the caller's) and the place's own. status "up_next": back at its board's head, in backoff until
+-- `backoff_until` (ms, 0: none); else the final place of that name (in_review, failed: K[status]).
+local function end_run_into(K, P, id, t, now, outcome, detail, fields, status, backoff_until)
+  local up = status == "up_next"
+  for _, v in ipairs(up and requeue_fields(now, backoff_until) or finish_fields(now, status)) do
+    fields[#fields + 1] = v
+  end
+  end_run(K, P, id, t, now, outcome, detail, fields)
+  if up then
+    requeue(K, P, id, t, now, backoff_until, true)
+  else
+    finish(K, P, id, t, now, status, K[status], true)
+  end
+end
+
 -- A run failed (cause: failed, timeout, ...). attempts + 1; below max_attempts the task
 -- returns to its board head (after backoff_ms when backoff is true), else it fails for good.
 -- verdict: what the failure says about the provider (breaker_after). more (optional): task hash
@@ -640,19 +656,10 @@ local function fail_run(K, P, id, t, now, cause, message, retry, backoff, verdic
   if requeued and backoff then until_ms = now + setting(cfg[2], "backoff_ms") end
   -- One HSET of the task hash: the run's end, the failure and the task's next place (and `more`).
   local fields = {"attempts", attempts, "last_error", message or "", "last_error_reason", cause}
-  for _, v in ipairs(requeued and requeue_fields(now, until_ms) or finish_fields(now, "failed")) do
-    fields[#fields + 1] = v
-  end
   for _, v in ipairs(more or {}) do fields[#fields + 1] = v end
-  end_run(K, P, id, t, now, cause, message, fields)
+  local status = requeued and "up_next" or "failed"
+  end_run_into(K, P, id, t, now, cause, message, fields, status, until_ms)
   record_error(K, now, cause, id, t, message)
-  local status = "up_next"
-  if requeued then
-    requeue(K, P, id, t, now, until_ms, true)
-  else
-    status = "failed"
-    finish(K, P, id, t, now, "failed", K.failed, true)
-  end
   emit(K, now, cause, {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                        "run_id", t.run_id, "attempts", attempts, "status", status, "message", message})
   breaker_after(K, P, t, now, verdict, cause)  -- after the run's own event: the failure, then the opening
