@@ -222,7 +222,8 @@ def _drive(broker: Broker, fleet: Fleet, opts: SimOptions, view: Callable[[Broke
             return True
         started = sum(1 for t in tasks if t.run_count or t.status is not TaskStatus.UP_NEXT)
         if not killed and started >= len(tasks) // 3:
-            killed = fleet.kill_busy_worker() is not None
+            with _uninterrupted():  # it starts a replacement worker: a fork (see _uninterrupted)
+                killed = fleet.kill_busy_worker() is not None
         time.sleep(0.25)
     return False
 
@@ -231,7 +232,9 @@ def _drive(broker: Broker, fleet: Fleet, opts: SimOptions, view: Callable[[Broke
 def _uninterrupted() -> Iterator[None]:
     """Hold SIGINT and SIGTERM (in the main thread) while the simulation makes or cleans up what must not leak, so
     a Ctrl-C cannot land between a thing's making and its registration, nor cut the clean-up short; one that
-    came meanwhile is raised afterwards."""
+    came meanwhile is raised afterwards. Every fork of a fleet process is held too: CPython runs the at-fork
+    hooks (logging's lock) there, and a KeyboardInterrupt raised inside one is printed and dropped, so the
+    simulation went on as if no Ctrl-C had come."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -281,9 +284,10 @@ def _run(opts: SimOptions, broker: Broker, fleet: Fleet, sink: Sink, label: str,
     for t in plan.tasks:
         broker.add(t.board, t.title, chain=t.chain, model=t.model, prompt=f"Work on {t.title}")
     started = time.time()
-    fleet.dispatcher()
-    for _ in range(opts.workers or opts.boards + 1):
-        fleet.worker()
+    with _uninterrupted():  # forks (see _uninterrupted)
+        fleet.dispatcher()
+        for _ in range(opts.workers or opts.boards + 1):
+            fleet.worker()
     view = view_factory() if view_factory else (lambda b: None)
     completed = _drive(broker, fleet, opts, view)
     finished = time.time()
