@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -75,6 +76,7 @@ MAX_CLAIM_BATCH = 64
 LIST_BATCH = 1000
 #: complete_many's place holder for an item whose reply is still to come.
 _PENDING = ClawqError("no reply")
+_log = logging.getLogger("clawq.broker")
 
 
 def _ms(seconds: float) -> int:
@@ -169,12 +171,34 @@ class Broker:
         if known is None or current == known:
             self._identity = current if known is None else known
             return
+        if current is None and self._meta_evicted(known):
+            return
         self._identity = current
         err = NamespaceWiped(self.namespace, known, current, self._stored_config)
         if self.on_wipe is not None:
             self.on_wipe(err)
         if strict:
             raise err
+
+    def _meta_evicted(self, known: str) -> bool:
+        """The id vanished but (some of) the namespace's config is still there: only ``meta`` went (evicted under
+        an ``allkeys-*`` policy, or deleted), not the namespace. A config is only ever written after the id
+        (:meth:`_ensure_ready`, :meth:`recreate`), so a wipe takes both. Puts the id this broker knew back
+        (HSETNX: a concurrent writer's id wins) and returns True; False when it is a wipe after all."""
+        with redis_errors(self._where):
+            if not self.client.exists(self.keys.config, self.keys.cfg_settings, self.keys.cfg_claim,
+                                      self.keys.cfg_chains, self.keys.cfg_model_provider):
+                return False
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hsetnx(self.keys.meta, MetaFields.SCHEMA, SCHEMA_VERSION)
+            pipe.hsetnx(self.keys.meta, MetaFields.ID, known)
+            pipe.hget(self.keys.meta, MetaFields.ID)
+            *_, ident = pipe.execute()
+        if to_str(ident) != known:  # someone re-created it meanwhile: that is a wipe this broker missed
+            return False
+        _log.warning("namespace %r lost its meta hash (evicted or deleted) while its config remained: not a "
+                     "wipe; its id %s was written back", self.namespace, known)
+        return True
 
     def check_identity(self) -> None:
         """Raise NamespaceWiped when the namespace's id is not the one this broker knows (one HGET)."""

@@ -190,3 +190,28 @@ def test_a_dispatcher_whose_script_finds_the_config_gone_checks_for_a_wipe_and_k
         thread.join(5)
     assert alive and r.exists(broker.keys.cfg_settings), caplog.messages
     assert any(m.startswith("NAMESPACE WIPED") for m in caplog.messages)
+
+
+def test_an_evicted_meta_hash_is_not_a_wipe(broker: Broker, r: redis.Redis, namespace: str,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Under an allkeys-* policy Redis may evict ``meta`` alone (CI saw `clawq health` call a partly evicted
+    namespace "wiped, every task gone"). The config is still there, so the namespace is: the id goes back."""
+    broker.load_config(_cfg())
+    broker.add("web", "t", chain="coding")
+    broker.deadlines()
+    before = broker.identity
+    seen: list[NamespaceWiped] = []
+    broker.on_wipe = seen.append
+    r.delete(broker.keys.meta)
+    broker.deadlines()  # no NamespaceWiped
+    assert seen == [] and broker.identity == before
+    assert r.hget(broker.keys.meta, "id") == before.encode()  # type: ignore[union-attr]
+    assert "lost its meta hash" in caplog.text
+    assert broker.health()["namespace"]["recreated"] is None
+    assert [t.title for t in broker.list_tasks(board="web")] == ["t"]
+    # the config gone as well: that is a wipe
+    r.delete(broker.keys.meta, broker.keys.config, broker.keys.cfg_settings, broker.keys.cfg_claim,
+             broker.keys.cfg_chains, broker.keys.cfg_model_provider)
+    with pytest.raises(NamespaceWiped):
+        broker.deadlines()
+    assert len(seen) == 1
