@@ -66,7 +66,7 @@ if int(K.conf.version) ~= ARGV[6] then return {7} end
 local lease_ms = setting(K.conf.lease_ms, "lease_ms")  -- before any write: a missing setting changes nothing
 
 -- Boards whose backoff ended join their ready line (the broker's delayed work, atomic with claims).
-local due = rcall("ZRANGEBYSCORE", K.idx_backoff, "-inf", now, "LIMIT", 0, 100)
+local due = rcall("ZRANGEBYSCORE", K.idx_backoff, "-inf", int(now), "LIMIT", "0", "100")
 for _, b in ipairs(due) do reindex_board(K, P, b, now) end
 
 -- The night rule: outside the window (night_next ~= ""), no night-only run starts. Night-only tasks
@@ -76,7 +76,7 @@ for _, b in ipairs(due) do reindex_board(K, P, b, now) end
 -- forgets the finished ones here.
 local night_next = ARGV[7] or ""
 if night_next ~= "" then
-  for _, id in ipairs(rcall("ZRANGE", K.night_queued, 0, -1)) do
+  for _, id in ipairs(rcall("ZRANGE", K.night_queued, "0", "-1")) do
     local t = rcall("HMGET", task_key(P, id), "board", "status")
     if t[2] == "up_next" then
       rcall("ZREM", queue_key(P, t[1]), id)
@@ -90,7 +90,7 @@ if night_next ~= "" then
 end
 
 -- Scheduled tasks that are due join their board queues at their places (their ids), O(log N) each.
-for _, id in ipairs(rcall("ZRANGEBYSCORE", K.scheduled, "-inf", now, "LIMIT", 0, 100)) do
+for _, id in ipairs(rcall("ZRANGEBYSCORE", K.scheduled, "-inf", int(now), "LIMIT", "0", "100")) do
   local t = rcall("HMGET", task_key(P, id), "board", "night")
   if not t[1] then
     rcall("ZREM", K.scheduled, id)  -- no hash (doctor reports it): nothing to queue
@@ -139,7 +139,7 @@ local function choose(fronts, view)
     if not model then
       refused[#refused + 1] = {ck, reason}
     else
-      local front = rcall("ZRANGE", ready_key(P, ck), 0, 1, "WITHSCORES")  -- the front and the board behind
+      local front = rcall("ZRANGE", ready_key(P, ck), "0", "1", "WITHSCORES")  -- the front and the board behind
       if front[1] then
         return {ck = ck, board = front[1], next_place = front[4], model = model, provider = provider}
       end
@@ -150,6 +150,7 @@ local function choose(fronts, view)
 end
 
 local deadline = now + lease_ms
+local now_s, deadline_s, lease_s = int(now), int(deadline), int(lease_ms)  -- as text, once
 
 -- Claim the head of board `best.board` for run `run_id`; its reply fields go on `out`.
 -- Returns whether a model or provider became blocked (a half-open breaker's probe blocks its provider).
@@ -160,14 +161,14 @@ local function take(best, run_id, out, view)
   local t = rcall("HMGET", tk, "run_count", "attempts")
   local run_count = num(t[1], 0) + 1
   local attempt = num(t[2], 0) + 1
-  rcall("ZADD", K.running, deadline, id)
-  local blocked_m = note_inflight(K, "m", model, rcall("HINCRBY", K.inflight_model, model, 1), true)
-  local blocked_p = note_inflight(K, "p", provider, rcall("HINCRBY", K.inflight_provider, provider, 1), true)
+  rcall("ZADD", K.running, deadline_s, id)
+  local blocked_m = note_inflight(K, "m", model, rcall("HINCRBY", K.inflight_model, model, "1"), true)
+  local blocked_p = note_inflight(K, "p", provider, rcall("HINCRBY", K.inflight_provider, provider, "1"), true)
   local probe = view.blocked["o:" .. provider] ~= nil
   rcall("HSET", tk, "status", "in_progress", "run_id", run_id, "model", model, "provider", provider,
-        "claimed_at", int(now), "lease_deadline", int(deadline), "backoff_until", "0", "updated_at", int(now),
+        "claimed_at", now_s, "lease_deadline", deadline_s, "backoff_until", "0", "updated_at", now_s,
         "probe", probe and "1" or "0", "night_run", ARGV[5] == "1" and "1" or "0")
-  rcall("SET", lease_key(P, id), run_id, "PX", lease_ms)
+  rcall("SET", lease_key(P, id), run_id, "PX", lease_s)
   rcall("INCR", K.stats_claims)
   board_claimed(K, P, b, best.ck, id, now, best.next_place, run_id .. "|" .. model .. "|" .. provider)
   if probe then breaker_probe(K, P, provider, now, run_id, id) end
@@ -182,7 +183,7 @@ end
 -- One claim per run id, while the global cap and the rules allow. When they stop the batch, the boards
 -- left waiting are counted under their reasons, as a refused claim counts them.
 local cap, running = tonumber(ARGV[4]), rcall("ZCARD", K.running)
-local fronts = rcall("ZRANGE", K.ready_fronts, 0, -1)
+local fronts = rcall("ZRANGE", K.ready_fronts, "0", "-1")
 local out, view = {0, 0}, nil
 local function stop(refused)
   if out[2] == 0 then return refuse(refused) end
@@ -203,6 +204,6 @@ for i = 0, extra do
   if take(best, i == 0 and ARGV[3] or ARGV[7 + i], out, view) then view = nil end
   out[2] = out[2] + 1
   running = running + 1
-  if i < extra then fronts = rcall("ZRANGE", K.ready_fronts, 0, -1) end
+  if i < extra then fronts = rcall("ZRANGE", K.ready_fronts, "0", "-1") end
 end
 return out

@@ -16,7 +16,7 @@
   board:<b>:queue, board:<b>:done, ready:<ck>, breaker:<provider>
 
   ARGV[1] prefix  ARGV[2] now (ms; "" = the server's TIME)  ARGV[3] task id  ARGV[4] run id  ARGV[5] follow up (1/0)
-  ARGV[6] next prompt  ARGV[7] summary  ARGV[8] extra outcome fields (JSON object)
+  ARGV[6] next prompt  ARGV[7] summary  ARGV[8] extra outcome fields (a JSON object, "{}" when none)
   ARGV[9] digest of the outcome (to recognise a repeat)
 
   Returns {0, status, run_count, note} | {8, status, run_count} repeated outcome
@@ -50,21 +50,20 @@ end
 local requeued = follow_up and note == ""
 local status = requeued and "up_next" or "in_review"
 end_run_into(K, P, id, t, now, follow_up and "follow_up" or "done", note,
-             {"run_count", run_count, "attempts", 0, "last_digest", run_id .. "|" .. ARGV[9],
+             {"run_count", int(run_count), "attempts", "0", "last_digest", run_id .. "|" .. ARGV[9],
               "last_summary", ARGV[7]}, status, 0)
-local entry = cjson.decode(ARGV[8])
-entry.run_id = run_id
-entry.run_count = run_count
-entry.model = t.model
-entry.summary = ARGV[7]
-entry.at = now / 1000
-if follow_up then entry.next_prompt = ARGV[6] end
-rcall("RPUSH", context_key(P, id), cjson.encode(entry))
-local completed = rcall("HINCRBY", K.stats_completed, t.board, 1)
-rcall("ZADD", done_key(P, t.board), now, run_id)
+-- The context entry: the caller's extra fields (a JSON object, spliced in as it came, not decoded and encoded
+-- again), then the run's, which win a repeated name as a JSON reader takes the last.
+local enc, extra = cjson.encode, ARGV[8]
+local own = '"run_id":' .. enc(run_id) .. ',"run_count":' .. int(run_count) .. ',"model":' .. enc(t.model) ..
+            ',"summary":' .. enc(ARGV[7]) .. ',"at":' .. secs_json(now) ..
+            (follow_up and ',"next_prompt":' .. enc(ARGV[6]) or "") .. "}"
+rcall("RPUSH", context_key(P, id), extra == "{}" and "{" .. own or string.sub(extra, 1, -2) .. "," .. own)
+local completed = rcall("HINCRBY", K.stats_completed, t.board, "1")
+rcall("ZADD", done_key(P, t.board), int(now), run_id)
 -- Outcomes older than 24 h leave board:<b>:done every 64th outcome of the board, not on each one: it holds
 -- the last 24 h and at most 63 older entries, and its reader counts by time (ZCOUNT of the last hour).
-if completed % 64 == 0 then rcall("ZREMRANGEBYSCORE", done_key(P, t.board), "-inf", now - 86400000) end
+if completed % 64 == 0 then rcall("ZREMRANGEBYSCORE", done_key(P, t.board), "-inf", int(now - 86400000)) end
 
 if requeued then
   emit(K, now, "follow_up", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,

@@ -71,9 +71,21 @@ local function clock_ms(arg)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Integer text for ids and millisecond times (tostring would use exponent notation past 1e14).
+-- Integer text for ids and millisecond times (tostring would use exponent notation past 1e14). Redis turns a
+-- number argument of redis.call into text with printf("%.17g"), which costs more than a call's own work: a
+-- script passes times and counters as int() text, and literals as strings ("0", "1"). The last answer is
+-- kept: a script formats its `now` many times.
+local int_v, int_s
 local function int(v)
-  return string.format("%d", v)
+  if v ~= int_v then int_v, int_s = v, string.format("%d", v) end
+  return int_s
+end
+
+-- Milliseconds as JSON seconds with 3 decimals ("1733370000.120"): what cjson.encode(ms / 1000) means, without
+-- its printf("%.14g"). Readers take JSON numbers, so the trailing zero changes nothing.
+local function secs_json(ms)
+  local s = math.floor(ms / 1000)
+  return string.format("%d.%03d", s, ms - s * 1000)
 end
 
 -- Events: a capped stream of typed events. fields is a flat list of name, value pairs.
@@ -83,7 +95,7 @@ local function emit(K, now, etype, fields)
     local v = fields[i + 1]
     if v ~= nil and v ~= false and v ~= "" then
       args[#args + 1] = fields[i]
-      args[#args + 1] = tostring(v)
+      args[#args + 1] = (type(v) == "number" and v % 1 == 0) and int(v) or tostring(v)
     end
   end
   rcall(unpack(args))
@@ -94,9 +106,9 @@ local function record_error(K, now, reason, id, t, message)
   local doc = cjson.encode({reason = reason, task_id = tonumber(id), board = t.board,
                             model = t.model or "", message = message or "", at = now / 1000})
   rcall("LPUSH", K.errors, doc)
-  rcall("LTRIM", K.errors, 0, 99)
+  rcall("LTRIM", K.errors, "0", "99")
   if t.model and t.model ~= "" then
-    rcall("HINCRBY", K.stats_failures, t.model .. "|" .. reason, 1)
+    rcall("HINCRBY", K.stats_failures, t.model .. "|" .. reason, "1")
   end
 end
 
@@ -239,8 +251,8 @@ local function breaker_after(K, P, t, now, verdict, cause)
   local failures = setting(cfg[1], "breaker_failures")
   if failures < 1 then return end
   local fk, window = breaker_failures_key(P, p), setting(cfg[2], "breaker_window_ms")
-  rcall("ZADD", fk, now, t.run_id)
-  rcall("ZREMRANGEBYSCORE", fk, "-inf", now - window)
+  rcall("ZADD", fk, int(now), t.run_id)
+  rcall("ZREMRANGEBYSCORE", fk, "-inf", int(now - window))
   if rcall("ZCARD", fk) >= failures then
     open_breaker(K, P, p, now, cause, setting(cfg[3], "breaker_cooldown_ms"))
   else
@@ -344,7 +356,7 @@ end
 local function leave_line(K, P, b, ck)
   local rk = ready_key(P, ck)
   rcall("ZREM", rk, b)
-  local front = rcall("ZRANGE", rk, 0, 0, "WITHSCORES")
+  local front = rcall("ZRANGE", rk, "0", "0", "WITHSCORES")
   if front[1] then
     rcall("ZADD", K.ready_fronts, front[2], ck)
   else
@@ -363,7 +375,7 @@ end
 -- known (optional): {task id, ck, backoff_until} of a task the caller just wrote, not read back if it is the head.
 local function state_of(P, b, now, st, known)
   st = st or rcall("HMGET", board_key(P, b), "running", "paused")
-  local head = rcall("ZRANGE", queue_key(P, b), 0, 0)[1]
+  local head = rcall("ZRANGE", queue_key(P, b), "0", "0")[1]
   if not head then return "idle", nil, nil end
   if st[2] == "1" then return "paused", nil, nil end
   if st[1] and st[1] ~= "" then return "busy", nil, nil end
@@ -395,7 +407,7 @@ end
 
 local function join_index(K, P, b, state, ck, until_ms)
   if state == "ready" then
-    local place = rcall("INCR", K.ready_seq)
+    local place = int(rcall("INCR", K.ready_seq))
     rcall("ZADD", ready_key(P, ck), place, b)
     rcall("ZADD", K.ready_fronts, "NX", place, ck)  -- at the back: the front moves only if the line was empty
   elseif state == "busy" then
@@ -403,7 +415,7 @@ local function join_index(K, P, b, state, ck, until_ms)
   elseif state == "paused" then
     rcall("SADD", K.idx_paused, b)
   elseif state == "backoff" then
-    rcall("ZADD", K.idx_backoff, until_ms, b)
+    rcall("ZADD", K.idx_backoff, int(until_ms), b)
   end
 end
 
@@ -486,7 +498,7 @@ end
 -- for counters of bounded names (the configured models and providers).
 local function counter_down(hash, field, keep_zero)
   if not field then return nil end
-  local n = rcall("HINCRBY", hash, field, -1)
+  local n = rcall("HINCRBY", hash, field, "-1")
   if n <= 0 and not keep_zero then rcall("HDEL", hash, field) end
   return n
 end
@@ -510,11 +522,14 @@ local function end_run(K, P, id, t, now, outcome, detail, fields)
   if t.night_run then
     -- The run's history entry, written once: the claim kept its facts in the task hash (run_count and
     -- attempts are still the claim's, the caller writes the new ones with `fields`).
-    local entry = {run_id = t.run_id, board = t.board, model = t.model, provider = t.provider,
-                   run_count = t.run_count + 1, attempt = t.attempts + 1, claimed_at = num(t.claimed_at, 0) / 1000,
-                   night = t.night_run == "1", ended_at = now / 1000, outcome = outcome}
-    if detail and detail ~= "" then entry.error = detail end
-    rcall("RPUSH", rk, cjson.encode(entry))
+    -- Spelled out, not cjson.encode of a table: its printf of every number cost more than the RPUSH.
+    local enc = cjson.encode
+    local err = (detail and detail ~= "") and ',"error":' .. enc(detail) or ""
+    rcall("RPUSH", rk, '{"run_id":' .. enc(t.run_id) .. ',"board":' .. enc(t.board) .. ',"model":' ..
+          enc(t.model) .. ',"provider":' .. enc(t.provider) .. ',"run_count":' .. int(t.run_count + 1) ..
+          ',"attempt":' .. int(t.attempts + 1) .. ',"claimed_at":' .. secs_json(num(t.claimed_at, 0)) ..
+          ',"night":' .. (t.night_run == "1" and "true" or "false") .. ',"ended_at":' .. secs_json(now) ..
+          ',"outcome":' .. enc(outcome) .. err .. "}")
   else
     -- A run claimed before `night_run` existed has an open entry (the claim pushed it): close it by
     -- appending members to it, rather than decoding and re-encoding it.
@@ -533,9 +548,9 @@ end
 -- or for the night window, and board:<b>.scheduled counts them per board. A scheduled task is in no
 -- board queue, so it is no board's head and blocks nothing. K needs scheduled.
 local function schedule_task(K, P, id, board, due)
-  rcall("ZADD", K.scheduled, due, id)
+  rcall("ZADD", K.scheduled, int(due), id)
   rcall("HSET", task_key(P, id), "status", "scheduled", "due_at", int(due))
-  rcall("HINCRBY", board_key(P, board), "scheduled", 1)
+  rcall("HINCRBY", board_key(P, board), "scheduled", "1")
 end
 
 -- A new task (add_task, a schedule's firing): at the tail of its board, or in `scheduled` when it is
@@ -576,15 +591,15 @@ local function new_task(K, P, now, spec)
     end
   end
   rcall("HSET", task_key(P, sid), unpack(fields))
-  rcall("HINCRBY", K.refs, ck, 1)
+  rcall("HINCRBY", K.refs, ck, "1")
   local due, status = tonumber(spec.due), "up_next"
   if due and due > now then
     status = "scheduled"
     schedule_task(K, P, sid, board, due)
     rcall("SADD", K.boards, board)
   else
-    rcall("ZADD", queue_key(P, board), id, sid)
-    if spec.night == "1" then rcall("ZADD", K.night_queued, id, sid) end
+    rcall("ZADD", queue_key(P, board), sid, sid)
+    if spec.night == "1" then rcall("ZADD", K.night_queued, sid, sid) end
     -- Behind a lower id the board's head, so its index, is unchanged: only a new head re-indexes it.
     -- A lower id in the queue also means the board is already in `boards` (every task that reaches a
     -- queue was added here first, and `boards` only grows), so only a new head joins it.
@@ -606,9 +621,10 @@ end
 -- Back to the board's queue, scored by its id: it is the head again if nothing lower waits.
 -- written: the caller already wrote requeue_fields (with end_run's, in one HSET).
 local function requeue(K, P, id, t, now, backoff_until, written)
-  rcall("ZADD", queue_key(P, t.board), id, id)
+  local sid = type(id) == "number" and int(id) or id
+  rcall("ZADD", queue_key(P, t.board), sid, sid)
   if not written then rcall("HSET", task_key(P, id), unpack(requeue_fields(now, backoff_until))) end
-  reindex_board(K, P, t.board, now, t.freed, {tostring(id), t.ck, backoff_until})
+  reindex_board(K, P, t.board, now, t.freed, {sid, t.ck, backoff_until})
 end
 
 -- The task hash fields of a task in final place `status` (finish writes them unless its caller did).
@@ -620,7 +636,7 @@ end
 -- task (scheduled, up_next, in_progress) stops counting in refs, the uses of its chain key.
 -- written: the caller already wrote finish_fields.
 local function finish(K, P, id, t, now, status, place, written)
-  rcall("ZADD", place, now, id)
+  rcall("ZADD", place, int(now), id)
   if not written then rcall("HSET", task_key(P, id), unpack(finish_fields(now, status))) end
   if t.status == "up_next" or t.status == "in_progress" or t.status == "scheduled" then
     counter_down(K.refs, t.ck)
