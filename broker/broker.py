@@ -30,7 +30,7 @@ from .checks import (
     check_text,
 )
 from .config import DEFAULT_CONFIG, Config, parse_config
-from .connection import Client, client_from_url, client_url
+from .connection import Client, client_from_url, client_url, pipelined
 from .decode import event, skips, task_from, text, texts, to_str, with_open_run, xread_rows
 from .doctor import doctor_report, parse_reply
 from .errors import (
@@ -587,13 +587,13 @@ class Broker:
         self._ensure_ready()
         if not isinstance(self.client, redis.Redis):
             return [self._caught(name, t, r, a) for _, t, r, a in calls]
+        sha, now = self._sha(name), self._now_arg()
+        commands = []
+        for _, task_id, run_id, args in calls:
+            keys = self._scripts.keys_for(name, task_id=task_id)
+            commands.append(["EVALSHA", sha, len(keys), *keys, self.keys.prefix, now, task_id, run_id, *args])
         with redis_errors(self._where):
-            pipe = self.client.pipeline(transaction=False)
-            for _, task_id, run_id, args in calls:
-                keys = self._scripts.keys_for(name, task_id=task_id)
-                pipe.evalsha(self._sha(name), len(keys), *keys, self.keys.prefix, self._now_arg(), task_id, run_id,
-                             *args)
-            replies = pipe.execute(raise_on_error=False)
+            replies = pipelined(self.client, commands)
         out: list[list[Any] | ClawqError] = []
         for (_, task_id, run_id, args), reply in zip(calls, replies, strict=True):
             if isinstance(reply, redis.exceptions.NoScriptError):  # the wrapper (re)loads it

@@ -24,10 +24,12 @@ notifications: a new connection sends nothing before its first command (AUTH and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import hiredis
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.driver_info import DriverInfo
@@ -37,7 +39,8 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 from .errors import InputError
 from .redact import redact_url
 
-__all__ = ["CLUSTER_SCHEMES", "SENTINEL_SCHEMES", "Client", "client_from_url", "client_url", "rq_connection"]
+__all__ = ["CLUSTER_SCHEMES", "SENTINEL_SCHEMES", "Client", "client_from_url", "client_url", "pipelined",
+           "rq_connection"]
 
 #: What a Broker talks to: one server (possibly Sentinel-managed) or a cluster.
 Client = redis.Redis | RedisCluster
@@ -189,3 +192,30 @@ def client_url(client: Any) -> str:
         path = kw["path"]
         return f"unix://{path.decode() if isinstance(path, bytes) else path}"
     return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def pipelined(client: redis.Redis, commands: Sequence[Sequence[str | int | float]]) -> list[Any]:
+    """Send ``commands`` to one server in one round trip and read their replies, in order; an error reply stays
+    in its place as the ResponseError it is (what ``pipeline(transaction=False).execute(raise_on_error=False)``
+    gives). The commands are packed by hiredis: redis-py's pipeline runs every argument through its Python
+    encoder first, which cost 42-68 µs for a complete_run call (34 arguments) where hiredis takes 7 µs. A lost
+    connection is retried with the client's own Retry, as redis-py's pipelines retry it, so ``commands`` must be
+    safe to send twice (every run end is: a repeat is answered as one)."""
+    packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)  # type: ignore[arg-type]
+    pool = client.connection_pool
+    conn = pool.get_connection()
+
+    def send_and_read() -> list[Any]:
+        conn.send_packed_command([packed])  # type: ignore[no-untyped-call]
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except redis.exceptions.ResponseError as err:
+                replies.append(err)
+        return replies
+
+    try:
+        return conn.retry.call_with_retry(send_and_read, lambda _err: conn.disconnect())  # type: ignore[no-untyped-call]
+    finally:
+        pool.release(conn)

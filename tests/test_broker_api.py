@@ -214,3 +214,44 @@ def test_complete_many_equals_complete_one_by_one(broker: Broker, r: redis.Redis
         (c.task_id, TaskStatus.IN_REVIEW) for c in claims]
     assert sorted(c.task_id for c in claims) == ids
     assert [e["type"] for e in broker.events(100)].count("completed") == 3
+
+
+def test_complete_many_survives_a_lost_reply_and_records_each_outcome_once(redis_url: str, r: redis.Redis,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """complete_many packs and sends its pipeline itself (hiredis): a connection lost after the batch reached the
+    server is reconnected and the batch sent again with the client's Retry, as redis-py's own pipelines do; the
+    outcomes it recorded the first time are answered as repeats and counted once."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    broker = Broker(redis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 1)), "lostreply")
+    for i in range(4):
+        broker.add(f"b{i}", "t", chain="coding")
+    first, *claims = broker.claim_many(4)[0]
+    broker.complete(first.task_id, first.run_id, Outcome(summary="ok"))  # complete_run is loaded: no NOSCRIPT
+    pool = broker.client.connection_pool
+    conn = pool.get_connection()
+    pool.release(conn)  # the connection complete_many takes next
+    real, lost = conn.send_packed_command, []
+
+    def send_then_lose(command: object, check_health: bool = True) -> None:
+        real(command, check_health)
+        if not lost:
+            lost.append(1)
+            raise redis.exceptions.ConnectionError("the reply was lost")
+
+    monkeypatch.setattr(conn, "send_packed_command", send_then_lose)
+    results = broker.complete_many([(c.task_id, c.run_id, Outcome(summary="ok")) for c in claims])
+    assert lost == [1]
+    assert [(type(x).__name__, getattr(x, "repeated", None)) for x in results] == [("Completion", True)] * 3
+    assert [e["type"] for e in broker.events(100)].count("completed") == 4
+    broker.close()
+
+
+def test_complete_many_against_a_stopped_server_raises_redis_unavailable() -> None:
+    from clawq.broker.errors import RedisUnavailable
+
+    b = Broker(redis.Redis(port=1, socket_connect_timeout=0.2, retry=None), "gone")
+    b.assume_ready()  # a worker's broker: it never seeds the namespace
+    with pytest.raises(RedisUnavailable):
+        b.complete_many([(1, "00000000-0000-4000-8000-000000000000", Outcome(summary="ok"))])
