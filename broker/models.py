@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
@@ -107,6 +108,10 @@ class Outcome(BaseModel):
 
     def digest(self) -> str:
         """A stable fingerprint: a repeat of the same outcome is recognised by it."""
+        return self._digest
+
+    @cached_property
+    def _digest(self) -> str:  # an Outcome is frozen: computed once (a batch may complete many with one)
         doc = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(doc.encode("utf-8")).hexdigest()
 
