@@ -11,7 +11,7 @@ Per round, on the same server and in the same minutes, interleaved:
   made (SLOWLOG logs them too, just before the script that made them). Also per script: claim ÷ moveToActive
   and complete ÷ moveToFinished.
 - **throughput**: N jobs queued beforehand, then timed until all N are done. BullMQ: one Node process, a Worker
-  at concurrency 8. clawq: one Python process, batch claims (``Broker.claim_many``) and pipelined completes
+  at concurrency 8. clawq: one Python process, batch claims (``Broker.claim_many``) and batched completes
   (``Broker.complete_many``).
 
 BullMQ (pinned below) is installed with the system ``npm`` into a cache folder on first use; without
@@ -351,7 +351,7 @@ def _print(med: dict[str, float], goals: list[Goal], versions: str, rounds: int,
                 [[o, med[f"{o}_us"], med[f"{o}_calls"], t, med[f"{t}_us"], med[f"{t}_calls"],
                   med[f"{o}_us"] / max(1e-9, med[f"{t}_us"])] for o, t in PAIRS])
     print_table("throughput, one process each", ["", "per second"], [
-        ["clawq tasks/s (batch claims, pipelined completes)", med["clawq_tasks_per_s"]],
+        ["clawq tasks/s (batch claims, batched completes)", med["clawq_tasks_per_s"]],
         [f"BullMQ jobs/s (Worker, concurrency {THROUGHPUT_CONCURRENCY})", med["bull_jobs_per_s"]],
     ])
     for g in goals:

@@ -72,6 +72,8 @@ SCHEMA_VERSION = 2
 REAP_BATCH = 500
 #: The most claims one claim_many call makes.
 MAX_CLAIM_BATCH = 64
+#: Outcomes per complete_runs call in ``complete_many`` (the calls of one batch share a round trip).
+COMPLETE_BATCH = 64
 #: Task hashes read per pipeline by ``list_tasks``.
 LIST_BATCH = 1000
 #: complete_many's place holder for an item whose reply is still to come.
@@ -553,11 +555,13 @@ class Broker:
         return self._completion(task_id, reply)
 
     def complete_many(self, items: Sequence[tuple[int, str, Outcome]]) -> list[Completion | ClawqError]:
-        """Record many runs' outcomes in one round trip: a pipeline of :meth:`complete` calls (each one atomic,
-        not the batch). Each item, in order, gets what :meth:`complete` would give it: its Completion, or the
-        ClawqError :meth:`complete` would raise (RunFenced, TaskNotFound, InputError...). Only a Redis that cannot
-        be reached raises (RedisUnavailable); then some of the items may have been recorded, as a lost reply
-        to :meth:`complete` leaves it unknown, and completing them again is answered as a repeat."""
+        """Record many runs' outcomes in one round trip: complete_runs calls of up to COMPLETE_BATCH outcomes each,
+        every outcome recorded as :meth:`complete` records it (each one fenced by its own run id). Each item, in
+        order, gets what :meth:`complete` would give it: its Completion, or the ClawqError :meth:`complete` would
+        raise (RunFenced, TaskNotFound, InputError...). Only a Redis that cannot be reached raises
+        (RedisUnavailable); then some of the items may have been recorded, as a lost reply to :meth:`complete`
+        leaves it unknown, and completing them again is answered as a repeat. An error of a whole call (one no
+        outcome causes: Redis refused the script) is every item's of that call."""
         results: list[Completion | ClawqError] = []
         calls: list[tuple[int, int, str, list[str | int | float]]] = []
         for task_id, run_id, outcome in items:
@@ -569,8 +573,11 @@ class Broker:
                 continue
             calls.append((len(results), task_id, run_id, _complete_args(outcome)))
             results.append(_PENDING)
-        for (i, task_id, run_id, _), reply in zip(calls, self._pipelined_runs("complete_run", calls), strict=True):
-            results[i] = reply if isinstance(reply, ClawqError) else self._completion_or_error(task_id, run_id, reply)
+        chunks = [calls[i:i + COMPLETE_BATCH] for i in range(0, len(calls), COMPLETE_BATCH)]
+        for chunk, replies in zip(chunks, self._batched_runs("complete_runs", chunks), strict=True):
+            for (i, task_id, run_id, _), reply in zip(chunk, replies, strict=True):
+                results[i] = (reply if isinstance(reply, ClawqError)
+                              else self._completion_or_error(task_id, run_id, reply))
         return results
 
     def _completion_or_error(self, task_id: int, run_id: str, reply: list[Any]) -> Completion | ClawqError:
@@ -579,39 +586,41 @@ class Broker:
             return error_for(status, task_id, run_id, str(reply[1]))
         return self._completion(task_id, reply)
 
-    def _pipelined_runs(
-        self, name: str, calls: list[tuple[int, int, str, list[str | int | float]]]
-    ) -> list[list[Any] | ClawqError]:
-        """Run script ``name`` once per (index, task id, run id, args) in one pipeline; each reply, or the
-        ClawqError its call met. A cluster's pipelines refuse EVALSHA: there, one call after another."""
+    def _batched_runs(
+        self, name: str, chunks: list[list[tuple[int, int, str, list[str | int | float]]]]
+    ) -> list[list[list[Any] | ClawqError]]:
+        """Run batch script ``name`` once per chunk of (index, task id, run id, args), all in one round trip;
+        per chunk, each item's reply, or the ClawqError its chunk's call met."""
         self._ensure_ready()
-        if not isinstance(self.client, redis.Redis):
-            return [self._caught(name, t, r, a) for _, t, r, a in calls]
-        sha, now = self._sha(name), self._now_arg()
-        commands = []
-        for _, task_id, run_id, args in calls:
-            keys = self._scripts.keys_for(name, task_id=task_id)
-            commands.append(["EVALSHA", sha, len(keys), *keys, self.keys.prefix, now, task_id, run_id, *args])
+        now = self._now_arg()
+        argvs = [[now, *(v for _, task_id, run_id, args in chunk for v in (task_id, run_id, *args))]
+                 for chunk in chunks]
+        if not isinstance(self.client, redis.Redis):  # a cluster's pipelines refuse EVALSHA: one call after another
+            return [self._chunk_replies(name, argv, len(chunk)) for argv, chunk in zip(argvs, chunks, strict=True)]
+        sha, keys = self._sha(name), self._scripts.keys_for(name)
         with redis_errors(self._where):
-            replies = pipelined(self.client, commands)
-        out: list[list[Any] | ClawqError] = []
-        for (_, task_id, run_id, args), reply in zip(calls, replies, strict=True):
+            replies = pipelined(self.client, [["EVALSHA", sha, len(keys), *keys, self.keys.prefix, *argv]
+                                              for argv in argvs])
+        out: list[list[list[Any] | ClawqError]] = []
+        for argv, chunk, reply in zip(argvs, chunks, replies, strict=True):
             if isinstance(reply, redis.exceptions.NoScriptError):  # the wrapper (re)loads it
-                out.append(self._caught(name, task_id, run_id, args))
+                out.append(self._chunk_replies(name, argv, len(chunk)))
             elif isinstance(reply, Exception):
-                out.append(_translated(reply, self._where))
+                out.append([_translated(reply, self._where)] * len(chunk))
             else:
-                out.append([text(x) for x in reply])
+                out.append([[text(x) for x in item] for item in reply])
         return out
 
-    def _caught(self, name: str, task_id: int, run_id: str, args: list[str | int | float]) -> list[Any] | ClawqError:
-        """One run call's reply, or the ClawqError it met (RedisUnavailable still raises)."""
+    def _chunk_replies(self, name: str, argv: list[Any], n: int) -> list[list[Any] | ClawqError]:
+        """One batch call through the script wrapper: its items' replies, or the ClawqError it met for each of
+        its ``n`` items (RedisUnavailable still raises)."""
         try:
-            return self._call(name, [self._now_arg(), task_id, run_id, *args], task_id=task_id)
+            reply = self._call(name, argv)
         except RedisUnavailable:
             raise
         except ClawqError as err:
-            return err
+            return [err] * n
+        return [[text(x) for x in item] for item in reply]
 
     @staticmethod
     def _completion(task_id: int, reply: list[Any]) -> Completion:

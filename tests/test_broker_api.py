@@ -9,6 +9,7 @@ from conftest import FakeClock
 from clawq.broker import (
     SCHEMA_VERSION,
     Broker,
+    Completion,
     InputError,
     NothingToClaim,
     Outcome,
@@ -228,7 +229,7 @@ def test_complete_many_survives_a_lost_reply_and_records_each_outcome_once(redis
     for i in range(4):
         broker.add(f"b{i}", "t", chain="coding")
     first, *claims = broker.claim_many(4)[0]
-    broker.complete(first.task_id, first.run_id, Outcome(summary="ok"))  # complete_run is loaded: no NOSCRIPT
+    broker.complete_many([(first.task_id, first.run_id, Outcome(summary="ok"))])  # its script is loaded now
     pool = broker.client.connection_pool
     conn = pool.get_connection()
     pool.release(conn)  # the connection complete_many takes next
@@ -255,3 +256,35 @@ def test_complete_many_against_a_stopped_server_raises_redis_unavailable() -> No
     b.assume_ready()  # a worker's broker: it never seeds the namespace
     with pytest.raises(RedisUnavailable):
         b.complete_many([(1, "00000000-0000-4000-8000-000000000000", Outcome(summary="ok"))])
+
+
+def test_complete_many_spans_several_batch_calls_in_order(broker: Broker) -> None:
+    """More outcomes than one complete_runs call takes: several calls in one round trip, each item's result at
+    its place; the same outcome twice in one batch is recorded once and answered as a repeat."""
+    from clawq.broker.broker import COMPLETE_BATCH
+
+    for i in range(5):
+        broker.add(f"b{i}", "t", chain="coding")
+    claims = broker.claim_many(5)[0]
+    n = COMPLETE_BATCH * 2 + 20
+    real = {0: claims[0], COMPLETE_BATCH - 1: claims[1], COMPLETE_BATCH: claims[2], n - 10: claims[3],
+            n - 2: claims[4]}
+    items = []
+    for i in range(n):
+        c = real.get(i)
+        if c is not None:
+            items.append((c.task_id, c.run_id, Outcome(needs_follow_up=i % 2 == 0, next_prompt="again", summary="s")))
+        else:  # no such task
+            items.append((1000 + i, f"00000000-0000-4000-8000-{i:012d}", Outcome(summary="s")))
+    items.append(items[COMPLETE_BATCH])  # the outcome of the third claim again, in the last call
+    results = broker.complete_many(items)
+    assert len(results) == n + 1
+    for i, ((task_id, _, outcome), result) in enumerate(zip(items, results, strict=True)):
+        if i in real or i == n:
+            assert isinstance(result, Completion) and result.task_id == task_id, (i, result)
+            assert result.status is (TaskStatus.UP_NEXT if outcome.needs_follow_up else TaskStatus.IN_REVIEW)
+            assert result.repeated is (i == n)
+        else:
+            assert isinstance(result, TaskNotFound), (i, result)
+    events = [e["type"] for e in broker.events(1000)]
+    assert events.count("completed") + events.count("follow_up") == 5
