@@ -26,7 +26,7 @@ __all__ = ["HOST", "BenchServer", "machine_info", "system_redis_server"]
 
 HOST = "127.0.0.1"
 _SHARED_PORT = 6379
-_START_TIMEOUT_S = 10.0
+_START_TIMEOUT_S = 30.0  # a server under valgrind takes seconds
 
 
 def system_redis_server() -> str:
@@ -52,9 +52,12 @@ def _free_port() -> int:
 class BenchServer:
     """``with BenchServer() as srv:`` a private redis-server; ``srv.url``, ``srv.client()``, ``srv.version``."""
 
-    def __init__(self, binary: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, binary: str | None = None, extra_args: tuple[str, ...] = (),
+                 wrapper: tuple[str, ...] = ()) -> None:
         self.binary = binary or system_redis_server()
         self.extra_args = extra_args
+        self.wrapper = wrapper  #: a command the server runs under (valgrind ...), in the same process
+        self.pid = 0
         self.port = 0
         self.version = ""
         self._dir = ""
@@ -72,8 +75,8 @@ class BenchServer:
         for _ in range(5):
             self.port = _free_port()
             self._proc = subprocess.Popen(
-                [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
-                 "--daemonize", "no", "--dir", self._dir, *self.extra_args],
+                [*self.wrapper, self.binary, "--port", str(self.port), "--bind", HOST, "--save", "",
+                 "--appendonly", "no", "--daemonize", "no", "--dir", self._dir, *self.extra_args],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
@@ -95,6 +98,7 @@ class BenchServer:
                 continue
             if int(info["process_id"]) != self._proc.pid:
                 return False  # someone else answered on that port
+            self.pid = self._proc.pid
             self.version = str(info["redis_version"])
             return True
         return False

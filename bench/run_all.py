@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("claim_cost", "scaling", "e2e", "latency", "bullmq")
+BENCHES = ("claim_cost", "scaling", "e2e", "latency", "bullmq", "instructions")
 
 
 def _args() -> argparse.Namespace:
