@@ -17,7 +17,16 @@ from conftest import FakeClock
 from redis.cluster import ClusterNode, RedisCluster
 from redis_servers import HOST, RedisServer, free_port, redis_binaries
 
-from clawq.broker import Broker, NothingToClaim, Outcome, RedisUnavailable, TaskStatus, parse_config
+from clawq.broker import (
+    Broker,
+    Completion,
+    NothingToClaim,
+    Outcome,
+    RedisUnavailable,
+    RunFenced,
+    TaskStatus,
+    parse_config,
+)
 from clawq.broker.connection import client_from_url, rq_connection
 from clawq.broker.errors import InputError
 
@@ -238,6 +247,10 @@ def test_noscript_reload_on_a_cluster(cluster: Cluster, brokers: tuple[Broker, B
         with node.client() as raw:
             raw.script_flush()
     assert b1.complete(1, c1.run_id, Outcome(summary="ok")).status is TaskStatus.IN_REVIEW
+    # complete_many on a cluster: one complete_runs call per batch through the wrapper (it reloads the script)
+    done, fenced = b2.complete_many([(1, c2.run_id, Outcome(summary="ok")), (1, c1.run_id, Outcome(summary="ok"))])
+    assert isinstance(done, Completion) and done.status is TaskStatus.IN_REVIEW
+    assert isinstance(fenced, RunFenced)
     assert b2.doctor()["ok"]
 
 
