@@ -51,7 +51,7 @@ CLAIM_ANCHORS = (
 COMPLETE_ANCHORS = (
     ("+ core library (inlined lib/core.lua)", "local K = keys_from(RUN_END_KEYS, 2)"),
     ("+ its own prelude", "local t, code, detail = active_run(P, id, run_id)"),
-    ("+ fence check", 'local follow_up = ARGV[5] == "1"'),
+    ("+ fence check", 'local follow_up = follow == "1"'),  # inside lib/core.lua complete_one
 )
 #: The fewest redis.call()s any claim and complete that keep the queue's rules and its observability could
 #: make, with no reads beyond what a decision needs. Claim (14): the config version, SMEMBERS of the ready lines,

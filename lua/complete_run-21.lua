@@ -26,5 +26,6 @@
 local rcall = redis.call
 --- @include "core"
 
-return complete_one(keys_from(RUN_END_KEYS, 2), ARGV[1], clock_ms(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6],
-                    ARGV[7], ARGV[8], ARGV[9])
+local K = keys_from(RUN_END_KEYS, 2)
+local reply = complete_one(K, ARGV[1], clock_ms(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+return reply
