@@ -183,9 +183,13 @@ class AgentTree:
         agent's tree, not the number of processes on the machine (where the kernel lists children)."""
         roots = [self.leader] if self.leader is not None else []
         roots += [pid for pid in self.members if self._same(pid)]
+        # The tree first, this process's adopted orphans after: a process whose parent dies between the two reads
+        # moves from the tree to this process's children, and the second read finds it. The other order missed
+        # it (the agent killed mid-scan, its escaped child re-parented between the reads: left running).
+        below = [d for root in roots for d in descendants(root)]
         adopted = [kid for kid in children(self._me) if kid not in self._before and kid != self.leader
                    and kid not in self.members and _has_marker(kid, self.marker.encode())]
-        for pid in {*roots, *adopted, *(d for root in roots for d in descendants(root))}:
+        for pid in {*roots, *below, *adopted}:
             info = proc_info(pid)
             if info is not None and not info.dead:
                 self.members.setdefault(pid, info.start)
