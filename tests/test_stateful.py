@@ -59,7 +59,7 @@ from clawq.broker import Broker
 from clawq.broker.config import Config, next_local_time
 from clawq.broker.errors import DuplicateTask, InvalidState, NothingToClaim, RunFenced, TaskNotFound
 from clawq.broker.keys import Keys
-from clawq.broker.models import Outcome
+from clawq.broker.models import Completion, Outcome
 from clawq.broker.timing import start_of
 
 BOARDS = ("b0", "b1", "b2", "b3")
@@ -505,6 +505,24 @@ class QueueMachine(RuleBasedStateMachine):
         expected = self.model.complete(tid, run_id, follow_up, outcome.digest(), self.now)
         assert ("ok", c.status, c.run_count, bool(c.note)) == expected
         assert not c.repeated
+
+    @precondition(lambda self: self.model.running())
+    @rule(follow_ups=st.lists(st.sampled_from((True, True, False)), min_size=4, max_size=4),
+          summary=st.sampled_from(SUMMARIES))
+    def complete_many(self, follow_ups: list[bool], summary: str) -> None:
+        """Every run in progress completed by one complete_many (one complete_runs call): as if completed one
+        after another, in that order."""
+        items = []
+        for t, follow_up in zip(self.model.running(), follow_ups * 8, strict=False):
+            assert t.run_id is not None
+            outcome = self.outcomes[t.run_id] = _outcome(follow_up, summary)
+            items.append((t.id, t.run_id, outcome))
+        results = self.broker.complete_many(items)
+        for (tid, run_id, outcome), c in zip(items, results, strict=True):
+            assert isinstance(c, Completion), c
+            expected = self.model.complete(tid, run_id, outcome.needs_follow_up, outcome.digest(), self.now)
+            assert ("ok", c.status, c.run_count, bool(c.note)) == expected
+            assert not c.repeated
 
     @precondition(lambda self: self.model.running())
     @rule(i=st.integers(0, 3), retry=st.booleans(), cause=st.sampled_from(CAUSES))
