@@ -136,7 +136,7 @@ def bull_cycle(out_dir: Path, modules: Path, n: int) -> dict[str, float]:
 
 def main() -> int:
     args = bench_args(__doc__.split("\n\n")[0] if __doc__ else "instructions", _extra)
-    n, n_tput = (50, 256) if args.quick else (300, 1280)
+    n, n_tput = (30, 128) if args.quick else (300, 1280)
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if missing:
         why = f"{' and '.join(missing)} not on PATH (Debian package valgrind)"
