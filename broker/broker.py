@@ -608,7 +608,7 @@ class Broker:
             elif isinstance(reply, Exception):
                 out.append([_translated(reply, self._where)] * len(chunk))
             else:
-                out.append([[text(x) for x in item] for item in reply])
+                out.append(_item_replies(reply))
         return out
 
     def _chunk_replies(self, name: str, argv: list[Any], n: int) -> list[list[Any] | ClawqError]:
@@ -620,7 +620,7 @@ class Broker:
             raise
         except ClawqError as err:
             return [err] * n
-        return [[text(x) for x in item] for item in reply]
+        return _item_replies(reply)
 
     @staticmethod
     def _completion(task_id: int, reply: list[Any]) -> Completion:
@@ -1155,6 +1155,11 @@ class Broker:
             if rest.isdigit():
                 ids.add(int(rest))
         return sorted(ids)
+
+
+def _item_replies(reply: list[Any]) -> list[list[Any]]:
+    """A batch script's reply: one reply per item, each as text."""
+    return [[text(x) for x in item] for item in reply]
 
 
 def _complete_args(outcome: Outcome) -> list[str | int | float]:
