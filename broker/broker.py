@@ -1157,7 +1157,7 @@ class Broker:
         return sorted(ids)
 
 
-def _item_replies(reply: list[Any]) -> list[list[Any]]:
+def _item_replies(reply: list[Any]) -> list[list[Any] | ClawqError]:
     """A batch script's reply: one reply per item, each as text."""
     return [[text(x) for x in item] for item in reply]
 
