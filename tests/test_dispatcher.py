@@ -640,6 +640,41 @@ def test_its_own_claims_do_not_wake_the_dispatcher(live: Callable[[], Broker],
     assert types[-2:] == ["added", "claimed"]
 
 
+def test_a_task_added_behind_its_board_and_a_draining_queue_do_not_wake_the_dispatcher(
+        live: Callable[[], Broker], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task queued behind its board's run (``waits``) and a completion after which no board is ready
+    (``idle``) make no claim possible: no pass. A completion that leaves a task ready still makes one."""
+    admin = live()
+    admin.load_config(config())
+    rec = Recorder()
+    d = Dispatcher(live(), rec, notifiers=Notifiers())
+    passes = calls_to(d, "step", monkeypatch)
+    with running(d):
+        time.sleep(0.3)  # idle, blocked on the event stream
+        first = admin.add("web", "t1", chain="coding")
+        assert rec.wait(1)
+        time.sleep(0.3)
+        before = len(passes)
+        second = admin.add("web", "t2", chain="coding")  # behind web's run
+        time.sleep(0.5)  # room for its added event to wake it
+        assert len(passes) == before, "a task queued behind a run woke a pass"
+        admin.complete(first, rec.claims[0].run_id, Outcome(summary="done"))  # t2 is ready now
+        assert rec.wait(2)
+        assert rec.claims[1].task_id == second
+        time.sleep(0.3)
+        before = len(passes)
+        admin.complete(second, rec.claims[1].run_id, Outcome(summary="done"))  # nothing left anywhere
+        time.sleep(0.5)
+        assert len(passes) == before, "the last completion of a drained queue woke a pass"
+        third = admin.add("api", "t3", chain="coding")  # a ready head still wakes it at once
+        assert rec.wait(3)
+    assert rec.claims[2].task_id == third
+    added = [e for e in admin.events(100) if e["type"] == "added"]
+    assert [e.get("waits") for e in added] == [None, "board", None]
+    done = [e for e in admin.events(100) if e["type"] == "completed"]
+    assert [e.get("idle") for e in done] == [None, "1"]
+
+
 @pytest.mark.parametrize("what", ["backoff", "cooldown", "lease"])
 def test_a_deadline_wakes_the_dispatcher_without_any_event(live: Callable[[], Broker], what: str) -> None:
     admin = live()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clawq.broker import Broker, InputError
+from clawq.broker import Broker, InputError, Outcome
 from clawq.broker.events import COOLING_TYPES, FAILURE_TYPES, EventType
 from clawq.broker.scripts import load_specs
 from clawq.broker.signals import SignalClass
@@ -75,3 +75,34 @@ def test_the_events_a_run_makes_are_enum_members(broker: Broker) -> None:
     types = [e["type"] for e in broker.events(100)]
     assert types == ["config_loaded", "added", "claimed", "timeout", "paused"]
     assert all(EventType(t) for t in types)
+
+
+def test_an_added_event_says_when_its_task_waits_behind_its_board(broker: Broker) -> None:
+    """``waits: board`` exactly when the new task cannot start before its board changes: a lower id queued
+    ahead of it, a run in progress, or a pause. A new head of a free board, and a task due later, leave it out."""
+    broker.add("web", "head", chain="coding", task_id=10)
+    broker.add("web", "behind a lower id", chain="coding", task_id=11)
+    broker.add("web", "a lower id: the new head", chain="coding", task_id=5)
+    run = broker.claim()
+    broker.add("web", "lower than the run, behind it", chain="coding", task_id=3)
+    broker.pause("api")
+    broker.add("api", "head of a paused board", chain="coding")
+    broker.add("ops", "due later", chain="coding", not_before=broker.now() + 3600)
+    waits = {e["task_id"]: e.get("waits") for e in broker.events(100) if e["type"] == "added"}
+    assert run.task_id == 5
+    assert waits == {10: None, 11: "board", 5: None, 3: "board", 12: "board", 13: None}
+
+
+def test_a_completed_event_says_when_no_board_is_ready(broker: Broker) -> None:
+    """``idle: 1`` exactly when the completion leaves its board with nothing ready and no board anywhere is
+    ready: the dispatcher needs no pass for it."""
+    a = broker.add("web", "a", chain="coding")
+    b = broker.add("api", "b", chain="coding")
+    runs = {c.task_id: c.run_id for c in (broker.claim(), broker.claim())}
+    broker.add("api", "c", chain="coding")  # behind b
+    broker.complete(a, runs[a], Outcome(summary="a"))  # web idle, api busy with b: nothing ready
+    broker.complete(b, runs[b], Outcome(summary="b"))  # api's c is ready now
+    c = broker.claim()
+    broker.complete(c.task_id, c.run_id, Outcome(summary="c"))  # nothing anywhere
+    idle = [e.get("idle") for e in broker.events(100) if e["type"] == "completed"]
+    assert idle == ["1", None, "1"]

@@ -61,10 +61,18 @@ _ALERT_TTL_S = 86400
 #: (under a second apart), so a longer backoff here would only make the dispatcher resume late.
 _RETRY_S = 0.5
 CLAIM_BATCH = 16  #: claims per claim call; fewer back means nothing more may run now
-#: Events after which no claim can be possible that was not before: a claim only takes capacity, and its lease
-#: ends after every deadline read before it. Woken by these alone (its own claims, mostly), the dispatcher
-#: waits on instead of making a pass that would claim nothing.
-_FREES_NOTHING = frozenset({EventType.CLAIMED})
+
+
+def _frees_nothing(event: dict[str, Any]) -> bool:
+    """Whether no claim can be possible after ``event`` that was not before: a claim (it only takes capacity,
+    and its lease ends after every deadline read before it), a task added behind its board (``waits``: a
+    lower id, a run in progress or a pause is ahead of it), or a completion after which no board is ready
+    (``idle``). None of these makes a deadline. Woken by these alone (its own claims, a night's tasks queued
+    behind their boards' first ones, the last runs of a draining queue), the dispatcher waits on instead of
+    making a pass that would claim nothing."""
+    kind = event.get("type")
+    return (kind == EventType.CLAIMED or (kind == EventType.ADDED and event.get("waits") == "board")
+            or (kind == EventType.COMPLETED and event.get("idle") == "1"))
 
 
 def http_ready(url: str) -> bool:
@@ -443,7 +451,7 @@ class Dispatcher:
             if events:
                 self._cursor = events[-1]["id"]
                 self._on_events(events)
-                if any(e.get("type") not in _FREES_NOTHING for e in events):
+                if not all(_frees_nothing(e) for e in events):
                     return
 
     def _on_events(self, events: list[dict[str, Any]]) -> None:

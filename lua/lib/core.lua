@@ -592,9 +592,9 @@ local function new_task(K, P, now, spec)
   end
   rcall("HSET", task_key(P, sid), unpack(fields))
   rcall("HINCRBY", K.refs, ck, "1")
-  local due, status = tonumber(spec.due), "up_next"
+  local due, status, waits = tonumber(spec.due), "up_next", "board"
   if due and due > now then
-    status = "scheduled"
+    status, waits = "scheduled", nil
     schedule_task(K, P, sid, board, due)
     rcall("SADD", K.boards, board)
   else
@@ -605,11 +605,15 @@ local function new_task(K, P, now, spec)
     -- queue was added here first, and `boards` only grows), so only a new head joins it.
     if rcall("ZRANK", queue_key(P, board), sid) == 0 then
       rcall("SADD", K.boards, board)
-      reindex_board(K, P, board, now)
+      local state = reindex_board(K, P, board, now)
+      if state ~= "busy" and state ~= "paused" then waits = nil end
     end
   end
+  -- waits "board": queued behind a lower id, a run in progress or a pause, so no claim is possible that
+  -- was not before (a dispatcher woken by this alone makes no pass)
   emit(K, now, "added", {"task_id", sid, "board", board, "chain", spec.chain, "model", spec.pinned,
-                         "status", status, "due", due and due > now and int(due) or nil, "schedule", spec.schedule})
+                         "status", status, "due", due and due > now and int(due) or nil, "schedule", spec.schedule,
+                         "waits", waits})
   return {0, id, status}
 end
 
@@ -641,12 +645,13 @@ local function finish(K, P, id, t, now, status, place, written)
   if t.status == "up_next" or t.status == "in_progress" or t.status == "scheduled" then
     counter_down(K.refs, t.ck)
   end
-  reindex_board(K, P, t.board, now, t.freed)
+  return reindex_board(K, P, t.board, now, t.freed)
 end
 
 -- End the active run (end_run) and put its task in its next place, with one HSET of the task hash: `fields`
 -- (the caller's) and the place's own. status "up_next": back at its board's head, in backoff until
--- `backoff_until` (ms, 0: none); else the final place of that name (in_review, failed: K[status]).
+-- `backoff_until` (ms, 0: none); else the final place of that name (in_review, failed: K[status]), and
+-- then returns the board's state after it (reindex_board's: idle, ready, paused, backoff).
 local function end_run_into(K, P, id, t, now, outcome, detail, fields, status, backoff_until)
   local up = status == "up_next"
   for _, v in ipairs(up and requeue_fields(now, backoff_until) or finish_fields(now, status)) do
@@ -655,9 +660,9 @@ local function end_run_into(K, P, id, t, now, outcome, detail, fields, status, b
   end_run(K, P, id, t, now, outcome, detail, fields)
   if up then
     requeue(K, P, id, t, now, backoff_until, true)
-  else
-    finish(K, P, id, t, now, status, K[status], true)
+    return nil
   end
+  return finish(K, P, id, t, now, status, K[status], true)
 end
 
 -- A run failed (cause: failed, timeout, ...). attempts + 1; below max_attempts the task
@@ -752,7 +757,7 @@ local function complete_one(K, P, now, id, run_id, follow, next_prompt, summary,
   -- One HSET of the task hash: the run's end, the outcome's figures and the task's next place.
   local requeued = follow_up and note == ""
   local status = requeued and "up_next" or "in_review"
-  end_run_into(K, P, id, t, now, follow_up and "follow_up" or "done", note,
+  local board_state = end_run_into(K, P, id, t, now, follow_up and "follow_up" or "done", note,
                {"run_count", int(run_count), "attempts", "0", "last_digest", run_id .. "|" .. digest,
                 "last_summary", summary}, status, 0)
   -- The context entry: the caller's extra fields (spliced in as they came, not decoded and encoded again),
@@ -772,8 +777,12 @@ local function complete_one(K, P, now, id, run_id, follow, next_prompt, summary,
     emit(K, now, "follow_up", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
                                "run_id", run_id, "run_count", run_count, "message", summary})
   else
+    -- idle "1": its board is idle or paused and no board is ready anywhere, so no claim is possible that was
+    -- not before (a dispatcher woken by this alone makes no pass); read only when its board has nothing ready
+    local idle = (board_state == "idle" or board_state == "paused") and rcall("ZCARD", K.ready_fronts) == 0
     emit(K, now, "completed", {"task_id", id, "board", t.board, "model", t.model, "provider", t.provider,
-                               "run_id", run_id, "run_count", run_count, "message", note ~= "" and note or summary})
+                               "run_id", run_id, "run_count", run_count, "message", note ~= "" and note or summary,
+                               "idle", idle and "1" or nil})
   end
   breaker_after(K, P, t, now, "ok")
   return {0, status, run_count, note}
