@@ -6,6 +6,7 @@ temporary directory, stopped only through their handles); this module adds the b
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -16,9 +17,22 @@ from rq import Queue, Worker
 
 from clawq.sim.fleet import Fleet
 
-__all__ = ["Procs"]
+__all__ = ["Procs", "cpu_s"]
 
 _READY_TIMEOUT_S = 30.0
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of process ``pid`` itself, and of its children it has reaped (an RQ
+    worker's work-horses), from /proc; (0, 0) where /proc is missing (not Linux) or the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime) / _TICKS, (cutime + cstime) / _TICKS
 
 
 class Procs:

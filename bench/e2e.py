@@ -6,13 +6,16 @@ arrive) or the first job enqueued (``Queue.enqueue``) until all N are done (ZCAR
 finished registry holds N). The clawq tasks sit 2 per board on N/2 boards, so half are claimed at once and the
 rest as their board frees; the agent is ``agent.runner: python`` with ``bench.noop_agent:done``. Each round
 runs both sides (alternating which goes first), once with RQ's forking Worker and once with SimpleWorker; the
-ratio clawq / RQ is per round, the median is reported. Goal (forking workers): ≤ 1.15.
+ratio clawq / RQ is per round, the median is reported. Goal (forking workers): ≤ 1.15. Each side's CPU per task
+is also split by process (from /proc: the workers, their work-horses, the Redis server, the dispatcher, this
+process), which says where clawq's extra time goes.
 
     python -m bench.e2e [--quick] [--rounds N] [--json FILE]
 """
 
 from __future__ import annotations
 
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +32,7 @@ from . import noop_agent
 from ._clawq import bench_config, new_broker
 from ._common import Goal, bench_args, median, print_table, write_report
 from ._jobprofile import profile_job
-from ._procs import Procs
+from ._procs import Procs, cpu_s
 from ._server import BenchServer, machine_info
 
 GOAL_RATIO = 1.15
@@ -51,17 +54,23 @@ def _wait(done: Any, n: int, what: str) -> None:
         time.sleep(_POLL_S)
 
 
-def run_clawq(procs: Procs, client: redis.Redis, namespace: str, n: int) -> float:
-    """Wall seconds for N tasks through a fresh namespace (its dispatcher started and idle before the clock)."""
+def run_clawq(procs: Procs, client: redis.Redis, namespace: str, n: int,
+              cpu: dict[str, float] | None = None) -> float:
+    """Wall seconds for N tasks through a fresh namespace (its dispatcher started and idle before the clock);
+    the dispatcher's CPU seconds meanwhile go to ``cpu["dispatcher"]``."""
     broker: Broker = new_broker(client, namespace, e2e_config(), cool=False)
     dispatcher = procs.dispatcher(namespace)
     boards = max(1, n // 2)
     try:
+        before = cpu_s(dispatcher.pid)[0]
         t0 = time.perf_counter()
         for i in range(n):
             broker.add(f"b{i % boards}", f"task {i}", chain="coding")
         _wait(lambda: int(client.zcard(broker.keys.in_review)), n, f"clawq {namespace}")
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        if cpu is not None:
+            cpu["dispatcher"] = cpu_s(dispatcher.pid)[0] - before
+        return wall
     finally:
         procs.stop([dispatcher])
 
@@ -101,25 +110,46 @@ def dispatcher_rate(procs: Procs, client: redis.Redis, n: int) -> float:
         procs.stop([dispatcher])
 
 
+#: Where a side's CPU goes, per task (ms): the workers themselves, their work-horses (forking workers), the
+#: Redis server, clawq's dispatcher, and this process (the adds, or the enqueues).
+CPU_PARTS = ("worker", "horse", "redis", "dispatcher", "bench")
+
+
+def _side_cpu(pids: list[int], server_pid: int) -> dict[str, float]:
+    own = [cpu_s(pid) for pid in pids]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"worker": sum(c[0] for c in own), "horse": sum(c[1] for c in own), "redis": cpu_s(server_pid)[0],
+            "bench": usage.ru_utime + usage.ru_stime}
+
+
 def run_variant(procs: Procs, srv: BenchServer, simple: bool, n: int, k: int, rounds: int) -> dict[str, Any]:
-    """Both sides, ``rounds`` times, with forking workers or SimpleWorkers."""
+    """Both sides, ``rounds`` times, with forking workers or SimpleWorkers; each side's CPU per task by part."""
     client, conn = srv.client(decode_responses=True), srv.client()
     tag = "simple" if simple else "fork"
-    workers = procs.clawq_workers("bench", k, simple=simple, queue=CLAWQ_QUEUE)
-    workers += procs.rq_workers(RQ_QUEUE, k, simple=simple)
+    sides = {"clawq": procs.clawq_workers("bench", k, simple=simple, queue=CLAWQ_QUEUE),
+             "rq": procs.rq_workers(RQ_QUEUE, k, simple=simple)}
     rows = []
     try:
         for r in range(rounds):
             order = ("clawq", "rq") if r % 2 == 0 else ("rq", "clawq")
             t: dict[str, float] = {}
+            row: dict[str, float] = {}
             conn.delete(FinishedJobRegistry(CLAWQ_QUEUE, connection=conn).key)
             for side in order:
-                t[side] = run_clawq(procs, client, f"e2e-{tag}-{r}", n) if side == "clawq" else run_rq(conn, n)
+                pids = [p.pid for p in sides[side]]
+                cpu: dict[str, float] = {"dispatcher": 0.0}
+                before = _side_cpu(pids, srv.pid)
+                t[side] = run_clawq(procs, client, f"e2e-{tag}-{r}", n, cpu) if side == "clawq" else run_rq(conn, n)
+                after = _side_cpu(pids, srv.pid)
+                cpu.update({part: after[part] - before[part] for part in after})
+                row.update({f"{side}_cpu_ms_{part}": cpu[part] * 1000 / n for part in CPU_PARTS})
+                row[f"{side}_cpu_ms"] = sum(cpu.values()) * 1000 / n
             rows.append({"clawq_s": t["clawq"], "rq_s": t["rq"], "ratio": t["clawq"] / t["rq"],
-                         "clawq_job_ms": job_ms(conn, CLAWQ_QUEUE), "rq_job_ms": job_ms(conn, RQ_QUEUE)})
+                         "clawq_job_ms": job_ms(conn, CLAWQ_QUEUE), "rq_job_ms": job_ms(conn, RQ_QUEUE),
+                         **row, "cpu_ratio": row["clawq_cpu_ms"] / row["rq_cpu_ms"]})
             print(f"{tag} round {r + 1}/{rounds}: clawq {t['clawq']:.2f} s, rq {t['rq']:.2f} s", flush=True)
     finally:
-        procs.stop(workers)
+        procs.stop(sides["clawq"] + sides["rq"])
     return {"workers": tag, "rounds": rows, **{key: median([x[key] for x in rows]) for key in rows[0]}}
 
 
@@ -149,6 +179,11 @@ def main() -> None:
                  "RQ job ms"],
                 [[v["workers"], v["clawq_s"], v["rq_s"], v["ratio"], n / v["clawq_s"], n / v["rq_s"],
                   v["clawq_job_ms"], v["rq_job_ms"]] for v in variants])
+    print_table(f"CPU ms per task, by process (median of {rounds} rounds; the machine's 2 cores are shared by all)",
+                ["workers", "side", *CPU_PARTS, "total"],
+                [[v["workers"], side, *(v[f"{side}_cpu_ms_{part}"] for part in CPU_PARTS), v[f"{side}_cpu_ms"]]
+                 for v in variants for side in ("clawq", "rq")])
+    print(f"CPU per task clawq ÷ RQ: {variants[0]['cpu_ratio']:.2f} (forking), {variants[1]['cpu_ratio']:.2f} (simple)")
     print(f"one dispatcher alone (no workers) claims and enqueues {rate:.0f} tasks/s")
     goals = [Goal("e2e wall time clawq / plain RQ (forking workers)", variants[0]["ratio"], GOAL_RATIO, "x")]
     details = {"tasks": n, "workers": k, "rounds": rounds, "variants": variants,
