@@ -22,7 +22,7 @@ from redis.connection import AbstractConnection
 from rq import Queue
 from rq.job import Job
 
-from clawq.broker import Broker, Outcome, RunFenced, TaskStatus
+from clawq.broker import Broker, Outcome, RedisUnavailable, RunFenced, TaskStatus
 from clawq.broker.config import AgentConfig, Config
 from clawq.broker.connection import client_from_url, rq_connection
 from clawq.broker.scripts import load_specs
@@ -44,10 +44,12 @@ def config(callable_: str = "agents.py_agent:done", **agent: Any) -> Config:
 
 @pytest.fixture
 def jobs(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[tuple[str, object], Broker]]:
-    """Jobs find Redis through CLAWQ_REDIS_URL and keep their brokers in a cache private to the test."""
+    """Jobs find Redis through CLAWQ_REDIS_URL and keep their brokers, and the runs started early, in caches
+    private to the test."""
     cache: dict[tuple[str, object], Broker] = {}
     monkeypatch.setenv("CLAWQ_REDIS_URL", redis_url)
     monkeypatch.setattr(job_mod, "_BROKERS", cache)
+    monkeypatch.setattr(job_mod, "_STARTED", {})
     try:
         yield cache
     finally:
@@ -353,6 +355,94 @@ def test_a_worker_prepares_a_job_before_running_it(broker: Broker, redis_url: st
     prepared = job_broker(broker.namespace)
     assert prepared.config_version == broker.config_version
     assert fresh_agent in sys.modules
+
+
+def _enqueued(broker: Broker, conn: redis.Redis) -> tuple[int, str, Job]:
+    """A task claimed and enqueued as the dispatcher does: its id, its run id and its RQ job."""
+    claim = broker.claim() if broker.add("web", "t", chain="coding") else None
+    assert claim is not None
+    rq_enqueuer(broker, conn)(claim)
+    return claim.task_id, claim.run_id, Job.fetch(claim.run_id, connection=conn)
+
+
+def test_a_worker_starts_the_run_before_its_job_which_does_not_start_it_again(
+        broker: Broker, redis_url: str, r: redis.Redis, jobs: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker starts the run (heartbeat, task, claim-to-start) where it is cheap, before it forks; the
+    job takes that start instead of sending its own."""
+    broker.load_config(config())
+    conn = rq_connection(redis_url, lean=True)
+    try:
+        tid, run_id, job = _enqueued(broker, conn)
+        starts = counted(monkeypatch, Broker, "start_run")
+        rq_glue._prepare(job)
+        assert len(starts) == 1 and run_id in job_mod._STARTED
+        assert r.hget(broker.keys.stats_claim_to_start, "count") == b"1"
+        assert run_task(broker.namespace, tid, run_id)["reported"]
+    finally:
+        conn.close()
+    assert len(starts) == 1, "the job started its run a second time"
+    assert run_id not in job_mod._STARTED
+    assert r.hget(broker.keys.stats_claim_to_start, "count") == b"1"
+    assert broker.get_task(tid).status is TaskStatus.IN_REVIEW
+
+
+def test_a_run_fenced_at_its_early_start_never_runs(broker: Broker, redis_url: str, clock: Any, jobs: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config())
+    conn = rq_connection(redis_url, lean=True)
+    try:
+        tid, run_id, job = _enqueued(broker, conn)
+        new = _steal(broker, clock, tid)
+        rq_glue._prepare(job)
+    finally:
+        conn.close()
+    assert isinstance(job_mod._STARTED[run_id], RunFenced)
+    ran, starts = counted(monkeypatch, job_mod, "run_model"), counted(monkeypatch, Broker, "start_run")
+    assert run_task(broker.namespace, tid, run_id)["why"] == "not the active run"
+    assert ran == [] and starts == [] and run_id not in job_mod._STARTED
+    assert broker.get_task(tid).run_id == new
+
+
+def test_an_early_start_that_redis_refused_is_made_by_the_job(broker: Broker, redis_url: str, jobs: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.load_config(config())
+    conn = rq_connection(redis_url, lean=True)
+    try:
+        tid, run_id, job = _enqueued(broker, conn)
+        def down(*args: Any, **kwargs: Any) -> Any:
+            raise RedisUnavailable("Redis is down")
+
+        with monkeypatch.context() as m:
+            m.setattr(Broker, "start_run", down)
+            rq_glue._prepare(job)
+        assert run_id not in job_mod._STARTED
+        starts = counted(monkeypatch, Broker, "start_run")
+        assert run_task(broker.namespace, tid, run_id)["reported"]
+    finally:
+        conn.close()
+    assert len(starts) == 1
+    assert broker.get_task(tid).status is TaskStatus.IN_REVIEW
+
+
+def test_the_worker_forgets_an_early_start_once_its_job_ran(broker: Broker, redis_url: str, jobs: Any) -> None:
+    """In a forking worker the work-horse takes its own copy of the start: the worker drops its copy after."""
+    class Horse:
+        def execute_job(self, job: Job, queue: Queue) -> None:
+            ran.append(job.id)  # the work-horse, elsewhere: this process's entry stays
+
+    class Worker(rq_glue._Reporting, Horse):
+        pass
+
+    ran: list[str] = []
+    broker.load_config(config())
+    conn = rq_connection(redis_url, lean=True)
+    try:
+        _, run_id, job = _enqueued(broker, conn)
+        Worker().execute_job(job, Queue("agents", connection=conn))
+    finally:
+        conn.close()
+    assert ran == [run_id]
+    assert run_id not in job_mod._STARTED
 
 
 def test_prepare_reads_the_config_again_for_a_newer_claim(broker: Broker, jobs: Any) -> None:

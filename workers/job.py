@@ -7,8 +7,10 @@ through the worker's own connection.
 A process keeps one :class:`Broker` per namespace (:func:`job_broker`): a ``SimpleWorker`` reuses it for every
 job, and ``clawq worker`` makes it in the worker before forking (:func:`prepare`), so a work-horse inherits the
 client, the registered scripts, the parsed config and the imported agent, and only opens a new connection
-(a lean one: no handshake). A job then sends two round trips of its own when the agent logs nothing: the start
-(:meth:`Broker.start_run`: heartbeat, task, config version, claim-to-start) and the outcome.
+(a lean one: no handshake). The worker also starts the run there (:func:`start_early`: :meth:`Broker.start_run`,
+its heartbeat, task, config version and claim-to-start in one round trip, on the worker's open connection),
+where it costs less than in a fresh work-horse, whose first writes to memory copy its pages. A job then sends
+one round trip of its own when the agent logs nothing: the outcome (two when nobody started it early).
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ from .agent_output import AgentResult, Done, Failed, RateLimited, clean_result, 
 from .report import report
 from .runners import RunContext, Stalled, preload_agent, run_model
 
-__all__ = ["AgentRunFailed", "Heartbeat", "job_broker", "prepare", "run_task"]
+__all__ = ["AgentRunFailed", "Heartbeat", "forget_start", "job_broker", "prepare", "run_task", "start_early",
+           "waited_s"]
 
 log = logging.getLogger("clawq.job")
 
 #: This process's brokers by (namespace, where): the URL, or the RQ connection pool they copy (kept alive here).
 _BROKERS: dict[tuple[str, object], Broker] = {}
+#: Runs this process started for a job it is about to run (:func:`start_early`): run id -> the task and config
+#: the start read, or the error that said the run is not the task's active one. The job takes its entry.
+_STARTED: dict[str, tuple[Task, Config] | RunFenced | TaskNotFound] = {}
 #: The first pause before a report that Redis refused is tried again; it doubles up to _REPORT_BACKOFF_MAX_S.
 _REPORT_BACKOFF_S = 0.25
 _REPORT_BACKOFF_MAX_S = 5.0
@@ -130,6 +136,22 @@ def prepare(namespace: str, connection: redis.Redis | None = None, config_versio
     preload_agent(cfg.agent)
 
 
+def start_early(namespace: str, task_id: int, run_id: str, waited_s: float | None) -> None:
+    """Start a run for the job that runs it next in this process (in a forking worker: before the fork). A
+    start that Redis refused is left to the job, which tries again and meets the error itself."""
+    try:
+        _STARTED[run_id] = job_broker(namespace).start_run(task_id, run_id, waited_s)
+    except (RunFenced, TaskNotFound) as err:
+        _STARTED[run_id] = err
+    except ClawqError as err:
+        log.debug("run %s of task %s not started before its job: %s", run_id, task_id, err)
+
+
+def forget_start(run_id: str) -> None:
+    """Drop what :func:`start_early` kept for ``run_id`` (its job ran, or never will in this process)."""
+    _STARTED.pop(run_id, None)
+
+
 def _task_doc(broker: Broker, task_id: int, run_id: str) -> dict[str, Any] | None:
     return _doc_of(broker.get_task(task_id), run_id)
 
@@ -165,8 +187,12 @@ def _queued_s() -> float | None:
     """How long the current RQ job waited since it was enqueued, right after its claim (None outside RQ)."""
     from rq import get_current_job
 
-    job = get_current_job()
-    at = job.enqueued_at if job is not None else None
+    return waited_s(get_current_job())
+
+
+def waited_s(job: Any) -> float | None:
+    """How long the RQ job ``job`` waited since it was enqueued (None without a job or its enqueue time)."""
+    at: datetime.datetime | None = job.enqueued_at if job is not None else None
     if at is None:
         return None
     if at.tzinfo is None:
@@ -208,8 +234,11 @@ def run_task(namespace: str, task_id: int, run_id: str) -> dict[str, Any]:
 
 
 def _run(broker: Broker, task_id: int, run_id: str) -> dict[str, Any]:
+    started = _STARTED.pop(run_id, None)
     try:  # beat at once (the job may have waited in the RQ queue), with the task, the config and the stat
-        task, cfg = broker.start_run(task_id, run_id, _queued_s())
+        if isinstance(started, ClawqError):
+            raise started
+        task, cfg = started or broker.start_run(task_id, run_id, _queued_s())
     except (RunFenced, TaskNotFound):
         return {"task_id": task_id, "run_id": run_id, "reported": False, "why": "not the active run"}
     doc = _doc_of(task, run_id)

@@ -18,7 +18,7 @@ from clawq.broker import Broker, Claim, ClawqError
 from clawq.broker.connection import rq_connection
 from clawq.broker.errors import NamespaceWiped
 
-from .job import AgentRunFailed, prepare, run_task
+from .job import AgentRunFailed, forget_start, prepare, run_task, start_early, waited_s
 
 __all__ = ["ClawqSimpleWorker", "ClawqWorker", "RqEnqueuer", "job_meta", "rq_enqueuer", "run_worker"]
 
@@ -112,14 +112,21 @@ def rq_enqueuer(broker: Broker, connection: redis.Redis) -> RqEnqueuer:
     return RqEnqueuer(broker, connection)
 
 
+def _is_clawq_job(job: Job) -> bool:
+    return job.func_name == f"{run_task.__module__}.{run_task.__name__}" and len(job.args) == 3
+
+
 def _prepare(job: Job) -> None:
-    """Ready this process for a clawq job (see :func:`workers.job.prepare`); any other job is left alone. A
-    failure here (Redis down, a bad namespace) is the job's to report: it does the same again."""
-    if job.func_name != f"{run_task.__module__}.{run_task.__name__}" or not job.args:
+    """Ready this process for a clawq job (see :func:`workers.job.prepare`) and start its run
+    (:func:`workers.job.start_early`); any other job is left alone. A failure here (Redis down, a bad
+    namespace) is the job's to report: it does the same again."""
+    if not _is_clawq_job(job):
         return
+    namespace, task_id, run_id = job.args
     try:
-        prepare(str(job.args[0]), job.connection, job.meta.get("config_version") or None,
+        prepare(str(namespace), job.connection, job.meta.get("config_version") or None,
                 job.meta.get("namespace_id") or None)
+        start_early(str(namespace), int(task_id), str(run_id), waited_s(job))
     except NamespaceWiped as err:  # said once per wipe: the broker now knows the new identity
         log.error("NAMESPACE WIPED: %s. Runs of vanished tasks stop at their next heartbeat.", err)
     except ClawqError as err:  # e.g. Redis is down: the job fails on it and RQ says so
@@ -205,7 +212,8 @@ def _ask_pubsub_thread_to_stop(thread: PubSubWorkerThread) -> None:
 
 
 class _Reporting:
-    """Mixin: a successful RQ heartbeat (a write) ends an outage; a job is prepared before it runs; the pubsub
+    """Mixin: a successful RQ heartbeat (a write) ends an outage; a job is prepared (and its run started) before
+    it runs; the pubsub
     thread is told to stop before RQ unsubscribes (so a worker exits at once)."""
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
@@ -215,7 +223,11 @@ class _Reporting:
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         _prepare(job)
-        super().execute_job(job, queue)  # type: ignore[misc]
+        try:
+            super().execute_job(job, queue)  # type: ignore[misc]
+        finally:
+            if _is_clawq_job(job):
+                forget_start(str(job.args[2]))
 
     def unsubscribe(self) -> None:
         """RQ's unsubscribe with every wait bounded. RQ's calls the thread's ``stop()``, which in redis-py 8 waits
