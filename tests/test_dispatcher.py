@@ -620,14 +620,20 @@ def test_an_added_task_is_claimed_at_once(live: Callable[[], Broker]) -> None:
     assert rec.times[0] - added < 2.0, "the new task did not wake the dispatcher"
 
 
-def test_its_own_claims_do_not_wake_the_dispatcher(live: Callable[[], Broker],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A claimed event frees nothing: the pass it would start could claim nothing, so none is made."""
+def counted_passes(live: Callable[[], Broker],
+                   monkeypatch: pytest.MonkeyPatch) -> tuple[Broker, Recorder, Dispatcher, list[Any]]:
+    """An admin broker (config loaded), a recorder, a dispatcher enqueueing to it, and the list of its passes."""
     admin = live()
     admin.load_config(config())
     rec = Recorder()
     d = Dispatcher(live(), rec, notifiers=Notifiers())
-    passes = calls_to(d, "step", monkeypatch)
+    return admin, rec, d, calls_to(d, "step", monkeypatch)
+
+
+def test_its_own_claims_do_not_wake_the_dispatcher(live: Callable[[], Broker],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claimed event frees nothing: the pass it would start could claim nothing, so none is made."""
+    admin, rec, d, passes = counted_passes(live, monkeypatch)
     with running(d):
         time.sleep(0.3)  # idle, blocked on the event stream
         before = len(passes)
@@ -644,11 +650,7 @@ def test_a_task_added_behind_its_board_and_a_draining_queue_do_not_wake_the_disp
         live: Callable[[], Broker], monkeypatch: pytest.MonkeyPatch) -> None:
     """A task queued behind its board's run (``waits``) and a completion after which no board is ready
     (``idle``) make no claim possible: no pass. A completion that leaves a task ready still makes one."""
-    admin = live()
-    admin.load_config(config())
-    rec = Recorder()
-    d = Dispatcher(live(), rec, notifiers=Notifiers())
-    passes = calls_to(d, "step", monkeypatch)
+    admin, rec, d, passes = counted_passes(live, monkeypatch)
     with running(d):
         time.sleep(0.3)  # idle, blocked on the event stream
         first = admin.add("web", "t1", chain="coding")
