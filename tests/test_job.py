@@ -339,30 +339,28 @@ def fresh_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
         sys.modules.pop(name, None)
 
 
-def test_a_worker_prepares_a_job_before_running_it(broker: Broker, redis_url: str, jobs: Any, fresh_agent: str,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
-    broker.load_config(config(f"{fresh_agent}:done"))
-    conn = rq_connection(redis_url, lean=True)
-    try:
-        claim = broker.claim() if broker.add("web", "t", chain="coding") else None
-        assert claim is not None
-        rq_enqueuer(broker, conn)(claim)
-        with caplog.at_level("DEBUG", logger="clawq.worker"):
-            rq_glue._prepare(Job.fetch(claim.run_id, connection=conn))
-    finally:
-        conn.close()
-    assert not [r.getMessage() for r in caplog.records if "cannot prepare" in r.getMessage()]
-    prepared = job_broker(broker.namespace)
-    assert prepared.config_version == broker.config_version
-    assert fresh_agent in sys.modules
-
-
 def _enqueued(broker: Broker, conn: redis.Redis) -> tuple[int, str, Job]:
     """A task claimed and enqueued as the dispatcher does: its id, its run id and its RQ job."""
     claim = broker.claim() if broker.add("web", "t", chain="coding") else None
     assert claim is not None
     rq_enqueuer(broker, conn)(claim)
     return claim.task_id, claim.run_id, Job.fetch(claim.run_id, connection=conn)
+
+
+def test_a_worker_prepares_a_job_before_running_it(broker: Broker, redis_url: str, jobs: Any, fresh_agent: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    broker.load_config(config(f"{fresh_agent}:done"))
+    conn = rq_connection(redis_url, lean=True)
+    try:
+        job = _enqueued(broker, conn)[2]
+        with caplog.at_level("DEBUG", logger="clawq.worker"):
+            rq_glue._prepare(job)
+    finally:
+        conn.close()
+    assert not [r.getMessage() for r in caplog.records if "cannot prepare" in r.getMessage()]
+    prepared = job_broker(broker.namespace)
+    assert prepared.config_version == broker.config_version
+    assert fresh_agent in sys.modules
 
 
 def test_a_worker_starts_the_run_before_its_job_which_does_not_start_it_again(

@@ -112,16 +112,12 @@ def rq_enqueuer(broker: Broker, connection: redis.Redis) -> RqEnqueuer:
     return RqEnqueuer(broker, connection)
 
 
-def _is_clawq_job(job: Job) -> bool:
-    return job.func_name == f"{run_task.__module__}.{run_task.__name__}" and len(job.args) == 3
-
-
-def _prepare(job: Job) -> None:
+def _prepare(job: Job) -> str | None:
     """Ready this process for a clawq job (see :func:`workers.job.prepare`) and start its run
-    (:func:`workers.job.start_early`); any other job is left alone. A failure here (Redis down, a bad
-    namespace) is the job's to report: it does the same again."""
-    if not _is_clawq_job(job):
-        return
+    (:func:`workers.job.start_early`); returns the run id (None for any other job, which is left alone). A
+    failure here (Redis down, a bad namespace) is the job's to report: it does the same again."""
+    if job.func_name != f"{run_task.__module__}.{run_task.__name__}" or len(job.args) != 3:
+        return None
     namespace, task_id, run_id = job.args
     try:
         prepare(str(namespace), job.connection, job.meta.get("config_version") or None,
@@ -133,6 +129,7 @@ def _prepare(job: Job) -> None:
         log.debug("cannot prepare job %s: %s", job.id, err)
     except Exception:  # never the worker's death: the job meets the same error and reports it
         log.warning("cannot prepare job %s", job.id, exc_info=True)
+    return str(run_id)
 
 
 class _Outage:
@@ -222,12 +219,12 @@ class _Reporting:
             _OUTAGE.back()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        _prepare(job)
+        run_id = _prepare(job)
         try:
             super().execute_job(job, queue)  # type: ignore[misc]
         finally:
-            if _is_clawq_job(job):
-                forget_start(str(job.args[2]))
+            if run_id is not None:
+                forget_start(run_id)
 
     def unsubscribe(self) -> None:
         """RQ's unsubscribe with every wait bounded. RQ's calls the thread's ``stop()``, which in redis-py 8 waits
