@@ -14,8 +14,10 @@
   line share the same model choice, and ready:fronts holds each line's front place, so the
   claim reads the C fronts in one call, takes the first line with a usable model and reads
   that line's front board -- O(C + log N) for C chain keys in use (bounded by the config),
-  never a board scan. Model choice reads the `blocked` index (lib/core.lua) once; skip counts
-  are read only when refusing.
+  never a board scan. A batch reads the fronts once and each line it takes from once (as many
+  boards as it may still claim), and writes what its claims share once, at its end (W, flush).
+  Model choice reads the `blocked` index (lib/core.lua) once; skip counts are read only when
+  refusing.
 
   KEYS[1]  cfg_claim           STRING what a claim reads of the config, JSON: version, lease_ms, model ->
                                       provider, chains, model and provider caps (lib/core.lua read_claim_config)
@@ -129,21 +131,111 @@ local function refuse(lines)
   return out
 end
 
+-- What the claims of one call write to the same keys is gathered here and written once, by flush(), which
+-- runs once, before the skips are counted and the reply: the boards the claims took from each ready line (one
+-- ZREMRANGEBYRANK per line: they are its first members, nothing else joins or leaves a line during the claims),
+-- the lines' new fronts (one ZADD or ZREM each), the runs' leases in `running` (one ZADD), the boards that went
+-- busy (one SADD), the claims count (one INCRBY) and the model and provider counters (one HINCRBY each after
+-- the first). Nothing in this call reads those keys before flush(). So a batch costs what one claim costs, plus
+-- what each claim writes to its own task and board. The fronts are read once per call, and each line once,
+-- on first use: as many boards as the call may still claim, and the one behind them. Few tables are made
+-- (each costs the script an allocation and its collection): flat lists, the replies themselves.
+local fronts = rcall("ZRANGE", K.ready_fronts, "0", "-1", "WITHSCORES")  -- ck, place, ...: front first
+local lines, at, touched = {}, {}, {}  -- ck -> its ZRANGE reply (board, place, ...), its next board's index; lines moved
+local ran, busy, counts, claims = {}, {}, {}, 0  -- ZADD running's arguments; boards gone busy; hash, name, n, +n
+-- A single claim (no more run ids) writes at once, as it would at flush(): gathering costs the script more
+-- Lua work than the calls it saves when there is only one claim to gather.
+local batch = #ARGV > 7
+
+-- Line `ck`'s front moved to `next_place` (its place as text; nil: the line is empty): fronts stays in order.
+local function move_front(ck, next_place)
+  for j = 1, #fronts, 2 do
+    if fronts[j] == ck then
+      table.remove(fronts, j)
+      table.remove(fronts, j)
+      break
+    end
+  end
+  if next_place then
+    local at, p = #fronts + 1, tonumber(next_place)
+    for j = 2, #fronts, 2 do
+      if tonumber(fronts[j]) > p then
+        at = j - 1
+        break
+      end
+    end
+    table.insert(fronts, at, next_place)
+    table.insert(fronts, at, ck)
+  end
+  for _, c in ipairs(touched) do
+    if c == ck then return end
+  end
+  touched[#touched + 1] = ck
+end
+
+-- inflight:<kind> (hash) of `name` plus one: the first move of a name in this call is written at once (its
+-- reply is the base), later ones only counted, then written by flush(). Returns the new value.
+local function count_up(hash, name)
+  if not batch then return rcall("HINCRBY", hash, name, "1") end
+  for j = 1, #counts, 4 do
+    if counts[j] == hash and counts[j + 1] == name then
+      counts[j + 2], counts[j + 3] = counts[j + 2] + 1, counts[j + 3] + 1
+      return counts[j + 2]
+    end
+  end
+  local n = rcall("HINCRBY", hash, name, "1")
+  counts[#counts + 1], counts[#counts + 2], counts[#counts + 3], counts[#counts + 4] = hash, name, n, 0
+  return n
+end
+
+local function flush()
+  for _, ck in ipairs(touched) do
+    rcall("ZREMRANGEBYRANK", ready_key(P, ck), "0", int((at[ck] - 1) / 2 - 1))  -- the boards taken
+    local front = nil
+    for j = 1, #fronts, 2 do
+      if fronts[j] == ck then front = fronts[j + 1] end
+    end
+    if front then
+      rcall("ZADD", K.ready_fronts, front, ck)
+    else
+      rcall("ZREM", K.ready_fronts, ck)
+    end
+  end
+  if #ran > 0 then rcall("ZADD", K.running, unpack(ran)) end
+  if #busy > 0 then rcall("SADD", K.idx_busy, unpack(busy)) end
+  if claims > 0 then rcall("INCRBY", K.stats_claims, int(claims)) end
+  for j = 1, #counts, 4 do
+    if counts[j + 3] > 0 then rcall("HINCRBY", counts[j], counts[j + 1], int(counts[j + 3])) end
+  end
+end
+
 -- The ready line whose front board waited longest among the lines with a usable model (rules 3, 4):
 -- its chain key, board, model and provider; else nil and the refused lines. Model choice lives in
--- lib/core.lua (pick_model, shared with explain_boards).
-local function choose(fronts, view)
-  local refused = {}
-  for _, ck in ipairs(fronts) do
+-- lib/core.lua (pick_model, shared with explain_boards). left: how many claims this call may still make.
+local function choose(view, left)
+  local refused, j = {}, 1
+  while j <= #fronts do
+    local ck = fronts[j]
     local model, provider, reason = pick_model(view, now, ck)
     if not model then
       refused[#refused + 1] = {ck, reason}
+      j = j + 2
     else
-      local front = rcall("ZRANGE", ready_key(P, ck), "0", "1", "WITHSCORES")  -- the front and the board behind
-      if front[1] then
-        return {ck = ck, board = front[1], next_place = front[4], model = model, provider = provider}
+      local rows = lines[ck]
+      if not rows then
+        rows = rcall("ZRANGE", ready_key(P, ck), "0", int(left), "WITHSCORES")
+        lines[ck] = rows
       end
-      rcall("ZREM", K.ready_fronts, ck)  -- an empty line listed (doctor reports how): skip it
+      local i = at[ck] or 1
+      local b = rows[i]
+      if b then
+        return {ck = ck, board = b, next_place = rows[i + 3], model = model, provider = provider}
+      end
+      -- an empty line listed (doctor reports how): it leaves fronts, and is skipped (a line this call took
+      -- boards from left fronts with its last board, so this is one found empty on its first read)
+      rcall("ZREM", K.ready_fronts, ck)
+      table.remove(fronts, j)
+      table.remove(fronts, j)
     end
   end
   return nil, refused
@@ -161,16 +253,36 @@ local function take(best, run_id, out, view)
   local t = rcall("HMGET", tk, "run_count", "attempts")
   local run_count = num(t[1], 0) + 1
   local attempt = num(t[2], 0) + 1
-  rcall("ZADD", K.running, deadline_s, id)
-  local blocked_m = note_inflight(K, "m", model, rcall("HINCRBY", K.inflight_model, model, "1"), true)
-  local blocked_p = note_inflight(K, "p", provider, rcall("HINCRBY", K.inflight_provider, provider, "1"), true)
+  if batch then
+    ran[#ran + 1] = deadline_s
+    ran[#ran + 1] = id
+  else
+    rcall("ZADD", K.running, deadline_s, id)
+  end
+  local blocked_m = note_inflight(K, "m", model, count_up(K.inflight_model, model), true)
+  local blocked_p = note_inflight(K, "p", provider, count_up(K.inflight_provider, provider), true)
   local probe = view.blocked["o:" .. provider] ~= nil
   rcall("HSET", tk, "status", "in_progress", "run_id", run_id, "model", model, "provider", provider,
         "claimed_at", now_s, "lease_deadline", deadline_s, "backoff_until", "0", "updated_at", now_s,
         "probe", probe and "1" or "0", "night_run", ARGV[5] == "1" and "1" or "0")
   rcall("SET", lease_key(P, id), run_id, "PX", lease_s)
-  rcall("INCR", K.stats_claims)
-  board_claimed(K, P, b, best.ck, id, now, best.next_place, run_id .. "|" .. model .. "|" .. provider)
+  -- the board leaves its line (the board behind it is the line's front now) and runs `id`
+  local went_busy = board_claimed(P, b, id, now, run_id .. "|" .. model .. "|" .. provider) == "busy"
+  if batch then
+    claims = claims + 1
+    at[best.ck] = (at[best.ck] or 1) + 2
+    move_front(best.ck, best.next_place)
+    if went_busy then busy[#busy + 1] = b end
+  else
+    rcall("INCR", K.stats_claims)
+    rcall("ZREM", ready_key(P, best.ck), b)
+    if best.next_place then
+      rcall("ZADD", K.ready_fronts, best.next_place, best.ck)
+    else
+      rcall("ZREM", K.ready_fronts, best.ck)
+    end
+    if went_busy then rcall("SADD", K.idx_busy, b) end
+  end
   if probe then breaker_probe(K, P, provider, now, run_id, id) end
   emit(K, now, "claimed", {"task_id", id, "board", b, "model", model, "provider", provider,
                            "run_id", run_id, "run_count", run_count, "attempt", attempt})
@@ -183,9 +295,9 @@ end
 -- One claim per run id, while the global cap and the rules allow. When they stop the batch, the boards
 -- left waiting are counted under their reasons, as a refused claim counts them.
 local cap, running = tonumber(ARGV[4]), rcall("ZCARD", K.running)
-local fronts = rcall("ZRANGE", K.ready_fronts, "0", "-1")
 local out, view = {0, 0}, nil
 local function stop(refused)
+  flush()
   if out[2] == 0 then return refuse(refused) end
   local skips = refuse(refused)
   for j = 2, #skips do out[#out + 1] = skips[j] end
@@ -194,16 +306,16 @@ end
 local extra = math.max(0, #ARGV - 7)  -- run ids after ARGV[3]
 for i = 0, extra do
   if running >= cap then
-    local lines = {}
-    for _, ck in ipairs(fronts) do lines[#lines + 1] = {ck, "global_cap"} end
-    return stop(lines)
+    local capped = {}
+    for j = 1, #fronts, 2 do capped[#capped + 1] = {fronts[j], "global_cap"} end
+    return stop(capped)
   end
   view = view or model_view(K, K.conf)
-  local best, refused = choose(fronts, view)
+  local best, refused = choose(view, extra - i + 1)
   if not best then return stop(refused) end
   if take(best, i == 0 and ARGV[3] or ARGV[7 + i], out, view) then view = nil end
   out[2] = out[2] + 1
   running = running + 1
-  if i < extra then fronts = rcall("ZRANGE", K.ready_fronts, "0", "-1") end
 end
+flush()
 return out

@@ -2,7 +2,8 @@
   complete_runs: record the outcomes of many runs in one call, each as complete_run records one
   (lib/core.lua complete_one, in order; each outcome is fenced by its own run id). One call costs the
   script's setup (its keys, its library, the settings check) once for the batch instead of once per
-  outcome: what Broker.complete_many sends.
+  outcome, and what the outcomes write to the same keys (the leases, `running`, in_review, idx_busy, the
+  inflight and refs counters) goes out once at the end: what Broker.complete_many sends.
 
   KEYS[1..20] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
            cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
@@ -24,9 +25,11 @@ local rcall = redis.call
 
 if (#ARGV - 2) % 7 ~= 0 then error("clawq: complete_runs takes groups of 7 arguments after the first 2") end
 local K = keys_from(RUN_END_KEYS, 1)
+K.batch = {}  -- what the outcomes write to the same keys goes out once (lib/core.lua later, flush_batch)
 local P, now, out = ARGV[1], clock_ms(ARGV[2]), {}
 for i = 3, #ARGV, 7 do
   out[#out + 1] = complete_one(K, P, now, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
                                ARGV[i + 5], ARGV[i + 6])
 end
+flush_batch(K)
 return out

@@ -874,3 +874,54 @@ def test_counters_and_places_through_a_mixed_scenario(broker: Broker, clock: Clo
         (2, "a", "codex"), (3, "b", "opus"), (4, "c", "gemini3_flash")
     ]
     check(broker)
+
+
+def _keyspace(broker: Broker, runs: list[str]) -> dict[str, Any]:
+    """Every key of the broker's namespace by type (but its identity), run ids written as their claim's place in
+    ``runs`` and the events without their stream ids: two namespaces driven the same way compare equal."""
+    client, prefix = rc(broker), broker.keys.prefix
+
+    def same(v: Any) -> Any:
+        if isinstance(v, str):
+            for i, run in enumerate(runs):
+                v = v.replace(run, f"run{i}")
+            return v
+        if isinstance(v, (list, tuple)):
+            return [same(x) for x in v]
+        if isinstance(v, dict):
+            return {same(k): same(x) for k, x in v.items()}
+        return v
+
+    read = {"hash": client.hgetall, "set": lambda k: sorted(client.smembers(k)), "string": client.get,
+            "list": lambda k: client.lrange(k, 0, -1), "zset": lambda k: client.zrange(k, 0, -1, withscores=True),
+            "stream": lambda k: [fields for _, fields in client.xrange(k)]}
+    return {same(k[len(prefix):]): same(read[client.type(k)](k)) for k in client.scan_iter(f"{prefix}*")
+            if k != broker.keys.meta}  # the namespace's own identity
+
+
+def test_a_batch_claims_and_completes_as_one_by_one_does(redis_url: str, clock: Clock) -> None:
+    """claim_many and complete_many write what they share once, at their end (lib/core.lua later, claim_task's
+    flush): the whole keyspace after them is what single claims and completes leave, with a model cap crossed
+    in the batch (codex blocks, the rest fall back to sonnet) and boards that go busy, ready and idle."""
+    sides = []
+    for namespace in ("single", "batch"):
+        b = Broker(redis.Redis.from_url(redis_url, decode_responses=True), namespace, clock=clock)
+        b.connect()
+        rc(b).delete(*rc(b).keys(f"{b.keys.prefix}*") or ["-"])
+        b.load_config(config(limits={"model_max_inflight": {"codex": 2}}))
+        for i in range(9):
+            b.add(f"b{i % 4}", f"t{i}", chain="coding")
+        sides.append(b)
+    single, batch = sides
+    one = [single.claim() for _ in range(4)]
+    many, _ = batch.claim_many(4)
+    assert [c.model for c in many] == [c.model for c in one] == ["codex", "codex", "sonnet", "sonnet"]
+    runs = ([c.run_id for c in one], [c.run_id for c in many])
+    assert _keyspace(single, runs[0]) == _keyspace(batch, runs[1])
+    for c in one:
+        single.complete(c.task_id, c.run_id, DONE)
+    batch.complete_many([(c.task_id, c.run_id, DONE) for c in many])
+    assert _keyspace(single, runs[0]) == _keyspace(batch, runs[1])
+    assert rc(batch).hgetall(batch.keys.blocked) == {}  # codex fell below its cap: unblocked
+    for b in sides:
+        b.client.close()

@@ -112,6 +112,27 @@ local function record_error(K, now, reason, id, t, message)
   end
 end
 
+-- A batch script (complete_runs) ends many runs in one call. It sets K.batch = {}; then what its runs write
+-- to the same keys goes out once, by flush_batch(K) before it replies: the members later() gathers per
+-- command and key (the runs' leases, `running`, the final place's ZSET, idx_busy), and the moves of the
+-- counters counter_down() moves (inflight, refs). A counter's first move in the call is written at once (its
+-- reply is the base), later moves are summed and written once. Only what nothing in the call reads back is
+-- gathered. Without K.batch every write goes out at once.
+local function later(K, cmd, key, ...)
+  local B = K.batch
+  if not B then return rcall(cmd, key, ...) end
+  local id = cmd == "DEL" and cmd or cmd .. " " .. key  -- DEL takes many keys
+  local w = B[id]
+  if not w then
+    w = {cmd, key}
+    B[id] = w
+    B[#B + 1] = w
+  elseif cmd == "DEL" then
+    w[#w + 1] = key
+  end
+  for _, v in ipairs({...}) do w[#w + 1] = v end
+end
+
 -- Rule 3, model choice, reads one small index instead of every counter: `blocked` (HASH) holds
 --   m:<model>     model_quota_reached     while inflight:model[model] >= its model cap
 --   p:<provider>  provider_quota_reached  while inflight:provider[provider] >= its provider cap
@@ -130,6 +151,15 @@ local function note_inflight(K, kind, name, n, up)
   local cap
   if K.conf then
     cap = tonumber((kind == "m" and K.conf.model_cap or K.conf.provider_cap)[name])
+  elseif K.batch then
+    -- read once per call: a batch (complete_runs) moves the same few counters many times
+    local caps, id = K.caps or {}, kind .. ":" .. name
+    K.caps = caps
+    cap = caps[id]
+    if cap == nil then
+      cap = tonumber(rcall("HGET", kind == "m" and K.cfg_model_cap or K.cfg_provider_cap, name)) or false
+      caps[id] = cap
+    end
   else
     cap = tonumber(rcall("HGET", kind == "m" and K.cfg_model_cap or K.cfg_provider_cap, name))
   end
@@ -397,7 +427,7 @@ local function leave_index(K, P, b, state, ck)
   if state == "ready" then
     leave_line(K, P, b, ck)
   elseif state == "busy" then
-    rcall("SREM", K.idx_busy, b)
+    later(K, "SREM", K.idx_busy, b)
   elseif state == "paused" then
     rcall("SREM", K.idx_paused, b)
   elseif state == "backoff" then
@@ -449,26 +479,16 @@ local function reindex_board(K, P, b, now, freed, known)
   return state
 end
 
--- A claim took the head of ready board `b` (from line `ck`; so not paused, nothing running) and
--- gave it task `id`: reindex_board's rules for the one transition whose facts the claim knows,
--- without reading them back. The board is busy while more is queued, else idle.
--- b was the front of line ck; next_place is the place of the board behind it (nil: none).
+-- A claim took the head of ready board `b` (so not paused, nothing running) and gave it task `id`:
+-- reindex_board's rules for the one transition whose facts the claim knows, without reading them back.
+-- The board is busy while more is queued, else idle; returns which. The claim itself takes `b` out of its
+-- ready line and, when busy, puts it in idx_busy (it writes those once for all its claims).
 -- run: "<run id>|<model>|<provider>", the board's `run` while it runs: what the reaper releases when the
 -- task hash is gone (reap_leases' lost path; the run's history entry is written only at its end).
-local function board_claimed(K, P, b, ck, id, now, next_place, run)
-  local bk = board_key(P, b)
-  rcall("ZREM", ready_key(P, ck), b)  -- leave_line, knowing the next front already
-  if next_place then
-    rcall("ZADD", K.ready_fronts, next_place, ck)
-  else
-    rcall("ZREM", K.ready_fronts, ck)
-  end
-  local state = "idle"
-  if rcall("EXISTS", queue_key(P, b)) == 1 then
-    state = "busy"
-    rcall("SADD", K.idx_busy, b)
-  end
-  rcall("HSET", bk, "running", id, "run", run, "served_at", int(now), "state", state)  -- ck: nothing unless ready
+local function board_claimed(P, b, id, now, run)
+  local state = rcall("EXISTS", queue_key(P, b)) == 1 and "busy" or "idle"
+  rcall("HSET", board_key(P, b), "running", id, "run", run, "served_at", int(now), "state", state)  -- ck: nothing unless ready
+  return state
 end
 
 local function task_fields(P, id)
@@ -495,18 +515,43 @@ local function last_report(P, id, run_id)
 end
 
 -- keep_zero: a counter at 0 stays (a reader takes 0 and absent alike), saving a call per drop to 0;
--- for counters of bounded names (the configured models and providers).
-local function counter_down(hash, field, keep_zero)
+-- for counters of bounded names (the configured models and providers). K (optional): a batch's (later()).
+local function counter_down(hash, field, keep_zero, K)
   if not field then return nil end
-  local n = rcall("HINCRBY", hash, field, "-1")
-  if n <= 0 and not keep_zero then rcall("HDEL", hash, field) end
-  return n
+  local B = K and K.batch
+  if not B then
+    local n = rcall("HINCRBY", hash, field, "-1")
+    if n <= 0 and not keep_zero then rcall("HDEL", hash, field) end
+    return n
+  end
+  local id = "# " .. hash .. " " .. field
+  local c = B[id]
+  if not c then
+    c = {hash = hash, field = field, keep_zero = keep_zero, n = rcall("HINCRBY", hash, field, "-1"), pending = 0}
+    B[id] = c
+    B[#B + 1] = c
+  else
+    c.n, c.pending = c.n - 1, c.pending - 1
+  end
+  return c.n
+end
+
+local function flush_batch(K)
+  for _, w in ipairs(K.batch or {}) do
+    if w.hash then
+      if w.pending ~= 0 then w.n = rcall("HINCRBY", w.hash, w.field, int(w.pending)) end
+      if w.n <= 0 and not w.keep_zero then rcall("HDEL", w.hash, w.field) end
+    else
+      rcall(unpack(w))
+    end
+  end
+  if K.batch then K.batch = {} end
 end
 
 -- A run of `model` on `provider` ended: both counters go down (to 0, not absent), and their blocks follow.
 local function inflight_down(K, model, provider)
-  if model then note_inflight(K, "m", model, counter_down(K.inflight_model, model, true), false) end
-  if provider then note_inflight(K, "p", provider, counter_down(K.inflight_provider, provider, true), false) end
+  if model then note_inflight(K, "m", model, counter_down(K.inflight_model, model, true, K), false) end
+  if provider then note_inflight(K, "p", provider, counter_down(K.inflight_provider, provider, true, K), false) end
 end
 
 -- End the active run of in-progress task `id`: its lease and counters are released and its
@@ -514,10 +559,10 @@ end
 -- next place in the same script, with requeue or finish, which also free the board's slot. fields (optional): more task hash
 -- fields, name, value, ..., written with the run's own in one HSET.
 local function end_run(K, P, id, t, now, outcome, detail, fields)
-  rcall("ZREM", K.running, id)
+  later(K, "ZREM", K.running, id)
   inflight_down(K, t.model, t.provider)
   t.freed = true  -- the board's running slot: emptied by the caller's requeue or finish (reindex_board)
-  rcall("DEL", lease_key(P, id))
+  later(K, "DEL", lease_key(P, id))
   local rk = runs_key(P, id)
   if t.night_run then
     -- The run's history entry, written once: the claim kept its facts in the task hash (run_count and
@@ -640,10 +685,10 @@ end
 -- task (scheduled, up_next, in_progress) stops counting in refs, the uses of its chain key.
 -- written: the caller already wrote finish_fields.
 local function finish(K, P, id, t, now, status, place, written)
-  rcall("ZADD", place, int(now), id)
+  later(K, "ZADD", place, int(now), id)
   if not written then rcall("HSET", task_key(P, id), unpack(finish_fields(now, status))) end
   if t.status == "up_next" or t.status == "in_progress" or t.status == "scheduled" then
-    counter_down(K.refs, t.ck)
+    counter_down(K.refs, t.ck, false, K)
   end
   return reindex_board(K, P, t.board, now, t.freed)
 end
