@@ -964,16 +964,23 @@ class Broker:
             self.client.hincrby(self.keys.stats_skips, reason, n)
 
     def counters(self) -> Counters:
-        """Every ``stats:*`` counter of the namespace, in one transaction."""
+        """Every ``stats:*`` counter of the namespace, and each board's outcomes (``board:<b>`` ``completed``, plus
+        what ``stats:completed`` counted before), in one transaction (the boards' names read just before it)."""
         k = self.keys
         with redis_errors(self._where):
+            boards = sorted(to_str(b) for b in self.client.smembers(k.boards))
             pipe = self.client.pipeline(transaction=True)
             pipe.hgetall(k.stats_completed)
             pipe.hgetall(k.stats_failures)
             pipe.hgetall(k.stats_skips)
             pipe.get(k.stats_claims)
             pipe.hgetall(k.stats_claim_to_start)
-            return counters_from(*pipe.execute())
+            for b in boards:
+                pipe.hget(k.board(b), "completed")
+            replies = pipe.execute()
+        completed, failures, skips_, claims, histogram = replies[:5]
+        return counters_from(completed, failures, skips_, claims, histogram,
+                             dict(zip(boards, replies[5:], strict=True)))
 
     def last_task_id(self) -> int:
         """The highest task id handed out or given so far (0 before the first task)."""

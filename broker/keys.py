@@ -227,7 +227,8 @@ class Keys:
 
     @property
     def stats_completed(self) -> str:
-        """HASH: board -> outcomes recorded."""
+        """HASH: board -> outcomes recorded before they were counted in ``board:<b>`` ``completed``: read and added
+        to those by :meth:`Broker.counters`, never written, so a counter never goes back after an upgrade."""
         return self._k("stats", "completed")
 
     @property
@@ -276,7 +277,9 @@ class Keys:
         """HASH: running (task id; "" or absent: none, since a run's end empties it in the one HSET that writes
         the board's state), run (``<run id>|<model>|<provider>`` of that task's run: what the reaper releases
         if the task hash is gone; emptied with running), paused, ck (ready line it sits in; left stale, and
-        ignored, while state is not ready), state (index it sits in), scheduled (its tasks in ``scheduled``)."""
+        ignored, while state is not ready), state (index it sits in), scheduled (its tasks in ``scheduled``),
+        completed (outcomes recorded: kept here, not in one hash of every board, so a complete costs O(1) at any
+        number of boards)."""
         return self._k("board", board)
 
     def queue(self, board: str) -> str:

@@ -73,12 +73,17 @@ def _floats(mapping: Any) -> dict[str, float]:
     return {_text(k): _number(v) for k, v in (mapping or {}).items()}
 
 
-def counters_from(completed: Any, failures: Any, skips: Any, claims: Any, histogram: Any) -> Counters:
+def counters_from(completed: Any, failures: Any, skips: Any, claims: Any, histogram: Any,
+                  per_board: Any = None) -> Counters:
     """The counters from the replies of HGETALL stats:completed, stats:failures, stats:skips, GET stats:claims and
-    HGETALL stats:claim_to_start."""
+    HGETALL stats:claim_to_start; per_board: board -> HGET board:<b> completed (added to stats:completed's)."""
     per_reason: dict[tuple[str, str], float] = {}
     for field, n in _floats(failures).items():
         model, _, reason = field.partition("|")
         per_reason[(model, reason)] = per_reason.get((model, reason), 0.0) + n
-    return Counters(completed=_floats(completed), failures=per_reason, skips=_floats(skips),
+    done = _floats(completed)
+    for board, n in (per_board or {}).items():
+        if n is not None:
+            done[_text(board)] = done.get(_text(board), 0.0) + _number(n)
+    return Counters(completed=done, failures=per_reason, skips=_floats(skips),
                     claims=_number(claims) if claims is not None else 0.0, claim_to_start=_floats(histogram))

@@ -105,7 +105,7 @@ def test_metrics_agree_with_health(client: TestClient, broker: Broker, clock: Fa
     assert labelled(samples, "clawq_board_oldest_waiting_seconds", "board") == pytest.approx(
         {b: d["oldest_waiting_s"] for b, d in boards.items()})
     assert labelled(samples, "clawq_board_oldest_waiting_seconds", "board")["ops"] == pytest.approx(42, abs=0.01)
-    completed = {b: float(raw.hget(keys.stats_completed, b) or 0) for b in boards}
+    completed = {b: float(raw.hget(keys.board(b), "completed") or 0) for b in boards}
     assert completed["web"] == 1
     assert labelled(samples, "clawq_board_completed_total", "board") == completed
 

@@ -925,3 +925,18 @@ def test_a_batch_claims_and_completes_as_one_by_one_does(redis_url: str, clock: 
     assert rc(batch).hgetall(batch.keys.blocked) == {}  # codex fell below its cap: unblocked
     for b in sides:
         b.client.close()
+
+
+def test_outcomes_per_board_are_counted_in_the_board_and_added_to_the_old_hash(broker: Broker) -> None:
+    """A complete counts its board's outcomes in board:<b> `completed` (O(1) at any number of boards); what
+    stats:completed counted before that stays and is added, so no counter goes back after an upgrade."""
+    c, k = rc(broker), broker.keys
+    c.hset(k.stats_completed, mapping={"web": 5, "gone": 2})  # counted by an earlier version
+    for board in ("web", "ops"):
+        broker.add(board, "t", chain="coding")
+    for claim in broker.claim_many(2)[0]:
+        broker.complete(claim.task_id, claim.run_id, DONE)
+    assert (c.hget(k.board("web"), "completed"), c.hget(k.board("ops"), "completed")) == ("1", "1")
+    assert c.hgetall(k.stats_completed) == {"web": "5", "gone": "2"}  # never written
+    assert broker.counters().completed == {"web": 6.0, "ops": 1.0, "gone": 2.0}
+

@@ -419,7 +419,8 @@ def test_complete_run_ok_done(broker: Broker, clock: Clock) -> None:
     assert c.zcard(k.running) == 0
     assert counts(c, k.inflight_model) == {}
     assert c.hgetall(k.refs) == {}
-    assert c.hgetall(k.stats_completed) == {"web": "1"}
+    assert c.hget(k.board("web"), "completed") == "1"
+    assert not c.exists(k.stats_completed)  # counted per board now, never written
     assert c.zrange(k.done("web"), 0, -1) == [claim.run_id]
 
 
@@ -814,7 +815,7 @@ def test_done_set_is_trimmed_to_24_hours_every_64th_outcome(broker: Broker, cloc
     c, k = rc(broker), broker.keys
     old_ms = ms(clock() - 2 * 86400)
     c.zadd(k.done("web"), {f"old{i}": old_ms for i in range(5)})
-    c.hset(k.stats_completed, "web", 62)
+    c.hset(k.board("web"), "completed", 62)
     for _ in range(2):
         broker.add("web", "t", chain="coding")
     first = broker.claim()

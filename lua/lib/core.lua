@@ -737,7 +737,7 @@ end
 local RUN_END_KEYS = {"cfg_settings", "cfg_model_cap", "cfg_provider_cap", "blocked",
                       "running", "inflight_model", "inflight_provider", "ready_fronts",
                       "ready_seq", "idx_busy", "idx_paused", "idx_backoff", "refs", "in_review", "failed",
-                      "cancelled", "events", "errors", "stats_failures", "stats_completed"}
+                      "cancelled", "events", "errors", "stats_failures"}
 
 -- The settings the end of a run may read (fail_run, complete_run, rate_limited_run, breaker_after).
 local RUN_END_SETTINGS = {"max_attempts", "backoff_ms", "max_runs", "cooldown_ms", "breaker_failures",
@@ -812,7 +812,9 @@ local function complete_one(K, P, now, id, run_id, follow, next_prompt, summary,
               ',"summary":' .. enc(summary) .. ',"at":' .. secs_json(now) ..
               (follow_up and ',"next_prompt":' .. enc(next_prompt) or "") .. "}"
   rcall("RPUSH", context_key(P, id), extra == "{}" and "{" .. own or string.sub(extra, 1, -2) .. "," .. own)
-  local completed = rcall("HINCRBY", K.stats_completed, t.board, "1")
+  -- outcomes per board: in the board's own small hash, O(1) whatever the number of boards (one hash of every
+  -- board would be a listpack scanned on each outcome up to 512 boards)
+  local completed = rcall("HINCRBY", board_key(P, t.board), "completed", "1")
   rcall("ZADD", done_key(P, t.board), int(now), run_id)
   -- Outcomes older than 24 h leave board:<b>:done every 64th outcome of the board, not on each one: it holds
   -- the last 24 h and at most 63 older entries, and its reader counts by time (ZCOUNT of the last hour).

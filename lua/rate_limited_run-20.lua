@@ -7,10 +7,10 @@
   a reset cools only the model and tells the provider answered.
 
   KEYS[1]  task (task:<id>)   HASH
-  KEYS[2..21] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
+  KEYS[2..20] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
            cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
            inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
-           in_review failed cancelled events errors stats_failures stats_completed
+           in_review failed cancelled events errors stats_failures
   Built from ARGV[1]: task:<id>:runs, task:<id>:lease, board:<b>, board:<b>:queue,
   ready:<ck>, cooldown:<model>, breaker:<provider>, breaker:<provider>:failures
 
