@@ -107,13 +107,15 @@ class Outcome(BaseModel):
         return {k: getattr(self, k) for k in fields if getattr(self, k) not in (None, [])}
 
     def digest(self) -> str:
-        """A stable fingerprint: a repeat of the same outcome is recognised by it."""
+        """A stable fingerprint: a repeat of the same outcome is recognised by it. 96 bits of SHA-256, so the task
+        field that keeps it (``last_digest`` = "<run id>|<digest>", 61 bytes) stays within Redis's 64-byte
+        listpack value limit and a finished task's hash keeps its compact encoding."""
         return self._digest
 
     @cached_property
     def _digest(self) -> str:  # an Outcome is frozen: computed once (a batch may complete many with one)
         doc = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(doc.encode("utf-8")).hexdigest()
+        return hashlib.sha256(doc.encode("utf-8")).hexdigest()[:24]
 
 
 class Completion(BaseModel):

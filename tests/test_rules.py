@@ -940,3 +940,13 @@ def test_outcomes_per_board_are_counted_in_the_board_and_added_to_the_old_hash(b
     assert c.hgetall(k.stats_completed) == {"web": "5", "gone": "2"}  # never written
     assert broker.counters().completed == {"web": 6.0, "ops": 1.0, "gone": 2.0}
 
+
+def test_a_completed_task_with_short_fields_keeps_its_compact_hash(broker: Broker) -> None:
+    """last_digest ("<run id>|<digest>") fits Redis's 64-byte listpack value limit: a complete does not turn a
+    small task hash into a hash table (several times its memory, and a conversion on the complete's path)."""
+    broker.add("web", "t", chain="coding")
+    claim = broker.claim()
+    broker.complete(claim.task_id, claim.run_id, DONE)
+    c, key = rc(broker), broker.keys.task(claim.task_id)
+    assert len(c.hget(key, "last_digest")) <= 64
+    assert c.object("encoding", key) in ("listpack", "ziplist")  # Redis 7 / 6.2
