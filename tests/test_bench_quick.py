@@ -81,3 +81,22 @@ def test_run_all_only_one(tmp_path: Path) -> None:
     benches = doc["benches"]
     assert isinstance(benches, dict)
     _check_doc(benches["claim_cost"], "claim_cost")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_clawq_throughput_loop_ends_every_task_in_one_or_two_threads(threads: int) -> None:
+    """bench.bullmq's clawq loop, as its goal runs it (2 threads, each its own Broker): every task claimed once and
+    completed, none left running, whichever thread met an empty queue while the other held the ready boards."""
+    from bench._server import BenchServer
+    from bench.bullmq import clawq_throughput
+    from clawq.broker import Broker
+
+    with BenchServer() as srv:
+        assert clawq_throughput(srv, 700, boards=64, threads=threads) > 0
+        broker = Broker(srv.client(), "tput")
+        client = srv.client()
+        assert client.zcard(broker.keys.in_review) == 700
+        assert client.zcard(broker.keys.running) == 0
+        assert int(client.get(broker.keys.stats_claims) or 0) == 700
