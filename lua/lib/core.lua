@@ -449,14 +449,17 @@ local function join_index(K, P, b, state, ck, until_ms)
   end
 end
 
--- freed: the board's run just ended (end_run): its running slot is emptied in the same write as its state,
--- so a run's end reads the board hash once and writes it once. `running` and `run` are left "" (none),
--- not deleted: an HDEL would be a second write. ck is left stale when the board is not ready.
+-- freed (optional): the task fields (task_fields) of the board's run that just ended (end_run): its running
+-- slot is emptied in the same write as its state, so a run's end reads the board hash once and writes it once.
+-- `running` and `run` are left "" (none), not deleted: an HDEL would be a second write. ck is left stale when
+-- the board is not ready. When the run recorded an outcome (freed.outcome, complete_one), the board's
+-- `completed` count goes up in the same read and write, and freed.completed is the new count.
 local function reindex_board(K, P, b, now, freed, known)
   local bk = board_key(P, b)
-  local old = rcall("HMGET", bk, "running", "paused", "state", "ck")
+  local old = rcall("HMGET", bk, "running", "paused", "state", "ck", "completed")
   if freed then old[1] = nil end
   local state, ck, until_ms = state_of(P, b, now, old, known)
+  local completed = old[5]
   old = {old[3], old[4]}
   local same = old[1] == state and (state ~= "ready" or old[2] == ck) and state ~= "backoff"
   if same and not freed then return state end
@@ -474,6 +477,11 @@ local function reindex_board(K, P, b, now, freed, known)
     args[#args + 1] = ""
     args[#args + 1] = "run"
     args[#args + 1] = ""
+    if freed.outcome then
+      freed.completed = num(completed, 0) + 1
+      args[#args + 1] = "completed"
+      args[#args + 1] = int(freed.completed)
+    end
   end
   rcall(unpack(args))
   return state
@@ -673,7 +681,7 @@ local function requeue(K, P, id, t, now, backoff_until, written)
   local sid = type(id) == "number" and int(id) or id
   rcall("ZADD", queue_key(P, t.board), sid, sid)
   if not written then rcall("HSET", task_key(P, id), unpack(requeue_fields(now, backoff_until))) end
-  reindex_board(K, P, t.board, now, t.freed, {sid, t.ck, backoff_until})
+  reindex_board(K, P, t.board, now, t.freed and t, {sid, t.ck, backoff_until})
 end
 
 -- The task hash fields of a task in final place `status` (finish writes them unless its caller did).
@@ -690,7 +698,7 @@ local function finish(K, P, id, t, now, status, place, written)
   if t.status == "up_next" or t.status == "in_progress" or t.status == "scheduled" then
     counter_down(K.refs, t.ck, false, K)
   end
-  return reindex_board(K, P, t.board, now, t.freed)
+  return reindex_board(K, P, t.board, now, t.freed and t)
 end
 
 -- End the active run (end_run) and put its task in its next place, with one HSET of the task hash: `fields`
@@ -802,6 +810,7 @@ local function complete_one(K, P, now, id, run_id, follow, next_prompt, summary,
   -- One HSET of the task hash: the run's end, the outcome's figures and the task's next place.
   local requeued = follow_up and note == ""
   local status = requeued and "up_next" or "in_review"
+  t.outcome = true  -- the board counts it (reindex_board: t.completed)
   local board_state = end_run_into(K, P, id, t, now, follow_up and "follow_up" or "done", note,
                {"run_count", int(run_count), "attempts", "0", "last_digest", run_id .. "|" .. digest,
                 "last_summary", summary}, status, 0)
@@ -812,9 +821,10 @@ local function complete_one(K, P, now, id, run_id, follow, next_prompt, summary,
               ',"summary":' .. enc(summary) .. ',"at":' .. secs_json(now) ..
               (follow_up and ',"next_prompt":' .. enc(next_prompt) or "") .. "}"
   rcall("RPUSH", context_key(P, id), extra == "{}" and "{" .. own or string.sub(extra, 1, -2) .. "," .. own)
-  -- outcomes per board: in the board's own small hash, O(1) whatever the number of boards (one hash of every
-  -- board would be a listpack scanned on each outcome up to 512 boards)
-  local completed = rcall("HINCRBY", board_key(P, t.board), "completed", "1")
+  -- outcomes per board: the board's own `completed`, counted by the run end's one write of the board
+  -- (reindex_board), O(1) at any number of boards (one hash of every board is a listpack, scanned on each
+  -- outcome, up to 512 boards)
+  local completed = t.completed
   rcall("ZADD", done_key(P, t.board), int(now), run_id)
   -- Outcomes older than 24 h leave board:<b>:done every 64th outcome of the board, not on each one: it holds
   -- the last 24 h and at most 63 older entries, and its reader counts by time (ZCOUNT of the last hour).
