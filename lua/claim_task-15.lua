@@ -157,15 +157,15 @@ local function move_front(ck, next_place)
     end
   end
   if next_place then
-    local at, p = #fronts + 1, tonumber(next_place)
+    local slot, p = #fronts + 1, tonumber(next_place)
     for j = 2, #fronts, 2 do
       if tonumber(fronts[j]) > p then
-        at = j - 1
+        slot = j - 1
         break
       end
     end
-    table.insert(fronts, at, next_place)
-    table.insert(fronts, at, ck)
+    table.insert(fronts, slot, next_place)
+    table.insert(fronts, slot, ck)
   end
   for _, c in ipairs(touched) do
     if c == ck then return end
