@@ -15,7 +15,7 @@
   claim reads the C fronts in one call, takes the first line with a usable model and reads
   that line's front board -- O(C + log N) for C chain keys in use (bounded by the config),
   never a board scan. A batch reads the fronts once and each line it takes from once (as many
-  boards as it may still claim), and writes what its claims share once, at its end (W, flush).
+  boards as it may still claim), and writes what its claims share once, at its end (flush).
   Model choice reads the `blocked` index (lib/core.lua) once; skip counts are read only when
   refusing.
 
@@ -142,10 +142,11 @@ end
 -- (each costs the script an allocation and its collection): flat lists, the replies themselves.
 local fronts = rcall("ZRANGE", K.ready_fronts, "0", "-1", "WITHSCORES")  -- ck, place, ...: front first
 local lines, at, touched = {}, {}, {}  -- ck -> its ZRANGE reply (board, place, ...), its next board's index; lines moved
-local ran, busy, counts, claims = {}, {}, {}, 0  -- ZADD running's arguments; boards gone busy; hash, name, n, +n
+local ran, busy, counts = {}, {}, {}  -- ZADD running's arguments; boards gone busy; hash, name, n, +n
 -- A single claim (no more run ids) writes at once, as it would at flush(): gathering costs the script more
 -- Lua work than the calls it saves when there is only one claim to gather.
-local batch = #ARGV > 7
+local extra = math.max(0, #ARGV - 7)  -- run ids after ARGV[3]
+local batch = extra > 0
 
 -- Line `ck`'s front moved to `next_place` (its place as text; nil: the line is empty): fronts stays in order.
 local function move_front(ck, next_place)
@@ -188,7 +189,8 @@ local function count_up(hash, name)
   return n
 end
 
-local function flush()
+-- n: the claims this call made (a single claim counted its own at once).
+local function flush(n)
   for _, ck in ipairs(touched) do
     rcall("ZREMRANGEBYRANK", ready_key(P, ck), "0", int((at[ck] - 1) / 2 - 1))  -- the boards taken
     local front = nil
@@ -203,7 +205,7 @@ local function flush()
   end
   if #ran > 0 then rcall("ZADD", K.running, unpack(ran)) end
   if #busy > 0 then rcall("SADD", K.idx_busy, unpack(busy)) end
-  if claims > 0 then rcall("INCRBY", K.stats_claims, int(claims)) end
+  if batch and n > 0 then rcall("INCRBY", K.stats_claims, int(n)) end
   for j = 1, #counts, 4 do
     if counts[j + 3] > 0 then rcall("HINCRBY", counts[j], counts[j + 1], int(counts[j + 3])) end
   end
@@ -269,7 +271,6 @@ local function take(best, run_id, out, view)
   -- the board leaves its line (the board behind it is the line's front now) and runs `id`
   local went_busy = board_claimed(P, b, id, now, run_id .. "|" .. model .. "|" .. provider) == "busy"
   if batch then
-    claims = claims + 1
     at[best.ck] = (at[best.ck] or 1) + 2
     move_front(best.ck, best.next_place)
     if went_busy then busy[#busy + 1] = b end
@@ -297,13 +298,12 @@ end
 local cap, running = tonumber(ARGV[4]), rcall("ZCARD", K.running)
 local out, view = {0, 0}, nil
 local function stop(refused)
-  flush()
+  flush(out[2])
   if out[2] == 0 then return refuse(refused) end
   local skips = refuse(refused)
   for j = 2, #skips do out[#out + 1] = skips[j] end
   return out
 end
-local extra = math.max(0, #ARGV - 7)  -- run ids after ARGV[3]
 for i = 0, extra do
   if running >= cap then
     local capped = {}
@@ -317,5 +317,5 @@ for i = 0, extra do
   out[2] = out[2] + 1
   running = running + 1
 end
-flush()
+flush(out[2])
 return out

@@ -545,7 +545,7 @@ local function counter_down(hash, field, keep_zero, K)
 end
 
 local function flush_batch(K)
-  for _, w in ipairs(K.batch or {}) do
+  for _, w in ipairs(K.batch) do
     if w.hash then
       if w.pending ~= 0 then w.n = rcall("HINCRBY", w.hash, w.field, int(w.pending)) end
       if w.n <= 0 and not w.keep_zero then rcall("HDEL", w.hash, w.field) end
@@ -553,7 +553,7 @@ local function flush_batch(K)
       rcall(unpack(w))
     end
   end
-  if K.batch then K.batch = {} end
+  K.batch = nil  -- written: what the call writes after this goes out at once
 end
 
 -- A run of `model` on `provider` ended: both counters go down (to 0, not absent), and their blocks follow.
