@@ -34,9 +34,8 @@ STEPS = (
     ("  Broker._reload_config (only when the version changed)", "broker/broker.py", "_reload_config"),
     ("Broker._ensure_ready (never on the worker path)", "broker/broker.py", "_ensure_ready"),
     ("run_agent (python runner, no-op agent)", "workers/runners.py", "run_agent"),
-    ("  Thread.start (the agent's thread, then the heartbeat's)", "threading.py", "start"),
-    ("    thread start hand-shakes (Event.wait)", "threading.py", "wait"),
-    ("  join the agent thread", "threading.py", "join"),
+    ("  Thread.start (a python agent runs on the job's thread: none unless it outlives a tick)", "threading.py",
+     "start"),
     ("Broker.save_run_log (only when the agent logged)", "broker/broker.py", "save_run_log"),
     ("report -> Broker.complete", "workers/report.py", "report"),
 )

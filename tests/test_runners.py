@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -378,6 +379,74 @@ def test_python_runner_timeout_and_stop() -> None:
         t0 = time.monotonic()
         assert python("blocks", c=c) is None
         assert time.monotonic() - t0 < 3
+    finally:
+        py_agent.RELEASE.set()
+
+
+def test_a_quick_python_agent_runs_on_the_main_thread_and_starts_no_thread() -> None:
+    # a forked work-horse that starts a thread pays for it in every page it copies after
+    started: list[int] = []
+    c = RunContext(task=task_doc(), timeout_s=10, on_start=lambda: started.append(1))
+    before = threading.active_count()
+    result = run_agent(AgentConfig(runner="python", callable="agents.py_agent:records"), c)
+    assert isinstance(result, Done)
+    assert py_agent.SEEN["thread"] == threading.main_thread().name
+    assert py_agent.SEEN["threads"] == before
+    assert started == []  # it ended before its first tick: no heartbeat thread either
+
+
+def test_a_python_agent_that_outlives_its_first_tick_starts_its_heartbeats_once() -> None:
+    started: list[int] = []
+    c = RunContext(task=task_doc(), timeout_s=10, on_start=lambda: started.append(1))
+    result = run_agent(AgentConfig(runner="python", callable="agents.py_agent:slow_done"), c)
+    assert isinstance(result, Done) and started == [1]
+
+
+def test_the_timer_armed_before_a_python_agent_gets_its_handler_and_time_back() -> None:
+    fired: list[float] = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(time.monotonic()))
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 60)  # e.g. RQ's job timeout
+        assert isinstance(python("slow_done"), Done)
+        delay, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 59 < delay <= 59.9 and fired == []
+        signal.setitimer(signal.ITIMER_REAL, 0.1)  # one that comes due while the agent runs still fires
+        assert isinstance(python("slow_done"), Done)
+        end = time.monotonic() + 2
+        while not fired and time.monotonic() < end:
+            time.sleep(0.01)
+        assert len(fired) == 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if old_delay:
+            signal.setitimer(signal.ITIMER_REAL, old_delay, old_interval)
+
+
+def test_a_stopped_python_agent_is_interrupted_even_when_it_swallows_exceptions() -> None:
+    py_agent.SEEN.clear()
+    c = ctx(30)
+    threading.Timer(0.2, c.stop.set).start()
+    t0 = time.monotonic()
+    assert python("stubborn", c=c) is None
+    assert time.monotonic() - t0 < 3  # raised into it again at every tick, until it gave up
+    assert py_agent.SEEN["swallowed"] == 3  # it ran no longer than that: nothing is left running
+
+
+def test_a_python_agent_off_the_main_thread_runs_in_a_thread_of_its_own() -> None:
+    out: list[Any] = []
+    worker = threading.Thread(target=lambda: out.append(python("records")))
+    worker.start()
+    worker.join(10)
+    assert isinstance(out[0], Done) and py_agent.SEEN["thread"] == "clawq-python-agent"
+    out.clear()
+    py_agent.RELEASE.clear()
+    try:
+        worker = threading.Thread(target=lambda: out.append(python("blocks", timeout_s=0.3)))
+        worker.start()
+        worker.join(10)
+        assert isinstance(out[0], Failed) and out[0].cause == "timeout"
     finally:
         py_agent.RELEASE.set()
 

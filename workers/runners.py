@@ -4,7 +4,8 @@
   starts is killed when the run ends, also one that left its session (:mod:`workers.procs`). The task
   goes to stdin as JSON; the last non-empty stdout line is the outcome (see :mod:`clawq.workers.agent_output`).
 - ``python``: ``agent.callable = "module:function"``, called with the task document; returns an outcome
-  document (or an :class:`~broker.Outcome`).
+  document (or an :class:`~broker.Outcome`). On the main thread it runs under a SIGALRM tick, so it must
+  leave SIGALRM alone (as under RQ, whose job timeout is that signal too).
 - ``simulated``: the deterministic fake agent of the simulation (:mod:`sim.agent`). It lives in the ``sim``
   package above this one, so it is looked up by import path, and only when the config names it.
 
@@ -24,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -269,7 +270,105 @@ def _import(spec: str) -> Callable[..., Any]:
 
 
 def run_python(spec: str, ctx: RunContext) -> AgentResult | None:
-    """Call a python agent in a thread, bounded by the timeout; stop abandons it (its result is dropped)."""
+    """Call a python agent, bounded by the timeout; ``None`` when stopped (its result, if any, is dropped).
+
+    On the main thread (an RQ work-horse, a SimpleWorker) the agent runs on that thread under a timer signal
+    (:func:`_run_python_here`), as RQ runs any job under its own SIGALRM timeout; elsewhere it runs in a
+    thread of its own (:func:`_run_python_in_thread`)."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        return _run_python_here(spec, ctx)
+    return _run_python_in_thread(spec, ctx)
+
+
+class _Interrupted(BaseException):
+    """Raised into a python agent by its timer: it was stopped, or it ran out of time. A BaseException, so an
+    agent's ``except Exception`` does not swallow it; it is raised again at every tick until the agent ends."""
+
+
+#: How often the timer of a python agent on the main thread looks at its stop signal and its deadline.
+_TICK_S = 0.05
+#: threading's own locks, which a new thread takes as it starts: a tick that interrupted the agent while it
+#: held one of them does not start the heartbeat then (the start would wait for itself), but at a later tick.
+#: Looked up at each tick: a fork makes new ones.
+_THREAD_START_LOCKS = ("_active_limbo_lock", "_shutdown_locks_lock")
+
+
+def _thread_start_would_wait_for_us() -> bool:
+    for name in _THREAD_START_LOCKS:
+        lock = getattr(threading, name, None)
+        owned = getattr(lock, "_is_owned", None)  # an RLock: held by this thread?
+        if lock is not None and (owned() if owned is not None else lock.locked()):
+            return True
+    return False
+
+
+class _Ticks:
+    """The SIGALRM handler of a python agent on the main thread: starts its heartbeats once, and interrupts it
+    when ``ctx.stop`` is set or the deadline passed (again at every tick, until the agent ends)."""
+
+    def __init__(self, ctx: RunContext, deadline: float) -> None:
+        self.ctx, self.deadline = ctx, deadline
+        self.why: str | None = None  #: "stopped" or "timeout", once the agent was interrupted
+        self.running = True
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if not self.running:
+            return
+        if self.why is None:
+            if self.ctx.stop.is_set():
+                self.why = "stopped"
+            elif time.monotonic() > self.deadline:
+                self.why = "timeout"
+            else:
+                if not _thread_start_would_wait_for_us():
+                    self.ctx.started()
+                return
+        raise _Interrupted(self.why)
+
+
+def _run_python_here(spec: str, ctx: RunContext) -> AgentResult | None:
+    """Call the agent on this (main) thread, under :class:`_Ticks` every :data:`_TICK_S`. An agent that returns
+    before its first tick costs no thread at all: a forked work-horse that starts a thread pays for it in every
+    page it copies afterwards. The timer armed before (RQ's job timeout, a test runner's) gets its handler
+    back, and its time left, when the agent ends."""
+    ticks = _Ticks(ctx, time.monotonic() + ctx.timeout_s)
+    value: Any = None
+    with _ticking(ticks):
+        try:
+            try:
+                value = _import(spec)(dict(ctx.task))
+            finally:
+                ticks.running = False
+        except _Interrupted:
+            pass
+        except (Exception, SystemExit) as err:  # the agent's failure is a run failure, not ours
+            value = err
+    if ticks.why == "stopped":
+        return None
+    if ticks.why == "timeout":
+        return Failed(error=f"agent still running after {ctx.timeout_s:.0f}s", cause="timeout")
+    return _python_result(value, _expect(ctx))
+
+
+@contextlib.contextmanager
+def _ticking(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Call ``handler`` on SIGALRM every :data:`_TICK_S` inside the block; then give the timer back to whoever
+    had it (its handler, and what was left of its delay: at least a millisecond, so that one that came due
+    meanwhile still fires)."""
+    started = time.monotonic()
+    before = signal.signal(signal.SIGALRM, handler)
+    delay, interval = signal.setitimer(signal.ITIMER_REAL, _TICK_S, _TICK_S)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        if delay > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - started), 0.001), interval)
+
+
+def _run_python_in_thread(spec: str, ctx: RunContext) -> AgentResult | None:
+    """Call the agent in a thread; stop abandons it (its result is dropped)."""
     box: list[Any] = []
 
     def target() -> None:

@@ -85,3 +85,22 @@ def then_done(task: dict[str, Any]) -> dict[str, Any]:
     if BEFORE is not None:
         BEFORE()
     return {"status": "done", "needs_follow_up": False, "summary": f"did {task['title']}"}
+
+
+#: What :func:`records` saw of its process: the thread it ran on and how many threads were alive.
+SEEN: dict[str, Any] = {}
+
+
+def records(task: dict[str, Any]) -> dict[str, Any]:
+    SEEN.update(thread=threading.current_thread().name, threads=threading.active_count())
+    return done(task)
+
+
+def stubborn(task: dict[str, Any]) -> dict[str, Any]:
+    """Swallows whatever is raised into it, three times, and then says it is done."""
+    for _ in range(3):
+        try:
+            time.sleep(10)
+        except BaseException:  # the point of this agent
+            SEEN["swallowed"] = SEEN.get("swallowed", 0) + 1
+    return done(task)
