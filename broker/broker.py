@@ -499,8 +499,9 @@ class Broker:
     def start_run(self, task_id: int, run_id: str, waited_s: float | None = None) -> tuple[Task, Config]:
         """Start a claimed run in one round trip (MULTI): beat as :meth:`heartbeat` (raises RunFenced, or
         TaskNotFound), record ``waited_s`` in the claim-to-start histogram, read the config version and the
-        task. Returns the task and the config of that version (the cached one unless the version changed). On a
-        cluster, whose pipelines refuse EVALSHA, the beat is a second round trip."""
+        task (without its runs' log tails: the agent is not given them, and they can be long). Returns the task and
+        the config of that version (the cached one unless the version changed). On a cluster, whose pipelines
+        refuse EVALSHA, the beat is a second round trip."""
         check_task_id(task_id)
         check_run_id(run_id)
         args: list[str | int | float] = [self.keys.prefix, self._now_arg(), task_id, run_id]
@@ -511,7 +512,7 @@ class Broker:
                 keys = self._scripts.keys_for("heartbeat", task_id=task_id)
                 pipe.evalsha(self._sha("heartbeat"), len(keys), *keys, *args)
             pipe.hget(self.keys.cfg_settings, "version")
-            self._queue_task_reads(pipe, task_id)
+            self._queue_task_reads(pipe, task_id, logs=False)
             if waited_s is not None:
                 queue_claim_to_start(pipe, self.keys, waited_s)
             replies = pipe.execute(raise_on_error=False)
@@ -522,8 +523,8 @@ class Broker:
             if beat is None or isinstance(beat, Exception):  # a cluster, or NOSCRIPT: the wrapper (re)loads it
                 beat = self._scripts.call("heartbeat", args, task_id=task_id)
         self._beat_deadline([text(x) for x in beat], task_id, run_id)
-        version, *reads = replies[:6]
-        task = self._task_from_reads(task_id, *reads)
+        version, fields, context, runs, meta = replies[:5]
+        task = self._task_from_reads(task_id, fields, context, runs, None, meta)
         return task, self.config_of("" if version is None else str(text(version)))
 
     def config_of(self, version: str) -> Config:
@@ -835,12 +836,14 @@ class Broker:
             fields, context, runs, logs, meta = pipe.execute()
         return self._task_from_reads(task_id, fields, context, runs, logs, meta)
 
-    def _queue_task_reads(self, pipe: Any, task_id: int) -> None:
-        """Add the five reads of a task to ``pipe``: its hash, context, runs, run logs and run meta."""
+    def _queue_task_reads(self, pipe: Any, task_id: int, *, logs: bool = True) -> None:
+        """Add the reads of a task to ``pipe``: its hash, context, runs, run logs (unless ``logs`` is false) and
+        run meta."""
         pipe.hgetall(self.keys.task(task_id))
         pipe.lrange(self.keys.context(task_id), 0, -1)
         pipe.lrange(self.keys.runs(task_id), 0, -1)
-        pipe.hgetall(self.keys.run_log(task_id))
+        if logs:
+            pipe.hgetall(self.keys.run_log(task_id))
         pipe.hgetall(self.keys.run_meta(task_id))
 
     @staticmethod
@@ -850,7 +853,7 @@ class Broker:
         f = texts(fields)
         task = task_from(task_id, f, context, runs)
         task.runs = with_open_run(f, task.runs)
-        logs_t, meta_t = texts(logs), texts(meta)
+        logs_t, meta_t = texts(logs or {}), texts(meta)
         for run in task.runs:
             log = logs_t.get(str(run.get("run_id")))
             if log:

@@ -266,6 +266,20 @@ def test_start_run_beats_records_the_wait_and_returns_the_task_and_config(broker
         broker.start_run(tid, str(uuid.uuid4()))
 
 
+def test_start_run_gives_the_agent_the_last_session_but_not_the_run_logs(broker: Broker) -> None:
+    broker.load_config(config())
+    tid, first = claimed(broker)
+    broker.save_run_log(tid, first, ["x" * 1000], 4096)
+    broker.record_usage(tid, first, "codex", "web", "sess-1", {"input_tokens": 3})
+    broker.complete(tid, first, Outcome(needs_follow_up=True, next_prompt="go on", summary="half"))
+    again = broker.claim()
+    assert again.task_id == tid
+    task, _ = broker.start_run(tid, again.run_id)
+    assert task.runs[0]["session_id"] == "sess-1" and "log" not in task.runs[0]
+    assert job_mod._last_session(task) == {"run_id": first, "model": task.runs[0]["model"], "session_id": "sess-1"}
+    assert broker.get_task(tid).runs[0]["log"] == "x" * 1000  # `show` still reads them
+
+
 def test_start_run_on_a_cluster_beats_on_its_own() -> None:
     import test_cluster  # its Cluster: three cluster-enabled servers (skipped without the system redis-cli)
 
