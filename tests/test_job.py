@@ -535,6 +535,30 @@ def test_a_forking_clawq_worker_runs_jobs_with_its_prepared_broker(broker: Broke
     assert [broker.get_task(t).status for t in ids] == [TaskStatus.IN_REVIEW] * 2
 
 
+@pytest.mark.slow
+def test_a_python_agent_in_a_forked_work_horse_is_interrupted_at_its_timeout(broker: Broker, redis_url: str) -> None:
+    # the horse runs the agent on its main thread, under RQ's SIGALRM job timeout: clawq's tick takes the signal
+    # for the run, interrupts the agent at agent.timeout_minutes (0.6 s) and gives RQ its timer back
+    broker.load_config(config("agents.py_agent:blocks", timeout_minutes=0.01))
+    conn = rq_connection(redis_url)
+    try:
+        tid = broker.add("a", "t", chain="coding")
+        claim = broker.claim()
+        rq_enqueuer(broker, conn)(claim)
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "clawq.cli", "worker", "--burst", "--redis-url", redis_url, "--namespace",
+                        broker.namespace, "--log-level", "WARNING"], cwd=ROOT, check=True, timeout=60,
+                       env={"PYTHONPATH": str(ROOT / "tests"), "PATH": "/usr/bin:/bin"})
+        took = time.monotonic() - t0
+        job = Job.fetch(claim.run_id, connection=conn)
+        assert job.get_status() == "failed" and "timeout" in (job.latest_result().exc_string or "")
+    finally:
+        conn.close()
+    assert took < 20  # the agent would block for 30 s
+    run = broker.get_task(tid).runs[-1]
+    assert run["run_id"] == claim.run_id and run["outcome"] == "timeout"
+
+
 # -- a worker's exit ---------------------------------------------------------------------------------
 #: RQ's unsubscribe sends UNSUBSCRIBE, then stops its pubsub thread. On a busy machine the thread reads the
 #: reply first; this delay makes that ordering certain, so the tests below cannot pass by luck.
