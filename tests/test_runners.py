@@ -19,6 +19,7 @@ from agents import py_agent
 
 from clawq.broker.config import AgentConfig, SimulatedAgentConfig
 from clawq.sim.agent import simulated_result
+from clawq.workers import runners
 from clawq.workers.agent_output import Done, Failed, RateLimited
 from clawq.workers.runners import RunContext, Stalled, agent_env, run_agent, run_command
 
@@ -383,15 +384,16 @@ def test_python_runner_timeout_and_stop() -> None:
         py_agent.RELEASE.set()
 
 
-def test_a_quick_python_agent_runs_on_the_main_thread_and_starts_no_thread() -> None:
+def test_a_quick_python_agent_runs_on_the_main_thread_and_starts_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     # a forked work-horse that starts a thread pays for it in every page it copies after
+    monkeypatch.setattr(runners, "_TICK_S", 5.0)  # a loaded machine cannot reach the first tick
     started: list[int] = []
     c = RunContext(task=task_doc(), timeout_s=10, on_start=lambda: started.append(1))
-    before = threading.active_count()
+    before = {t.ident for t in threading.enumerate()}
     result = run_agent(AgentConfig(runner="python", callable="agents.py_agent:records"), c)
     assert isinstance(result, Done)
     assert py_agent.SEEN["thread"] == threading.main_thread().name
-    assert py_agent.SEEN["threads"] == before
+    assert set(py_agent.SEEN["idents"]) <= before  # no thread was started for it
     assert started == []  # it ended before its first tick: no heartbeat thread either
 
 
@@ -410,7 +412,7 @@ def test_the_timer_armed_before_a_python_agent_gets_its_handler_and_time_back() 
         signal.setitimer(signal.ITIMER_REAL, 60)  # e.g. RQ's job timeout
         assert isinstance(python("slow_done"), Done)
         delay, _ = signal.getitimer(signal.ITIMER_REAL)
-        assert 59 < delay <= 59.9 and fired == []
+        assert 50 < delay < 60 and fired == []
         signal.setitimer(signal.ITIMER_REAL, 0.1)  # one that comes due while the agent runs still fires
         assert isinstance(python("slow_done"), Done)
         end = time.monotonic() + 2

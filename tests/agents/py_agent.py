@@ -87,12 +87,12 @@ def then_done(task: dict[str, Any]) -> dict[str, Any]:
     return {"status": "done", "needs_follow_up": False, "summary": f"did {task['title']}"}
 
 
-#: What :func:`records` saw of its process: the thread it ran on and how many threads were alive.
+#: What :func:`records` saw of its process: the thread it ran on and the threads alive.
 SEEN: dict[str, Any] = {}
 
 
 def records(task: dict[str, Any]) -> dict[str, Any]:
-    SEEN.update(thread=threading.current_thread().name, threads=threading.active_count())
+    SEEN.update(thread=threading.current_thread().name, idents=[t.ident for t in threading.enumerate()])
     return done(task)
 
 
