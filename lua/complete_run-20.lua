@@ -9,10 +9,7 @@
   (the task keeps `last_digest` = "<run id>|<digest>" of the last recorded outcome).
 
   KEYS[1]  task (task:<id>)   HASH
-  KEYS[2..20] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
-           cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
-           inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
-           in_review failed cancelled events errors stats_failures
+  KEYS[2..20] the run-end keys: RUN_END_KEYS in lib/core.lua, in its order (named only there).
   Built from ARGV[1]: task:<id>:runs, task:<id>:context, task:<id>:lease, board:<b>,
   board:<b>:queue, board:<b>:done, ready:<ck>, breaker:<provider>
 

@@ -4,10 +4,7 @@
   (failed after max_attempts); its run loses the lease, so a late report is refused.
   A lost lease says nothing about the provider (the worker died): a breaker's probe slot is freed.
 
-  KEYS[1..19] the run-end keys, in the order of RUN_END_KEYS in lib/core.lua:
-           cfg_settings cfg_model_cap cfg_provider_cap blocked running inflight_model
-           inflight_provider ready_fronts ready_seq idx_busy idx_paused idx_backoff refs
-           in_review failed cancelled events errors stats_failures
+  KEYS[1..19] the run-end keys: RUN_END_KEYS in lib/core.lua, in its order (named only there).
   Built from ARGV[1]: task:<id>, task:<id>:runs, task:<id>:lease, board:<b>,
   board:<b>:queue, ready:<ck>, breaker:<provider>
 
